@@ -1,0 +1,193 @@
+package v1alpha1
+
+import (
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+)
+
+// Limits enforced at admission by the CRD schema (manifests/crds). They are
+// part of the API: the CEL rules are linear in these sizes, and the API
+// server refuses a CRD whose estimated validation cost exceeds its budget.
+const (
+	// MaxDestinations bounds spec.destinations. Users have asked for about
+	// 2,000 prefixes in one Route (cloud provider ranges); 4,096 leaves
+	// headroom while keeping one Route well below etcd's object size limit.
+	MaxDestinations = 4096
+	// MaxGateways bounds spec.gateways: the ECMP width of one route.
+	MaxGateways = 16
+)
+
+// +genclient
+// +genclient:nonNamespaced
+// +genclient:noStatus
+// +k8s:deepcopy-gen:interfaces=k8s.io/apimachinery/pkg/runtime.Object
+
+// Route asks every selected node to send traffic for Destinations through
+// Gateways. Each node installs it into a routing table of its own, selected
+// by an ip rule, so the node's main table is never changed. What a node did
+// with a Route is reported in that node's NodeRouting, not here: a Route is
+// written only by its author.
+type Route struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata,omitempty"`
+
+	Spec RouteSpec `json:"spec"`
+}
+
+// RouteSpec is what the user asks for.
+type RouteSpec struct {
+	// Destinations are the networks routed through the gateways: CIDRs
+	// (non-canonical ones such as 1.2.3.4/5 are normalized to 0.0.0.0/5) or
+	// bare IPs (host routes). 0.0.0.0/0 and ::/0 override the node's
+	// default route without cutting it off its control plane, metadata
+	// service or DNS.
+	Destinations []string `json:"destinations"`
+
+	// Gateways are the next hops, on a network directly connected to the
+	// node. More than one means ECMP across the ones that answer probes.
+	Gateways []string `json:"gateways"`
+
+	// NodeSelector picks the nodes the Route applies to; absent means every
+	// node.
+	// +optional
+	NodeSelector *corev1.NodeSelector `json:"nodeSelector,omitempty"`
+}
+
+// +k8s:deepcopy-gen:interfaces=k8s.io/apimachinery/pkg/runtime.Object
+
+// RouteList is a list of Routes.
+type RouteList struct {
+	metav1.TypeMeta `json:",inline"`
+	metav1.ListMeta `json:"metadata,omitempty"`
+
+	Items []Route `json:"items"`
+}
+
+// +genclient
+// +genclient:nonNamespaced
+// +k8s:deepcopy-gen:interfaces=k8s.io/apimachinery/pkg/runtime.Object
+
+// NodeRouting is one node's report of the Routes selected for it: which are
+// applied and in which table, which are not and why, and how its gateways
+// answer. It is named after the Node, owned by it (so it goes when the Node
+// goes) and written only by that node's agent.
+type NodeRouting struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata,omitempty"`
+
+	// +optional
+	Status NodeRoutingStatus `json:"status,omitempty"`
+}
+
+// NodeRoutingStatus is what the node's agent observed and did.
+type NodeRoutingStatus struct {
+	// Summary counts what Routes and Gateways list, for `kubectl get`.
+	// +optional
+	Summary NodeRoutingSummary `json:"summary,omitempty"`
+
+	// Routes has one entry per Route selected for this node.
+	// +optional
+	Routes []RouteState `json:"routes,omitempty"`
+
+	// Gateways has one entry per distinct gateway of those Routes.
+	// +optional
+	Gateways []GatewayState `json:"gateways,omitempty"`
+
+	// Bypass lists the addresses that keep going through the main table
+	// whatever the Routes say: control plane, metadata service, DNS servers,
+	// gateways and operator-given extras.
+	// +optional
+	Bypass []string `json:"bypass,omitempty"`
+
+	// ForeignRules lists ip rules found inside the agent's priority band
+	// that the agent did not create. They are reported, never removed.
+	// +optional
+	ForeignRules []string `json:"foreignRules,omitempty"`
+
+	// LastApplyTime is when the kernel was last brought in line with the plan.
+	// +optional
+	LastApplyTime *metav1.Time `json:"lastApplyTime,omitempty"`
+
+	// Conditions of the agent on this node.
+	// +optional
+	Conditions []metav1.Condition `json:"conditions,omitempty"`
+}
+
+// NodeRoutingSummary holds the counts shown as printer columns.
+type NodeRoutingSummary struct {
+	Applied      int32 `json:"applied"`
+	Invalid      int32 `json:"invalid"`
+	Conflict     int32 `json:"conflict"`
+	GatewaysUp   int32 `json:"gatewaysUp"`
+	GatewaysDown int32 `json:"gatewaysDown"`
+}
+
+// RoutePhase says whether a Route is in the node's kernel.
+type RoutePhase string
+
+const (
+	// RouteApplied: the Route's table and rule are installed.
+	RouteApplied RoutePhase = "Applied"
+	// RouteInvalid: the Route cannot be installed on this node (for
+	// example, a gateway is not on a directly connected network here).
+	RouteInvalid RoutePhase = "Invalid"
+	// RouteConflict: another Route owns an equal prefix on this node and
+	// wins (older creationTimestamp, then name).
+	RouteConflict RoutePhase = "Conflict"
+)
+
+// RouteState is what one node did with one Route.
+type RouteState struct {
+	// Name of the Route.
+	Name string `json:"name"`
+	// Phase: Applied, Invalid or Conflict.
+	Phase RoutePhase `json:"phase"`
+	// Reason is a CamelCase word for machines; Message says it for people.
+	// +optional
+	Reason string `json:"reason,omitempty"`
+	// +optional
+	Message string `json:"message,omitempty"`
+	// Table is the routing table holding the Route on this node
+	// (`ip route show table N`); 0 when none is assigned.
+	// +optional
+	Table int32 `json:"table,omitempty"`
+	// ObservedGeneration is the Route generation this state describes.
+	// +optional
+	ObservedGeneration int64 `json:"observedGeneration,omitempty"`
+}
+
+// GatewayHealth is the result of probing a gateway.
+type GatewayHealth string
+
+const (
+	GatewayUp      GatewayHealth = "Up"
+	GatewayDown    GatewayHealth = "Down"
+	GatewayUnknown GatewayHealth = "Unknown"
+)
+
+// GatewayState is the health of one gateway as seen from this node.
+type GatewayState struct {
+	// Address of the gateway.
+	Address string `json:"address"`
+	// Interface the node reaches it through.
+	// +optional
+	Interface string `json:"interface,omitempty"`
+	// Health: Up, Down or Unknown (not probed yet).
+	Health GatewayHealth `json:"health"`
+	// Reason for the last transition (e.g. ProbeTimeout, LinkDown).
+	// +optional
+	Reason string `json:"reason,omitempty"`
+	// Since is when Health last changed.
+	// +optional
+	Since *metav1.Time `json:"since,omitempty"`
+}
+
+// +k8s:deepcopy-gen:interfaces=k8s.io/apimachinery/pkg/runtime.Object
+
+// NodeRoutingList is a list of NodeRoutings.
+type NodeRoutingList struct {
+	metav1.TypeMeta `json:",inline"`
+	metav1.ListMeta `json:"metadata,omitempty"`
+
+	Items []NodeRouting `json:"items"`
+}

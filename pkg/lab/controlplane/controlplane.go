@@ -1,0 +1,400 @@
+// Package controlplane runs a real etcd and kube-apiserver for tests and the
+// lab, built from Go modules by hack/build-lab-tools.sh. It starts them on
+// loopback or inside a given network namespace, installs the product's CRDs,
+// and hands back an admin client config and kubeconfig; Stop ends every
+// process it started.
+package controlplane
+
+import (
+	"context"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"syscall"
+	"time"
+
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
+
+	"github.com/routing-agent/routing-agent/pkg/lab/netns"
+)
+
+// BinDirEnv names the environment variable that points at the directory
+// holding etcd, kube-apiserver and kubectl (the Makefile sets it).
+const BinDirEnv = "LAB_BIN_DIR"
+
+// Options say where and how to run the control plane. The zero value runs it
+// on loopback in the current network namespace, with binaries from
+// $LAB_BIN_DIR and no CRDs installed.
+type Options struct {
+	// BinDir holds etcd, kube-apiserver and kubectl; default $LAB_BIN_DIR.
+	BinDir string
+	// NetNS is the named network namespace (ip netns) to run in; empty
+	// means the current one, where only loopback addresses are used.
+	NetNS string
+	// Address is the IP the API server serves and advertises on. Default
+	// 127.0.0.1. When it is not a loopback address the API server publishes
+	// it in the default/kubernetes EndpointSlice, as a real one does.
+	Address string
+	// Port is the API server's secure port; default a free port on
+	// loopback, 6443 inside a namespace.
+	Port int
+	// CRDDir, when set, holds CustomResourceDefinition YAML files that are
+	// installed and waited for (Established and served) before Start returns.
+	CRDDir string
+	// Output receives both processes' logs; default a file in the work dir.
+	Output io.Writer
+}
+
+// ControlPlane is a running etcd and kube-apiserver.
+type ControlPlane struct {
+	// Config is an admin (system:masters) client config.
+	Config *rest.Config
+	// Kubeconfig is the path of an admin kubeconfig file for kubectl.
+	Kubeconfig string
+	// Server is the API server's URL.
+	Server string
+	// Ready is how long the API server took from exec to a ready /readyz.
+	Ready time.Duration
+	// Dir is the work directory: data, certificates, kubeconfigs, logs.
+	Dir string
+
+	opts      Options
+	pki       *pki
+	apiArgs   []string
+	etcd      *process
+	apiserver *process
+	output    io.Writer
+	logFile   *os.File
+	stopOnce  sync.Once
+}
+
+// Start runs etcd and kube-apiserver and waits until the API server is ready
+// and the CRDs, if any, are served. On error nothing is left running.
+func Start(ctx context.Context, opts Options) (cp *ControlPlane, err error) {
+	if opts.BinDir == "" {
+		opts.BinDir = os.Getenv(BinDirEnv)
+	}
+	if opts.BinDir == "" {
+		return nil, fmt.Errorf("%s is not set: build the lab's etcd, kube-apiserver and kubectl with `make lab-tools` and point %s at them", BinDirEnv, BinDirEnv)
+	}
+	for _, bin := range []string{"etcd", "kube-apiserver", "kubectl"} {
+		if _, err := os.Stat(filepath.Join(opts.BinDir, bin)); err != nil {
+			return nil, fmt.Errorf("lab binary missing (run `make lab-tools`): %w", err)
+		}
+	}
+	if opts.Address == "" {
+		opts.Address = "127.0.0.1"
+	}
+	addr := net.ParseIP(opts.Address)
+	if addr == nil {
+		return nil, fmt.Errorf("controlplane: Address %q is not an IP address", opts.Address)
+	}
+
+	dir, err := os.MkdirTemp("", "routing-agent-controlplane-")
+	if err != nil {
+		return nil, err
+	}
+	cp = &ControlPlane{Dir: dir, opts: opts, output: opts.Output}
+	defer func() {
+		if err != nil {
+			cp.Stop()
+		}
+	}()
+	if cp.output == nil {
+		if cp.logFile, err = os.Create(filepath.Join(dir, "controlplane.log")); err != nil {
+			return nil, err
+		}
+		cp.output = cp.logFile
+	}
+
+	etcdClient, etcdPeer, apiPort := 2379, 2380, 6443
+	if opts.NetNS == "" {
+		if etcdClient, err = freePort(); err != nil {
+			return nil, err
+		}
+		if etcdPeer, err = freePort(); err != nil {
+			return nil, err
+		}
+		if apiPort, err = freePort(); err != nil {
+			return nil, err
+		}
+	} else if err := run("ip", "-n", opts.NetNS, "link", "set", "lo", "up"); err != nil {
+		return nil, err
+	}
+	if opts.Port != 0 {
+		apiPort = opts.Port
+	}
+	cp.Server = "https://" + net.JoinHostPort(opts.Address, strconv.Itoa(apiPort))
+
+	if err := cp.writeCredentials(addr); err != nil {
+		return nil, err
+	}
+
+	etcdURL := func(port int) string { return "http://127.0.0.1:" + strconv.Itoa(port) }
+	cp.etcd, err = cp.spawn("etcd",
+		"--name=lab",
+		"--data-dir="+filepath.Join(dir, "etcd"),
+		"--listen-client-urls="+etcdURL(etcdClient),
+		"--advertise-client-urls="+etcdURL(etcdClient),
+		"--listen-peer-urls="+etcdURL(etcdPeer),
+		"--initial-advertise-peer-urls="+etcdURL(etcdPeer),
+		"--initial-cluster=lab="+etcdURL(etcdPeer),
+		"--unsafe-no-fsync", // a lab's data dies with it; fsync only costs time
+		"--log-level=warn",
+	)
+	if err != nil {
+		return nil, err
+	}
+
+	pki := filepath.Join(dir, "pki")
+	reconciler := "lease"
+	if addr.IsLoopback() {
+		// Endpoints may not hold loopback addresses; a loopback API server
+		// has no default/kubernetes endpoints to publish.
+		reconciler = "none"
+	}
+	cp.apiArgs = []string{
+		"--etcd-servers=" + etcdURL(etcdClient),
+		"--bind-address=" + opts.Address,
+		"--advertise-address=" + opts.Address,
+		"--secure-port=" + strconv.Itoa(apiPort),
+		"--tls-cert-file=" + filepath.Join(pki, "apiserver.crt"),
+		"--tls-private-key-file=" + filepath.Join(pki, "apiserver.key"),
+		"--client-ca-file=" + filepath.Join(pki, "ca.crt"),
+		"--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+		"--service-account-key-file=" + filepath.Join(pki, "sa.pub"),
+		"--service-account-signing-key-file=" + filepath.Join(pki, "sa.key"),
+		// Virtual service addresses: allocated in etcd, never routed to.
+		"--service-cluster-ip-range=10.96.0.0/16",
+		"--authorization-mode=RBAC",
+		"--endpoint-reconciler-type=" + reconciler,
+		"--cert-dir=" + filepath.Join(dir, "apiserver-certs"),
+		"--profiling=false",
+	}
+	if err := cp.StartAPIServer(ctx); err != nil {
+		return nil, err
+	}
+	if opts.CRDDir != "" {
+		if err := InstallCRDs(ctx, cp.Config, opts.CRDDir); err != nil {
+			return nil, err
+		}
+	}
+	return cp, nil
+}
+
+// StartAPIServer (re)starts kube-apiserver against the running etcd and
+// waits until it is ready. Start calls it; tests call it again after
+// StopAPIServer to end a simulated outage.
+func (cp *ControlPlane) StartAPIServer(ctx context.Context) error {
+	if cp.apiserver != nil && cp.apiserver.running() {
+		return errors.New("controlplane: kube-apiserver is already running")
+	}
+	begin := time.Now()
+	p, err := cp.spawn("kube-apiserver", cp.apiArgs...)
+	if err != nil {
+		return err
+	}
+	cp.apiserver = p
+	if err := waitReady(ctx, cp.Config, p, 3*time.Minute); err != nil {
+		return err
+	}
+	cp.Ready = time.Since(begin)
+	return nil
+}
+
+// StopAPIServer stops kube-apiserver and leaves etcd running, as in an API
+// server outage.
+func (cp *ControlPlane) StopAPIServer() {
+	if cp.apiserver != nil {
+		cp.apiserver.stop(10 * time.Second)
+	}
+}
+
+// Stop ends kube-apiserver and etcd and removes the work directory. It is
+// safe to call more than once and on a partly started control plane.
+func (cp *ControlPlane) Stop() {
+	cp.stopOnce.Do(func() {
+		cp.StopAPIServer()
+		if cp.etcd != nil {
+			cp.etcd.stop(10 * time.Second)
+		}
+		if cp.logFile != nil {
+			cp.logFile.Close()
+		}
+		os.RemoveAll(cp.Dir)
+	})
+}
+
+// Logs returns what the processes wrote, when Options.Output was not set.
+func (cp *ControlPlane) Logs() string {
+	data, _ := os.ReadFile(filepath.Join(cp.Dir, "controlplane.log"))
+	return string(data)
+}
+
+// Kubectl returns a kubectl command that talks to this control plane as
+// admin, run inside the control plane's namespace when it has one.
+func (cp *ControlPlane) Kubectl(args ...string) *exec.Cmd {
+	args = append([]string{filepath.Join(cp.opts.BinDir, "kubectl"), "--kubeconfig=" + cp.Kubeconfig}, args...)
+	if cp.opts.NetNS != "" {
+		args = append([]string{"ip", "netns", "exec", cp.opts.NetNS}, args...)
+	}
+	return exec.Command(args[0], args[1:]...)
+}
+
+// KubeconfigFor mints a client certificate for user in groups and writes a
+// kubeconfig that uses it, so tests can act as a least-privileged identity
+// (for a service account: "system:serviceaccount:<ns>:<name>").
+func (cp *ControlPlane) KubeconfigFor(user string, groups ...string) (path string, cfg *rest.Config, err error) {
+	certPEM, keyPEM, err := cp.pki.issue(pkix.Name{CommonName: user, Organization: groups}, nil, nil, x509.ExtKeyUsageClientAuth)
+	if err != nil {
+		return "", nil, err
+	}
+	path = filepath.Join(cp.Dir, "kubeconfig-"+strconv.FormatInt(time.Now().UnixNano(), 36))
+	if err := writeKubeconfig(path, cp.Server, cp.pki.caPEM, certPEM, keyPEM); err != nil {
+		return "", nil, err
+	}
+	if cfg, err = clientcmd.BuildConfigFromFlags("", path); err != nil {
+		return "", nil, err
+	}
+	if cp.opts.NetNS != "" {
+		// The API server lives in the namespace: so must the client's sockets.
+		cfg.Dial = netns.Dialer(cp.opts.NetNS)
+	}
+	return path, cfg, nil
+}
+
+func (cp *ControlPlane) writeCredentials(addr net.IP) error {
+	dir := filepath.Join(cp.Dir, "pki")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	var err error
+	if cp.pki, err = newPKI(); err != nil {
+		return err
+	}
+	serving, servingKey, err := cp.pki.issue(pkix.Name{CommonName: "kube-apiserver"},
+		[]net.IP{addr, net.IPv4(127, 0, 0, 1), net.IPv4(10, 96, 0, 1)},
+		[]string{"localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"},
+		x509.ExtKeyUsageServerAuth)
+	if err != nil {
+		return err
+	}
+	if err := writeFiles(map[string][]byte{
+		filepath.Join(dir, "ca.crt"):        cp.pki.caPEM,
+		filepath.Join(dir, "apiserver.crt"): serving,
+		filepath.Join(dir, "apiserver.key"): servingKey,
+	}); err != nil {
+		return err
+	}
+	if _, _, err := writeServiceAccountKey(dir); err != nil {
+		return err
+	}
+	path, cfg, err := cp.KubeconfigFor("lab-admin", "system:masters")
+	if err != nil {
+		return err
+	}
+	admin := filepath.Join(cp.Dir, "kubeconfig")
+	if err := os.Rename(path, admin); err != nil {
+		return err
+	}
+	cp.Kubeconfig, cp.Config = admin, cfg
+	return nil
+}
+
+func writeKubeconfig(path, server string, caPEM, certPEM, keyPEM []byte) error {
+	cfg := clientcmdapi.NewConfig()
+	cfg.Clusters["lab"] = &clientcmdapi.Cluster{Server: server, CertificateAuthorityData: caPEM}
+	cfg.AuthInfos["user"] = &clientcmdapi.AuthInfo{ClientCertificateData: certPEM, ClientKeyData: keyPEM}
+	cfg.Contexts["lab"] = &clientcmdapi.Context{Cluster: "lab", AuthInfo: "user"}
+	cfg.CurrentContext = "lab"
+	return clientcmd.WriteToFile(*cfg, path)
+}
+
+// process is one child; it is killed with the test binary if that dies
+// (Pdeathsig), so a crashed test leaves no control plane behind.
+type process struct {
+	name string
+	cmd  *exec.Cmd
+	done chan struct{}
+	err  error
+}
+
+func (cp *ControlPlane) spawn(name string, args ...string) (*process, error) {
+	bin := filepath.Join(cp.opts.BinDir, name)
+	if cp.opts.NetNS != "" {
+		args = append([]string{"netns", "exec", cp.opts.NetNS, bin}, args...)
+		bin = "ip"
+	}
+	cmd := exec.Command(bin, args...)
+	cmd.Stdout, cmd.Stderr = cp.output, cp.output
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("starting %s: %w", name, err)
+	}
+	p := &process{name: name, cmd: cmd, done: make(chan struct{})}
+	go func() {
+		p.err = cmd.Wait()
+		close(p.done)
+	}()
+	return p, nil
+}
+
+func (p *process) running() bool {
+	select {
+	case <-p.done:
+		return false
+	default:
+		return true
+	}
+}
+
+// stop sends SIGTERM to the process group, then SIGKILL after grace.
+func (p *process) stop(grace time.Duration) {
+	if !p.running() {
+		return
+	}
+	_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGTERM)
+	select {
+	case <-p.done:
+	case <-time.After(grace):
+		_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
+		<-p.done
+	}
+}
+
+func freePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+func run(name string, args ...string) error {
+	if out, err := exec.Command(name, args...).CombinedOutput(); err != nil {
+		return fmt.Errorf("%s %v: %v: %s", name, args, err, out)
+	}
+	return nil
+}
+
+// PIDs returns the process ids of the running etcd and kube-apiserver.
+func (cp *ControlPlane) PIDs() []int {
+	var pids []int
+	for _, p := range []*process{cp.etcd, cp.apiserver} {
+		if p != nil && p.running() {
+			pids = append(pids, p.cmd.Process.Pid)
+		}
+	}
+	return pids
+}
