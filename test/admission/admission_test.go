@@ -15,6 +15,7 @@ import (
 	"runtime"
 	"strings"
 	"testing"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -103,9 +104,11 @@ func TestValidCorpusAccepted(t *testing.T) {
 	cases = append(cases, corpus.TooManyDestinations(v1alpha1.MaxDestinations)) // exactly at the limit
 	for _, c := range cases {
 		t.Run(c.Name, func(t *testing.T) {
+			begin := time.Now()
 			if out, err := kubectl(t, c.YAML, "apply", "-f", "-"); err != nil {
 				t.Fatalf("kubectl apply refused a valid Route: %v\n%s", err, out)
 			}
+			t.Logf("kubectl apply: %s", time.Since(begin).Round(time.Millisecond))
 			t.Cleanup(func() {
 				_ = client.NetworkingV1alpha1().Routes().Delete(context.Background(), routeName(t, c.YAML), metav1.DeleteOptions{})
 			})

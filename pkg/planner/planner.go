@@ -1,0 +1,378 @@
+package planner
+
+import (
+	"cmp"
+	"fmt"
+	"hash/fnv"
+	"net/netip"
+	"slices"
+	"strings"
+
+	v1alpha1 "github.com/routing-agent/routing-agent/apis/networking/v1alpha1"
+	"github.com/routing-agent/routing-agent/pkg/routespec"
+)
+
+// Input is everything a plan depends on.
+type Input struct {
+	Config Config
+	Node   Node
+	// Routes are the Routes selected for this node.
+	Routes []*v1alpha1.Route
+	// Down holds the gateways the prober found dead.
+	Down map[netip.Addr]bool
+	// Tables are the table ids Routes had so far, by Route name; a Route
+	// keeps its id whenever it is still free and in range.
+	Tables map[string]uint32
+}
+
+// candidate is a Route on its way through the planner.
+type candidate struct {
+	route        *v1alpha1.Route
+	index        int // position in Input.Routes
+	destinations []netip.Prefix
+	nexthops     []Nexthop // all gateways, with their links
+	result       Result
+}
+
+// Compute returns the plan for in. It is deterministic: the same input gives
+// the same plan, whatever the order of in.Routes.
+func Compute(in Input) Plan {
+	cands := make([]*candidate, len(in.Routes))
+	for i, r := range in.Routes {
+		cands[i] = &candidate{route: r, index: i, result: Result{Name: r.Name, Generation: r.Generation}}
+	}
+	// Oldest first: the older Route wins an equal prefix, and gets first
+	// pick of a colliding table id.
+	byAge := slices.Clone(cands)
+	slices.SortFunc(byAge, func(a, b *candidate) int {
+		if c := a.route.CreationTimestamp.Time.Compare(b.route.CreationTimestamp.Time); c != 0 {
+			return c
+		}
+		return strings.Compare(a.route.Name, b.route.Name)
+	})
+
+	for _, c := range byAge {
+		checkOnNode(c, in.Node)
+	}
+	resolveConflicts(byAge)
+	assignTables(byAge, in.Config, in.Tables)
+
+	var plan Plan
+	applied := make([]*candidate, 0, len(byAge))
+	for _, c := range byAge {
+		if c.result.Phase == Applied {
+			applied = append(applied, c)
+		}
+	}
+	plan.Routes = tableRoutes(applied, in.Down)
+	plan.Gateways = gateways(applied, in.Down)
+	plan.Bypass = bypass(in, plan.Gateways)
+	plan.Rules = rules(in, applied, plan.Bypass)
+	for _, c := range cands {
+		plan.Results = append(plan.Results, c.result)
+	}
+	return plan
+}
+
+// checkOnNode parses the Route and judges what only this node can judge:
+// whether its gateways are on directly connected networks here, and whether
+// a main-table route would shadow a destination.
+func checkOnNode(c *candidate, node Node) {
+	invalid := func(reason, format string, args ...any) {
+		c.result.Phase, c.result.Reason, c.result.Message = Invalid, reason, fmt.Sprintf(format, args...)
+	}
+	if errs := routespec.Validate(c.route); len(errs) > 0 {
+		invalid(ReasonInvalidSpec, "%v", errs.ToAggregate())
+		return
+	}
+	seen := map[netip.Prefix]bool{}
+	for _, d := range c.route.Spec.Destinations {
+		p, _ := routespec.ParseDestination(d) // validated above
+		if !seen[p] {
+			seen[p] = true
+			c.destinations = append(c.destinations, p)
+		}
+	}
+	slices.SortFunc(c.destinations, comparePrefix)
+
+	for _, g := range c.route.Spec.Gateways {
+		gw, _ := routespec.ParseGateway(g)
+		link, local, ok := connectedLink(node, gw)
+		switch {
+		case local:
+			invalid(ReasonGatewayIsLocal, "gateway %s is an address of this node", gw)
+			return
+		case !ok:
+			invalid(ReasonGatewayNotConnected, "gateway %s is not on a directly connected network of this node", gw)
+			return
+		}
+		c.nexthops = append(c.nexthops, Nexthop{Gateway: gw, LinkIndex: link.Index, LinkName: link.Name})
+	}
+	slices.SortFunc(c.nexthops, func(a, b Nexthop) int { return a.Gateway.Compare(b.Gateway) })
+
+	for _, d := range c.destinations {
+		for _, m := range node.MainRoutes {
+			if m.Dst.Bits() > 0 && m.Dst.Bits() <= d.Bits() && m.Dst.Contains(d.Addr()) {
+				invalid(ReasonDestinationShadowed,
+					"destination %s lies inside main-table route %s, which takes precedence over every Route (lookup main suppress_prefixlength 0)", d, m.Dst)
+				return
+			}
+		}
+	}
+	c.result.Phase, c.result.Reason = Applied, ReasonApplied
+}
+
+// connectedLink finds the up link whose network holds gw, preferring the
+// longest prefix, as the kernel would.
+func connectedLink(node Node, gw netip.Addr) (link Link, local, ok bool) {
+	links := map[int]Link{}
+	for _, l := range node.Links {
+		links[l.Index] = l
+	}
+	best := -1
+	for _, a := range node.Addresses {
+		if a.Prefix.Addr() == gw {
+			return Link{}, true, false
+		}
+		l, up := links[a.LinkIndex]
+		if !up || !l.Up || !a.Prefix.Masked().Contains(gw) || a.Prefix.Bits() <= best {
+			continue
+		}
+		best, link, ok = a.Prefix.Bits(), l, true
+	}
+	return link, false, ok
+}
+
+// resolveConflicts marks as Conflict every Route that claims a prefix an
+// older applicable Route already claims.
+func resolveConflicts(byAge []*candidate) {
+	owner := map[netip.Prefix]string{}
+	for _, c := range byAge {
+		if c.result.Phase != Applied {
+			continue
+		}
+		for _, d := range c.destinations {
+			if winner, taken := owner[d]; taken {
+				c.result.Phase, c.result.Reason = Conflict, ReasonEqualPrefix
+				c.result.Message = fmt.Sprintf("destination %s is also in Route %q, which is older and wins", d, winner)
+				break
+			}
+		}
+		if c.result.Phase == Applied {
+			for _, d := range c.destinations {
+				owner[d] = c.route.Name
+			}
+		}
+	}
+}
+
+// assignTables gives each applied Route a table id: the one it had if that
+// is still free and in range, else the first free id from a hash of its
+// name, so ids survive restarts and do not move when other Routes change.
+func assignTables(byAge []*candidate, cfg Config, previous map[string]uint32) {
+	used := map[uint32]bool{}
+	for _, c := range byAge {
+		if t, ok := previous[c.route.Name]; ok && c.result.Phase == Applied && t >= cfg.TableMin && t <= cfg.TableMax && !used[t] {
+			c.result.Table, used[t] = t, true
+		}
+	}
+	size := uint64(cfg.TableMax-cfg.TableMin) + 1
+	for _, c := range byAge {
+		if c.result.Phase != Applied || c.result.Table != 0 {
+			continue
+		}
+		h := fnv.New32a()
+		h.Write([]byte(c.route.Name))
+		start := uint64(h.Sum32()) % size
+		for i := uint64(0); i < size; i++ {
+			if t := cfg.TableMin + uint32((start+i)%size); !used[t] {
+				c.result.Table, used[t] = t, true
+				break
+			}
+		}
+		if c.result.Table == 0 {
+			c.result.Phase, c.result.Reason = Invalid, ReasonNoTableFree
+			c.result.Message = fmt.Sprintf("every table id in %d-%d is taken", cfg.TableMin, cfg.TableMax)
+		}
+	}
+}
+
+// tableRoutes lays out each applied Route's table: its destinations through
+// its live gateways of the destination's family, and a throw route for every
+// more specific prefix of another Route inside one of its destinations.
+func tableRoutes(applied []*candidate, down map[netip.Addr]bool) []Route {
+	var routes []Route
+	for _, c := range applied {
+		for _, d := range c.destinations {
+			routes = append(routes, Route{Table: c.result.Table, Dst: d, Nexthops: liveNexthops(c, d.Addr().Is6(), down)})
+		}
+		throws := map[netip.Prefix]bool{}
+		for _, other := range applied {
+			if other == c {
+				continue
+			}
+			for _, e := range other.destinations {
+				for _, d := range c.destinations {
+					if d.Bits() < e.Bits() && d.Contains(e.Addr()) {
+						throws[e] = true
+						break
+					}
+				}
+			}
+		}
+		for e := range throws {
+			routes = append(routes, Route{Table: c.result.Table, Dst: e, Throw: true})
+		}
+		if c.allDown(down) {
+			c.result.Reason = ReasonAllGatewaysDown
+			c.result.Message = "every gateway is down; routes stay pointed at them so traffic fails closed instead of leaking through the node's default route"
+		}
+	}
+	slices.SortFunc(routes, func(a, b Route) int {
+		return cmp.Or(cmp.Compare(a.Table, b.Table), comparePrefix(a.Dst, b.Dst))
+	})
+	return routes
+}
+
+// liveNexthops are the Route's gateways of one family that are not down; if
+// all of them are down, all of them (fail closed).
+func liveNexthops(c *candidate, ipv6 bool, down map[netip.Addr]bool) []Nexthop {
+	var all, live []Nexthop
+	for _, nh := range c.nexthops {
+		if nh.Gateway.Is6() != ipv6 {
+			continue
+		}
+		all = append(all, nh)
+		if !down[nh.Gateway] {
+			live = append(live, nh)
+		}
+	}
+	if len(live) == 0 {
+		return all
+	}
+	return live
+}
+
+func (c *candidate) allDown(down map[netip.Addr]bool) bool {
+	for _, nh := range c.nexthops {
+		if !down[nh.Gateway] {
+			return false
+		}
+	}
+	return true
+}
+
+func gateways(applied []*candidate, down map[netip.Addr]bool) []Gateway {
+	byAddr := map[netip.Addr]*Gateway{}
+	for _, c := range applied {
+		for _, nh := range c.nexthops {
+			g, ok := byAddr[nh.Gateway]
+			if !ok {
+				g = &Gateway{Address: nh.Gateway, LinkIndex: nh.LinkIndex, LinkName: nh.LinkName, Down: down[nh.Gateway]}
+				byAddr[nh.Gateway] = g
+			}
+			g.Routes = append(g.Routes, c.route.Name)
+		}
+	}
+	var out []Gateway
+	for _, g := range byAddr {
+		slices.Sort(g.Routes)
+		out = append(out, *g)
+	}
+	slices.SortFunc(out, func(a, b Gateway) int { return a.Address.Compare(b.Address) })
+	return out
+}
+
+// bypass lists what must keep using the main table: control plane,
+// metadata service, DNS servers, gateways and operator extras.
+func bypass(in Input, gws []Gateway) []netip.Prefix {
+	set := map[netip.Prefix]bool{}
+	add := func(a netip.Addr) {
+		if a.IsValid() && !a.IsLoopback() && !a.IsUnspecified() {
+			set[netip.PrefixFrom(a, a.BitLen())] = true
+		}
+	}
+	for _, list := range [][]netip.Addr{in.Node.ControlPlane, in.Config.Metadata, in.Node.DNSServers} {
+		for _, a := range list {
+			add(a)
+		}
+	}
+	for _, g := range gws {
+		add(g.Address)
+	}
+	for _, p := range in.Config.ExtraBypass {
+		set[p.Masked()] = true
+	}
+	out := make([]netip.Prefix, 0, len(set))
+	for p := range set {
+		out = append(out, p)
+	}
+	slices.SortFunc(out, comparePrefix)
+	return out
+}
+
+// rules builds the band, per address family in use by an applied Route:
+// bypass, symmetric replies, main's specific routes, one lookup per Route.
+func rules(in Input, applied []*candidate, bypass []netip.Prefix) []Rule {
+	base := in.Config.PriorityBase
+	var out []Rule
+	for _, ipv6 := range []bool{false, true} {
+		var routeRules []Rule
+		gatewayLinks := map[int]bool{}
+		for _, c := range applied {
+			uses := false
+			for _, d := range c.destinations {
+				uses = uses || d.Addr().Is6() == ipv6
+			}
+			if !uses {
+				continue
+			}
+			for _, nh := range c.nexthops {
+				if nh.Gateway.Is6() == ipv6 {
+					gatewayLinks[nh.LinkIndex] = true
+				}
+			}
+			routeRules = append(routeRules, Rule{Priority: base + OffsetRoutes, IPv6: ipv6, Table: c.result.Table, SuppressPrefixlen: -1})
+		}
+		if len(routeRules) == 0 {
+			continue // nothing of this family to protect
+		}
+		for _, p := range bypass {
+			if p.Addr().Is6() == ipv6 {
+				out = append(out, Rule{Priority: base + OffsetBypass, IPv6: ipv6, Dst: p, Table: MainTable, SuppressPrefixlen: -1})
+			}
+		}
+		// Replies to connections that came in through the default route's
+		// interface leave through it. Where a Route's gateway sits behind
+		// that interface the kernel would pick its address as the source of
+		// new connections too, and this rule would undo the Route.
+		if link, ok := defaultLink(in.Node, ipv6); ok && !gatewayLinks[link] {
+			for _, a := range in.Node.Addresses {
+				addr := a.Prefix.Addr()
+				if a.LinkIndex == link && addr.Is6() == ipv6 && addr.IsGlobalUnicast() {
+					out = append(out, Rule{Priority: base + OffsetSymmetric, IPv6: ipv6, Src: netip.PrefixFrom(addr, addr.BitLen()), Table: MainTable, SuppressPrefixlen: -1})
+				}
+			}
+		}
+		out = append(out, Rule{Priority: base + OffsetSuppress, IPv6: ipv6, Table: MainTable, SuppressPrefixlen: 0})
+		slices.SortFunc(routeRules, func(a, b Rule) int { return cmp.Compare(a.Table, b.Table) })
+		out = append(out, routeRules...)
+	}
+	return out
+}
+
+// defaultLink is the link of the main table's preferred default route.
+func defaultLink(node Node, ipv6 bool) (int, bool) {
+	best := -1
+	link := 0
+	for _, m := range node.MainRoutes {
+		if m.Dst.Bits() == 0 && m.Dst.Addr().Is6() == ipv6 && (best < 0 || m.Metric < best) {
+			best, link = m.Metric, m.LinkIndex
+		}
+	}
+	return link, best >= 0
+}
+
+func comparePrefix(a, b netip.Prefix) int {
+	return cmp.Or(a.Addr().Compare(b.Addr()), cmp.Compare(a.Bits(), b.Bits()))
+}

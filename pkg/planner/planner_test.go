@@ -1,0 +1,286 @@
+package planner
+
+import (
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	v1alpha1 "github.com/routing-agent/routing-agent/apis/networking/v1alpha1"
+)
+
+// testNode is a two-NIC cloud node: public interface pub0 carries the
+// default routes, vpc0 the VPC where the gateways live, and a pod network
+// routed through vpc0.
+func testNode() Node {
+	return Node{
+		Links: []Link{{Index: 2, Name: "pub0", Up: true}, {Index: 3, Name: "vpc0", Up: true}, {Index: 4, Name: "down0", Up: false}},
+		Addresses: []Address{
+			{LinkIndex: 2, Prefix: netip.MustParsePrefix("203.0.113.10/24")},
+			{LinkIndex: 2, Prefix: netip.MustParsePrefix("2001:db8:203::10/64")},
+			{LinkIndex: 3, Prefix: netip.MustParsePrefix("10.114.0.10/20")},
+			{LinkIndex: 3, Prefix: netip.MustParsePrefix("fd00:114::10/64")},
+			{LinkIndex: 4, Prefix: netip.MustParsePrefix("10.200.0.10/24")},
+		},
+		MainRoutes: []MainRoute{
+			{Dst: netip.MustParsePrefix("0.0.0.0/0"), Gateway: netip.MustParseAddr("203.0.113.1"), LinkIndex: 2},
+			{Dst: netip.MustParsePrefix("203.0.113.0/24"), LinkIndex: 2},
+			{Dst: netip.MustParsePrefix("10.114.0.0/20"), LinkIndex: 3},
+			{Dst: netip.MustParsePrefix("10.244.0.0/16"), Gateway: netip.MustParseAddr("10.114.0.1"), LinkIndex: 3},
+			{Dst: netip.MustParsePrefix("::/0"), Gateway: netip.MustParseAddr("2001:db8:203::1"), LinkIndex: 2, Metric: 1024},
+			{Dst: netip.MustParsePrefix("fd00:114::/64"), LinkIndex: 3},
+		},
+		ControlPlane: []netip.Addr{netip.MustParseAddr("203.0.113.100")},
+		DNSServers:   []netip.Addr{netip.MustParseAddr("198.51.100.53"), netip.MustParseAddr("127.0.0.53")},
+	}
+}
+
+var epoch = time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+
+func route(name string, age int, destinations, gateways []string) *v1alpha1.Route {
+	return &v1alpha1.Route{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Generation: 1, CreationTimestamp: metav1.NewTime(epoch.Add(time.Duration(age) * time.Minute))},
+		Spec:       v1alpha1.RouteSpec{Destinations: destinations, Gateways: gateways},
+	}
+}
+
+func list(s ...string) []string { return s }
+
+// bypass4 are testNode's IPv4 bypass rules other than gateways: metadata,
+// DNS (the loopback stub is left out) and control plane. Rules sort by
+// address, so the 10.114.0.x gateways come before them.
+const bypass4 = `ip -4 rule add priority 30000 to 169.254.169.254/32 lookup main protocol 245
+ip -4 rule add priority 30000 to 198.51.100.53/32 lookup main protocol 245
+ip -4 rule add priority 30000 to 203.0.113.100/32 lookup main protocol 245`
+
+func TestCompute(t *testing.T) {
+	tests := []struct {
+		name   string
+		routes []*v1alpha1.Route
+		down   []string
+		tables map[string]uint32
+		want   string // Commands, one per line
+	}{{
+		name:   "seed basic: one destination, one gateway",
+		routes: []*v1alpha1.Route{route("basic", 0, list("1.2.3.4/5"), list("10.114.0.3"))},
+		tables: map[string]uint32{"basic": 10001},
+		want: `ip -4 rule add priority 30000 to 10.114.0.3/32 lookup main protocol 245
+` + bypass4 + `
+ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
+ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
+ip -4 rule add priority 30300 lookup 10001 protocol 245
+ip -4 route replace 0.0.0.0/5 table 10001 proto 245 via 10.114.0.3 dev vpc0`,
+	}, {
+		name:   "seed ECMP default override: multipath, main untouched, bypass first",
+		routes: []*v1alpha1.Route{route("basic", 0, list("0.0.0.0/0"), list("10.114.0.4", "10.114.0.3"))},
+		tables: map[string]uint32{"basic": 10001},
+		want: `ip -4 rule add priority 30000 to 10.114.0.3/32 lookup main protocol 245
+ip -4 rule add priority 30000 to 10.114.0.4/32 lookup main protocol 245
+` + bypass4 + `
+ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
+ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
+ip -4 rule add priority 30300 lookup 10001 protocol 245
+ip -4 route replace 0.0.0.0/0 table 10001 proto 245 nexthop via 10.114.0.3 dev vpc0 weight 1 nexthop via 10.114.0.4 dev vpc0 weight 1`,
+	}, {
+		name:   "a dead gateway leaves the nexthops",
+		routes: []*v1alpha1.Route{route("basic", 0, list("0.0.0.0/0"), list("10.114.0.3", "10.114.0.4"))},
+		down:   list("10.114.0.4"),
+		tables: map[string]uint32{"basic": 10001},
+		want: `ip -4 rule add priority 30000 to 10.114.0.3/32 lookup main protocol 245
+ip -4 rule add priority 30000 to 10.114.0.4/32 lookup main protocol 245
+` + bypass4 + `
+ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
+ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
+ip -4 rule add priority 30300 lookup 10001 protocol 245
+ip -4 route replace 0.0.0.0/0 table 10001 proto 245 via 10.114.0.3 dev vpc0`,
+	}, {
+		name:   "all gateways dead: all stay (fail closed)",
+		routes: []*v1alpha1.Route{route("basic", 0, list("0.0.0.0/0"), list("10.114.0.3", "10.114.0.4"))},
+		down:   list("10.114.0.3", "10.114.0.4"),
+		tables: map[string]uint32{"basic": 10001},
+		want: `ip -4 rule add priority 30000 to 10.114.0.3/32 lookup main protocol 245
+ip -4 rule add priority 30000 to 10.114.0.4/32 lookup main protocol 245
+` + bypass4 + `
+ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
+ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
+ip -4 rule add priority 30300 lookup 10001 protocol 245
+ip -4 route replace 0.0.0.0/0 table 10001 proto 245 nexthop via 10.114.0.3 dev vpc0 weight 1 nexthop via 10.114.0.4 dev vpc0 weight 1`,
+	}, {
+		name:   "gateway behind the default route's interface: no symmetric rule (single-NIC case)",
+		routes: []*v1alpha1.Route{route("basic", 0, list("0.0.0.0/0"), list("203.0.113.5"))},
+		tables: map[string]uint32{"basic": 10001},
+		want: `ip -4 rule add priority 30000 to 169.254.169.254/32 lookup main protocol 245
+ip -4 rule add priority 30000 to 198.51.100.53/32 lookup main protocol 245
+ip -4 rule add priority 30000 to 203.0.113.5/32 lookup main protocol 245
+ip -4 rule add priority 30000 to 203.0.113.100/32 lookup main protocol 245
+ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
+ip -4 rule add priority 30300 lookup 10001 protocol 245
+ip -4 route replace 0.0.0.0/0 table 10001 proto 245 via 203.0.113.5 dev pub0`,
+	}, {
+		name: "longest prefix across Routes: throw routes, in both orders of age",
+		routes: []*v1alpha1.Route{
+			route("wide", 1, list("10.0.0.0/8", "198.51.100.0/24"), list("10.114.0.3")),
+			route("narrow", 0, list("10.1.0.0/16", "10.1.2.0/24"), list("10.114.0.4")),
+		},
+		tables: map[string]uint32{"wide": 10001, "narrow": 10002},
+		want: `ip -4 rule add priority 30000 to 10.114.0.3/32 lookup main protocol 245
+ip -4 rule add priority 30000 to 10.114.0.4/32 lookup main protocol 245
+` + bypass4 + `
+ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
+ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
+ip -4 rule add priority 30300 lookup 10001 protocol 245
+ip -4 rule add priority 30300 lookup 10002 protocol 245
+ip -4 route replace 10.0.0.0/8 table 10001 proto 245 via 10.114.0.3 dev vpc0
+ip -4 route replace throw 10.1.0.0/16 table 10001 proto 245
+ip -4 route replace throw 10.1.2.0/24 table 10001 proto 245
+ip -4 route replace 198.51.100.0/24 table 10001 proto 245 via 10.114.0.3 dev vpc0
+ip -4 route replace 10.1.0.0/16 table 10002 proto 245 via 10.114.0.4 dev vpc0
+ip -4 route replace 10.1.2.0/24 table 10002 proto 245 via 10.114.0.4 dev vpc0`,
+	}, {
+		name:   "IPv6 default override with IPv6 gateway, plus normalized duplicates merged",
+		routes: []*v1alpha1.Route{route("v6", 0, list("::/0", "2001:db8:100::1/48", "2001:db8:100::/48"), list("fd00:114::3"))},
+		tables: map[string]uint32{"v6": 10001},
+		want: `ip -6 rule add priority 30000 to fd00:114::3/128 lookup main protocol 245
+ip -6 rule add priority 30100 from 2001:db8:203::10/128 lookup main protocol 245
+ip -6 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
+ip -6 rule add priority 30300 lookup 10001 protocol 245
+ip -6 route replace ::/0 table 10001 proto 245 via fd00:114::3 dev vpc0
+ip -6 route replace 2001:db8:100::/48 table 10001 proto 245 via fd00:114::3 dev vpc0`,
+	}, {
+		name: "invalid and conflicting Routes install nothing, others are untouched",
+		routes: []*v1alpha1.Route{
+			route("off-link", 0, list("192.0.2.0/24"), list("10.99.0.1")),
+			route("on-down-link", 0, list("192.0.2.0/25"), list("10.200.0.1")),
+			route("shadowed", 0, list("10.244.1.0/24"), list("10.114.0.3")),
+			route("older", 1, list("1.2.3.4/5"), list("10.114.0.3")),
+			route("younger", 2, list("0.0.0.0/5", "203.0.113.0/25"), list("10.114.0.4")),
+		},
+		tables: map[string]uint32{"older": 10001},
+		want: `ip -4 rule add priority 30000 to 10.114.0.3/32 lookup main protocol 245
+` + bypass4 + `
+ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
+ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
+ip -4 rule add priority 30300 lookup 10001 protocol 245
+ip -4 route replace 0.0.0.0/5 table 10001 proto 245 via 10.114.0.3 dev vpc0`,
+	}, {
+		name:   "no Routes: nothing at all",
+		routes: nil,
+		want:   ``,
+	}}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			in := Input{Config: DefaultConfig(), Node: testNode(), Routes: tt.routes, Tables: tt.tables, Down: map[netip.Addr]bool{}}
+			for _, d := range tt.down {
+				in.Down[netip.MustParseAddr(d)] = true
+			}
+			plan := Compute(in)
+			got := strings.Join(plan.Commands(DefaultProtocol), "\n")
+			if diff := cmp.Diff(tt.want, got); diff != "" {
+				t.Errorf("commands (-want +got):\n%s", diff)
+			}
+		})
+	}
+}
+
+func TestResults(t *testing.T) {
+	routes := []*v1alpha1.Route{
+		route("younger", 2, list("0.0.0.0/5"), list("10.114.0.4")),
+		route("older", 1, list("1.2.3.4/5"), list("10.114.0.3")),
+		route("off-link", 0, list("192.0.2.0/24"), list("10.99.0.1")),
+		route("local-gw", 0, list("192.0.2.0/24"), list("10.114.0.10")),
+		route("on-down-link", 0, list("192.0.2.0/25"), list("10.200.0.1")),
+		route("shadowed", 0, list("10.244.1.0/24"), list("10.114.0.3")),
+		route("equal-to-main", 0, list("10.114.0.0/20"), list("10.114.0.3")),
+		route("bad-spec", 0, list("not-a-cidr"), list("10.114.0.3")),
+		route("dead", 3, list("198.51.100.0/24"), list("10.114.0.5", "10.114.0.6")),
+	}
+	plan := Compute(Input{Config: DefaultConfig(), Node: testNode(), Routes: routes, Tables: map[string]uint32{"older": 10001, "dead": 10002},
+		Down: map[netip.Addr]bool{netip.MustParseAddr("10.114.0.5"): true, netip.MustParseAddr("10.114.0.6"): true}})
+	want := []struct {
+		phase   Phase
+		reason  string
+		message string
+	}{
+		{Conflict, ReasonEqualPrefix, `destination 0.0.0.0/5 is also in Route "older", which is older and wins`},
+		{Applied, ReasonApplied, ""},
+		{Invalid, ReasonGatewayNotConnected, "gateway 10.99.0.1 is not on a directly connected network of this node"},
+		{Invalid, ReasonGatewayIsLocal, "gateway 10.114.0.10 is an address of this node"},
+		{Invalid, ReasonGatewayNotConnected, "gateway 10.200.0.1 is not on a directly connected network of this node"},
+		{Invalid, ReasonDestinationShadowed, "destination 10.244.1.0/24 lies inside main-table route 10.244.0.0/16"},
+		{Invalid, ReasonDestinationShadowed, "destination 10.114.0.0/20 lies inside main-table route 10.114.0.0/20"},
+		{Invalid, ReasonInvalidSpec, `spec.destinations[0]: Invalid value: "not-a-cidr"`},
+		{Applied, ReasonAllGatewaysDown, "every gateway is down"},
+	}
+	if len(plan.Results) != len(routes) {
+		t.Fatalf("%d results for %d routes", len(plan.Results), len(routes))
+	}
+	for i, w := range want {
+		r := plan.Results[i]
+		if r.Name != routes[i].Name || r.Phase != w.phase || r.Reason != w.reason || !strings.Contains(r.Message, w.message) {
+			t.Errorf("result %d = %+v, want %s %s %q", i, r, w.phase, w.reason, w.message)
+		}
+		if (r.Phase == Applied) != (r.Table != 0) {
+			t.Errorf("result %d: phase %s with table %d", i, r.Phase, r.Table)
+		}
+	}
+	if len(plan.Gateways) != 3 || !plan.Gateways[1].Down || plan.Gateways[0].Down {
+		t.Errorf("gateways = %+v, want 10.114.0.3 up, 10.114.0.5 and .6 down", plan.Gateways)
+	}
+}
+
+// TestDeterministic: the order Routes arrive in changes nothing.
+func TestDeterministic(t *testing.T) {
+	a := route("a", 0, list("10.0.0.0/8"), list("10.114.0.3"))
+	b := route("b", 1, list("10.1.0.0/16", "::/0"), list("10.114.0.4", "fd00:114::3"))
+	c := route("c", 2, list("192.0.2.0/24"), list("10.114.0.3", "10.114.0.4"))
+	first := Compute(Input{Config: DefaultConfig(), Node: testNode(), Routes: []*v1alpha1.Route{a, b, c}})
+	second := Compute(Input{Config: DefaultConfig(), Node: testNode(), Routes: []*v1alpha1.Route{c, a, b}})
+	if diff := cmp.Diff(first.Commands(245), second.Commands(245)); diff != "" {
+		t.Errorf("order of input changed the plan:\n%s", diff)
+	}
+}
+
+// TestTableIDsStable: a Route's table id depends on its name, not on which
+// other Routes exist; hints keep ids through collisions; the range holds.
+func TestTableIDsStable(t *testing.T) {
+	cfg := DefaultConfig()
+	tableOf := func(plan Plan, name string) uint32 {
+		for _, r := range plan.Results {
+			if r.Name == name {
+				return r.Table
+			}
+		}
+		t.Fatalf("no result for %s", name)
+		return 0
+	}
+	alone := Compute(Input{Config: cfg, Node: testNode(), Routes: []*v1alpha1.Route{route("vpn", 5, list("192.0.2.0/24"), list("10.114.0.3"))}})
+	id := tableOf(alone, "vpn")
+	if id < cfg.TableMin || id > cfg.TableMax {
+		t.Fatalf("table %d outside %d-%d", id, cfg.TableMin, cfg.TableMax)
+	}
+	var many []*v1alpha1.Route
+	for i := range 300 {
+		many = append(many, route("r"+string(rune('a'+i%26))+strings.Repeat("x", i/26), i, list("198.51.100.0/24"), list("10.114.0.3")))
+	}
+	withOthers := Compute(Input{Config: cfg, Node: testNode(), Routes: append(many, route("vpn", 5, list("192.0.2.0/24"), list("10.114.0.3")))})
+	if got := tableOf(withOthers, "vpn"); got != id {
+		t.Errorf("table of vpn moved from %d to %d when unrelated Routes appeared", id, got)
+	}
+
+	// A tiny range forces collisions: the hint keeps the younger Route's id.
+	small := cfg
+	small.TableMin, small.TableMax = 100, 101
+	x, y := route("x", 0, list("192.0.2.0/24"), list("10.114.0.3")), route("y", 1, list("198.51.100.0/24"), list("10.114.0.3"))
+	plan := Compute(Input{Config: small, Node: testNode(), Routes: []*v1alpha1.Route{x, y}, Tables: map[string]uint32{"y": tableOf(Compute(Input{Config: small, Node: testNode(), Routes: []*v1alpha1.Route{x, y}}), "y")}})
+	if tableOf(plan, "x") == tableOf(plan, "y") {
+		t.Errorf("two Routes share table %d", tableOf(plan, "x"))
+	}
+	third := route("z", 2, list("198.18.0.0/15"), list("10.114.0.3"))
+	full := Compute(Input{Config: small, Node: testNode(), Routes: []*v1alpha1.Route{x, y, third}})
+	if r := full.Results[2]; r.Phase != Invalid || r.Reason != ReasonNoTableFree {
+		t.Errorf("third Route in a two-table range: %+v, want Invalid/NoTableFree", r)
+	}
+}

@@ -1,0 +1,173 @@
+// Package planner computes, with no I/O, the exact kernel state a node needs
+// for the Routes selected for it: one routing table per Route, throw routes
+// that keep longest-prefix match across Routes, and the ip rules of the
+// agent's priority band (bypass, symmetric replies, main's specific routes,
+// one lookup per Route). The applier makes the kernel match a Plan; the plan
+// command prints one.
+package planner
+
+import (
+	"net/netip"
+)
+
+// MainTable is the kernel's main routing table (RT_TABLE_MAIN).
+const MainTable = 254
+
+// Offsets of the rule kinds inside the priority band, first to last.
+const (
+	OffsetBypass    = 0
+	OffsetSymmetric = 100
+	OffsetSuppress  = 200
+	OffsetRoutes    = 300
+	// BandWidth is how many priorities the band spans from its base.
+	BandWidth = 1000
+)
+
+// DefaultProtocol is the routing protocol number the agent stamps on its
+// routes and rules (`proto 245` in ip route, `protocol 245` in ip rule).
+const DefaultProtocol = 245
+
+// Config is the node-independent part of the input: where in the kernel the
+// agent may write and what it always keeps on the main table.
+type Config struct {
+	// TableMin and TableMax bound the routing table ids given to Routes.
+	TableMin, TableMax uint32
+	// PriorityBase is the first priority of the agent's rule band
+	// [PriorityBase, PriorityBase+BandWidth).
+	PriorityBase int
+	// Metadata holds the cloud metadata service addresses to bypass.
+	Metadata []netip.Addr
+	// ExtraBypass are operator-given prefixes that always use main.
+	ExtraBypass []netip.Prefix
+	// Protocol marks every route and rule the agent creates, so it can find
+	// and garbage-collect exactly what it owns.
+	Protocol uint8
+}
+
+// DefaultConfig is what the agent uses unless told otherwise.
+func DefaultConfig() Config {
+	return Config{
+		TableMin:     10000,
+		TableMax:     49999,
+		PriorityBase: 30000,
+		Protocol:     DefaultProtocol,
+		Metadata:     []netip.Addr{netip.MustParseAddr("169.254.169.254")},
+	}
+}
+
+// Node is what the planner needs to know about the node.
+type Node struct {
+	Links     []Link
+	Addresses []Address
+	// MainRoutes are the unicast routes of the main table.
+	MainRoutes []MainRoute
+	// ControlPlane holds the API server endpoints the node must keep reaching.
+	ControlPlane []netip.Addr
+	// DNSServers are the node's resolvers.
+	DNSServers []netip.Addr
+}
+
+// Link is a network interface.
+type Link struct {
+	Index int
+	Name  string
+	Up    bool
+}
+
+// Address is an address configured on a link, with its prefix length
+// (10.114.0.10/20): the prefix is a directly connected network.
+type Address struct {
+	LinkIndex int
+	Prefix    netip.Prefix
+}
+
+// MainRoute is a route of the node's main table.
+type MainRoute struct {
+	Dst       netip.Prefix
+	Gateway   netip.Addr // invalid for connected routes
+	LinkIndex int
+	Metric    int
+}
+
+// Plan is the kernel state for one node, and what became of each Route.
+type Plan struct {
+	Rules  []Rule
+	Routes []Route
+	// Results has one entry per input Route, in input order.
+	Results []Result
+	// Gateways are the distinct gateways of the applied Routes.
+	Gateways []Gateway
+	// Bypass are the addresses that keep using the main table.
+	Bypass []netip.Prefix
+}
+
+// Rule is one ip rule. Exactly one of Dst, Src or SuppressPrefixlen >= 0
+// is set, or none for a plain lookup.
+type Rule struct {
+	Priority int
+	IPv6     bool
+	Dst      netip.Prefix
+	Src      netip.Prefix
+	Table    uint32
+	// SuppressPrefixlen is -1 when unset.
+	SuppressPrefixlen int
+}
+
+// Route is one route in one of the agent's tables.
+type Route struct {
+	Table uint32
+	Dst   netip.Prefix
+	// Throw routes send the lookup on to the next rule: they hand a more
+	// specific prefix owned by another Route over to that Route's table.
+	Throw    bool
+	Nexthops []Nexthop
+}
+
+// Nexthop is a gateway and the link it is reached through.
+type Nexthop struct {
+	Gateway   netip.Addr
+	LinkIndex int
+	LinkName  string
+}
+
+// Phase is what became of a Route on this node.
+type Phase string
+
+const (
+	Applied  Phase = "Applied"
+	Invalid  Phase = "Invalid"
+	Conflict Phase = "Conflict"
+)
+
+// Reasons, CamelCase for machines.
+const (
+	ReasonApplied             = "Applied"
+	ReasonAllGatewaysDown     = "AllGatewaysDown"
+	ReasonInvalidSpec         = "InvalidSpec"
+	ReasonGatewayNotConnected = "GatewayNotConnected"
+	ReasonGatewayIsLocal      = "GatewayIsLocal"
+	ReasonDestinationShadowed = "DestinationShadowed"
+	ReasonEqualPrefix         = "EqualPrefix"
+	ReasonNoTableFree         = "NoTableFree"
+)
+
+// Result is what became of one Route.
+type Result struct {
+	Name    string
+	Phase   Phase
+	Reason  string
+	Message string
+	Table   uint32
+	// Generation is the Route generation this result describes.
+	Generation int64
+}
+
+// Gateway is a distinct gateway of the applied Routes, as probed.
+type Gateway struct {
+	Address   netip.Addr
+	LinkIndex int
+	LinkName  string
+	Down      bool
+	// Routes names the applied Routes that use it.
+	Routes []string
+}
