@@ -1,0 +1,545 @@
+package applier_test
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/go-logr/logr"
+	"github.com/vishvananda/netlink"
+	vnetns "github.com/vishvananda/netns"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"sigs.k8s.io/yaml"
+
+	v1alpha1 "github.com/routing-agent/routing-agent/apis/networking/v1alpha1"
+	"github.com/routing-agent/routing-agent/pkg/applier"
+	"github.com/routing-agent/routing-agent/pkg/lab/netns"
+	"github.com/routing-agent/routing-agent/pkg/lab/topology"
+	"github.com/routing-agent/routing-agent/pkg/nodefacts"
+	"github.com/routing-agent/routing-agent/pkg/planner"
+)
+
+// env is a lab (node, two gateways, router, external host) and an Applier
+// writing into the node's namespace.
+type env struct {
+	t   *testing.T
+	lab *topology.Lab
+	h   *netlink.Handle
+	ap  *applier.Applier
+	cfg planner.Config
+}
+
+var controlPlane = netip.MustParseAddr("203.0.113.100")
+var dnsServer = netip.MustParseAddr("198.51.100.53")
+
+func newEnv(t *testing.T, purpose string) *env {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Fatal("this test builds network namespaces and must run as root (make test runs it as root)")
+	}
+	if err := netns.RemoveStale(); err != nil {
+		t.Fatal(err)
+	}
+	lab, err := topology.New(topology.Options{Purpose: purpose, IPv6: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := lab.Close(); err != nil {
+			t.Error(err)
+		}
+	})
+	ns, err := vnetns.GetFromName(lab.Node)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ns.Close() })
+	h, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(h.Close)
+	if err := netns.Do(lab.Node, func() error {
+		_, err := applier.EnsureSysctls("/proc/sys", applier.ECMPSysctls)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	cfg := planner.DefaultConfig()
+	return &env{t: t, lab: lab, h: h, ap: applier.New(h, cfg, logr.Discard()), cfg: cfg}
+}
+
+func (e *env) plan(routes ...*v1alpha1.Route) planner.Plan {
+	e.t.Helper()
+	node, err := nodefacts.Read(e.h)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	node.ControlPlane = []netip.Addr{controlPlane}
+	node.DNSServers = []netip.Addr{dnsServer}
+	return planner.Compute(planner.Input{Config: e.cfg, Node: node, Routes: routes})
+}
+
+func (e *env) apply(routes ...*v1alpha1.Route) (planner.Plan, applier.Report) {
+	e.t.Helper()
+	plan := e.plan(routes...)
+	rep, err := e.ap.Apply(plan)
+	if err != nil {
+		e.t.Fatalf("apply: %v", err)
+	}
+	return plan, rep
+}
+
+// ip runs ip in the node's namespace.
+func (e *env) ip(args ...string) string {
+	e.t.Helper()
+	out, err := e.lab.Exec(e.lab.Node, append([]string{"ip"}, args...)...)
+	if err != nil {
+		e.t.Fatalf("ip %v: %v\n%s", args, err, out)
+	}
+	return out
+}
+
+// routeGet returns `ip route get` for dst (optionally "from SRC").
+func (e *env) routeGet(dst string, extra ...string) string {
+	e.t.Helper()
+	return strings.TrimSpace(e.ip(append([]string{"route", "get", dst}, extra...)...))
+}
+
+func (e *env) wantPath(dst, want string, extra ...string) {
+	e.t.Helper()
+	if got := e.routeGet(dst, extra...); !strings.Contains(got, want) {
+		e.t.Errorf("ip route get %s %v = %q, want it to contain %q", dst, extra, got, want)
+	}
+}
+
+func (e *env) mainTables() string {
+	return e.ip("-4", "route", "show", "table", "main") + e.ip("-6", "route", "show", "table", "main")
+}
+
+// owned lists the agent's rules and routes, sorted: rules of one priority
+// may sit in any order without changing what the kernel does.
+func (e *env) owned() string {
+	var lines []string
+	for _, family := range []string{"-4", "-6"} {
+		for _, l := range strings.Split(e.ip(family, "rule"), "\n") {
+			if strings.Contains(l, "proto 245") {
+				lines = append(lines, family+" "+l)
+			}
+		}
+	}
+	lines = append(lines, e.ip("route", "show", "table", "all", "proto", "245"), e.ip("-6", "route", "show", "table", "all", "proto", "245"))
+	slices.Sort(lines)
+	return strings.Join(lines, "\n")
+}
+
+func tableOf(t *testing.T, plan planner.Plan, name string) uint32 {
+	t.Helper()
+	for _, r := range plan.Results {
+		if r.Name == name {
+			if r.Phase != planner.Applied {
+				t.Fatalf("Route %s: %s %s: %s", name, r.Phase, r.Reason, r.Message)
+			}
+			return r.Table
+		}
+	}
+	t.Fatalf("no result for %s", name)
+	return 0
+}
+
+var epoch = time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+
+func route(name string, age int, destinations []string, gateways ...string) *v1alpha1.Route {
+	return &v1alpha1.Route{
+		ObjectMeta: metav1.ObjectMeta{Name: name, CreationTimestamp: metav1.NewTime(epoch.Add(time.Duration(age) * time.Minute))},
+		Spec:       v1alpha1.RouteSpec{Destinations: destinations, Gateways: gateways},
+	}
+}
+
+func seed(t *testing.T, file string) *v1alpha1.Route {
+	data, err := os.ReadFile(filepath.Join("..", "..", "test", "testdata", "seed", file))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var r v1alpha1.Route
+	if err := yaml.UnmarshalStrict(data, &r); err != nil {
+		t.Fatal(err)
+	}
+	return &r
+}
+
+// sendFlows sends one datagram per flow (a new source port each) from the
+// node to dst and returns how many arrived there.
+func (e *env) sendFlows(dst netip.AddrPort, listenNS string, flows int) int {
+	e.t.Helper()
+	conn, err := topology.ListenUDP(listenNS, dst)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	defer conn.Close()
+	for i := range flows {
+		if err := topology.SendUDP(e.lab.Node, dst, []byte(fmt.Sprintf("flow %d", i))); err != nil {
+			e.t.Fatal(err)
+		}
+	}
+	got := 0
+	buf := make([]byte, 64)
+	for got < flows {
+		conn.SetReadDeadline(time.Now().Add(time.Second))
+		if _, _, err := conn.ReadFromUDPAddrPort(buf); err != nil {
+			break
+		}
+		got++
+	}
+	return got
+}
+
+func (e *env) forwarded() [2]uint64 {
+	e.t.Helper()
+	var c [2]uint64
+	for i := range c {
+		n, err := e.lab.GatewayForwarded(i)
+		if err != nil {
+			e.t.Fatal(err)
+		}
+		c[i] = n
+	}
+	return c
+}
+
+// TestSeedExamples applies each seed example on the node and checks the
+// kernel's answer with ip, then removes it.
+func TestSeedExamples(t *testing.T) {
+	e := newEnv(t, "seed")
+	mainBefore := e.mainTables()
+	for _, tc := range []struct {
+		file     string
+		gateways []string
+		default_ bool
+	}{
+		{"01-basic.yaml", []string{"10.114.0.3"}, false},
+		{"02-ecmp.yaml", []string{"10.114.0.3", "10.114.0.4"}, false},
+		{"03-default-override.yaml", []string{"10.114.0.3", "10.114.0.4"}, true},
+		{"04-node-selector.yaml", []string{"10.114.0.3"}, false},
+		{"05-match-fields.yaml", []string{"10.114.0.3"}, false},
+		{"06-single-gateway-default.yaml", []string{"10.114.0.3"}, true},
+	} {
+		t.Run(tc.file, func(t *testing.T) {
+			e.t = t
+			r := seed(t, tc.file)
+			plan, _ := e.apply(r)
+			table := tableOf(t, plan, r.Name)
+
+			rules := e.ip("-4", "rule")
+			for _, want := range []string{
+				"30000:\tfrom all to 10.114.0.3 lookup main proto 245",
+				"30000:\tfrom all to 169.254.169.254 lookup main proto 245",
+				"30000:\tfrom all to 198.51.100.53 lookup main proto 245",
+				"30000:\tfrom all to 203.0.113.100 lookup main proto 245",
+				"30100:\tfrom 203.0.113.10 lookup main proto 245",
+				"30200:\tfrom all lookup main suppress_prefixlength 0 proto 245",
+				fmt.Sprintf("30300:\tfrom all lookup %d proto 245", table),
+			} {
+				if !strings.Contains(rules, want+"\n") {
+					t.Errorf("ip rule lacks %q:\n%s", want, rules)
+				}
+			}
+			if strings.Contains(e.ip("-6", "rule"), "proto 245") {
+				t.Errorf("an IPv4-only Route installed IPv6 rules:\n%s", e.ip("-6", "rule"))
+			}
+			dst := "0.0.0.0/5"
+			if tc.default_ {
+				dst = "default"
+			}
+			var want string
+			if len(tc.gateways) == 1 {
+				want = fmt.Sprintf("%s via %s dev vpc0 proto 245 \n", dst, tc.gateways[0])
+			} else {
+				want = fmt.Sprintf("%s proto 245 \n\tnexthop via 10.114.0.3 dev vpc0 weight 1 \n\tnexthop via 10.114.0.4 dev vpc0 weight 1 \n", dst)
+			}
+			if got := e.ip("route", "show", "table", fmt.Sprint(table)); got != want {
+				t.Errorf("ip route show table %d =\n%q\nwant\n%q", table, got, want)
+			}
+
+			e.wantPath("1.2.3.4", "dev vpc0 table "+fmt.Sprint(table))
+			e.wantPath("6.0.0.1", "dev vpc0 table "+fmt.Sprint(table)) // still inside 0.0.0.0/5
+			if tc.default_ {
+				e.wantPath("198.51.100.10", "dev vpc0 table "+fmt.Sprint(table))
+			} else {
+				e.wantPath("198.51.100.10", "via 203.0.113.1 dev pub0")
+			}
+			e.wantPath(controlPlane.String(), "203.0.113.100 dev pub0") // on the public network
+			e.wantPath(dnsServer.String(), "via 203.0.113.1 dev pub0")
+			e.wantPath("169.254.169.254", "via 203.0.113.1 dev pub0")
+			e.wantPath("10.114.0.3", "10.114.0.3 dev vpc0 src 10.114.0.10")
+			e.wantPath("10.114.0.77", "10.114.0.77 dev vpc0 src 10.114.0.10")
+			if got := e.mainTables(); got != mainBefore {
+				t.Errorf("main table changed:\nbefore\n%s\nafter\n%s", mainBefore, got)
+			}
+		})
+	}
+	e.t = t
+	if _, err := e.ap.Cleanup(); err != nil {
+		t.Fatal(err)
+	}
+	if rules := e.ip("rule"); strings.Contains(rules, "proto 245") {
+		t.Errorf("cleanup left rules:\n%s", rules)
+	}
+	if got := e.ip("route", "show", "table", "all", "proto", "245"); got != "" {
+		t.Errorf("cleanup left routes:\n%s", got)
+	}
+	if got := e.mainTables(); got != mainBefore {
+		t.Errorf("main table changed after cleanup")
+	}
+}
+
+// TestTrafficThroughGateways: real datagrams to a destination of a Route
+// leave through its gateways, and many flows spread over both.
+func TestTrafficThroughGateways(t *testing.T) {
+	e := newEnv(t, "flows")
+	ext := netip.AddrPortFrom(e.lab.ExternalAddr, 9000)
+
+	before := e.forwarded()
+	if got := e.sendFlows(ext, e.lab.External, 20); got != 20 {
+		t.Fatalf("without a Route: %d of 20 datagrams arrived", got)
+	}
+	after := e.forwarded()
+	if after[0]-before[0] > 5 || after[1]-before[1] > 5 {
+		t.Errorf("without a Route traffic went through gateways: %v -> %v", before, after)
+	}
+
+	e.apply(route("ecmp", 0, []string{"198.51.100.0/24"}, "10.114.0.3", "10.114.0.4"))
+	const flows = 200
+	before = e.forwarded()
+	if got := e.sendFlows(ext, e.lab.External, flows); got != flows {
+		t.Fatalf("%d of %d datagrams arrived", got, flows)
+	}
+	after = e.forwarded()
+	d0, d1 := after[0]-before[0], after[1]-before[1]
+	t.Logf("%d flows: gateway 0 forwarded %d packets, gateway 1 %d", flows, d0, d1)
+	if d0+d1 < flows {
+		t.Errorf("only %d of %d flows went through the gateways", d0+d1, flows)
+	}
+	if d0 < flows/5 || d1 < flows/5 {
+		t.Errorf("flows did not spread over both gateways: %d / %d", d0, d1)
+	}
+
+	// IPv6 too.
+	e.apply(route("ecmp", 0, []string{"198.51.100.0/24", "2001:db8:100::/48"}, "10.114.0.3", "10.114.0.4", "fd00:114::3", "fd00:114::4"))
+	ext6 := netip.AddrPortFrom(e.lab.ExternalAddr6, 9000)
+	before = e.forwarded()
+	if got := e.sendFlows(ext6, e.lab.External, flows); got != flows {
+		t.Fatalf("IPv6: %d of %d datagrams arrived", got, flows)
+	}
+	after = e.forwarded()
+	d0, d1 = after[0]-before[0], after[1]-before[1]
+	t.Logf("IPv6, %d flows: gateway 0 forwarded %d packets, gateway 1 %d", flows, d0, d1)
+	if d0 < flows/5 || d1 < flows/5 {
+		t.Errorf("IPv6 flows did not spread over both gateways: %d / %d", d0, d1)
+	}
+}
+
+// TestDefaultOverride: 0.0.0.0/0 and ::/0 through the gateways leave the
+// main table byte for byte, keep control plane, metadata, DNS, gateways and
+// the VPC on main, and replies to inbound connections on the public side.
+func TestDefaultOverride(t *testing.T) {
+	e := newEnv(t, "dflt")
+	mainBefore := e.mainTables()
+	plan, _ := e.apply(route("default", 0, []string{"0.0.0.0/0", "::/0"}, "10.114.0.3", "10.114.0.4", "fd00:114::3", "fd00:114::4"))
+	table := fmt.Sprint(tableOf(t, plan, "default"))
+
+	if got := e.mainTables(); got != mainBefore {
+		t.Errorf("main table changed:\nbefore\n%s\nafter\n%s", mainBefore, got)
+	}
+	e.wantPath("198.51.100.10", "dev vpc0 table "+table)
+	e.wantPath("2001:db8:100::10", "dev vpc0 table "+table)
+	e.wantPath(controlPlane.String(), "203.0.113.100 dev pub0")
+	for _, dst := range []string{dnsServer.String(), "169.254.169.254"} {
+		e.wantPath(dst, "via 203.0.113.1 dev pub0")
+	}
+	e.wantPath("10.114.0.4", "10.114.0.4 dev vpc0 src 10.114.0.10")
+	e.wantPath("fd00:114::4", "dev vpc0")
+	e.wantPath("203.0.113.77", "203.0.113.77 dev pub0 src 203.0.113.10") // connected
+	e.wantPath("198.51.100.10", "via 203.0.113.1 dev pub0", "from", "203.0.113.10")
+	e.wantPath("2001:db8:100::10", "via 2001:db8:203::1 dev pub0", "from", "2001:db8:203::10")
+
+	// A real TCP exchange from the external host to the node's public
+	// address: the replies must not go through the gateways.
+	var ln net.Listener
+	if err := netns.Do(e.lab.Node, func() (err error) {
+		ln, err = net.Listen("tcp", net.JoinHostPort(e.lab.NodePublic.String(), "7000"))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			buf := make([]byte, 16)
+			for {
+				n, err := c.Read(buf)
+				if err != nil {
+					c.Close()
+					break
+				}
+				c.Write(buf[:n])
+			}
+		}
+	}()
+	before := e.forwarded()
+	const exchanges = 50
+	if err := netns.Do(e.lab.External, func() error {
+		c, err := net.DialTimeout("tcp", net.JoinHostPort(e.lab.NodePublic.String(), "7000"), 3*time.Second)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		buf := make([]byte, 4)
+		for range exchanges {
+			if _, err := c.Write([]byte("ping")); err != nil {
+				return err
+			}
+			if _, err := c.Read(buf); err != nil {
+				return err
+			}
+		}
+		return nil
+	}); err != nil {
+		t.Fatalf("inbound TCP to the public address: %v", err)
+	}
+	after := e.forwarded()
+	if d := after[0] - before[0] + after[1] - before[1]; d > 5 {
+		t.Errorf("%d packets of an inbound connection's replies went through the gateways", d)
+	}
+}
+
+// TestLongestPrefixAcrossRoutes: a more specific prefix of another Route
+// wins whichever Route is older, and an equal prefix is a conflict.
+func TestLongestPrefixAcrossRoutes(t *testing.T) {
+	e := newEnv(t, "lpm")
+	for _, order := range []struct{ wideAge, narrowAge int }{{0, 1}, {1, 0}} {
+		wide := route("wide", order.wideAge, []string{"198.51.100.0/24", "0.0.0.0/0"}, "10.114.0.3")
+		narrow := route("narrow", order.narrowAge, []string{"198.51.100.10/32", "1.2.3.4/5"}, "10.114.0.4")
+		plan, _ := e.apply(wide, narrow)
+		e.wantPath("198.51.100.10", "via 10.114.0.4 dev vpc0 table "+fmt.Sprint(tableOf(t, plan, "narrow")))
+		e.wantPath("198.51.100.20", "via 10.114.0.3 dev vpc0 table "+fmt.Sprint(tableOf(t, plan, "wide")))
+		e.wantPath("1.2.3.4", "via 10.114.0.4 dev vpc0")
+		e.wantPath("192.0.2.99", "via 10.114.0.3 dev vpc0")
+
+		before := e.forwarded()
+		if got := e.sendFlows(netip.AddrPortFrom(e.lab.ExternalAddr, 9001), e.lab.External, 20); got != 20 {
+			t.Fatalf("%d of 20 arrived", got)
+		}
+		after := e.forwarded()
+		if after[1]-before[1] < 20 || after[0]-before[0] > 5 {
+			t.Errorf("wide age %d: traffic to the /32 went %d via gateway 0, %d via gateway 1; want all via 1", order.wideAge, after[0]-before[0], after[1]-before[1])
+		}
+	}
+
+	twin := route("twin", 5, []string{"198.51.100.0/24"}, "10.114.0.4")
+	rulesBefore := e.ip("rule")
+	plan, _ := e.apply(route("wide", 0, []string{"198.51.100.0/24", "0.0.0.0/0"}, "10.114.0.3"), route("narrow", 1, []string{"198.51.100.10/32", "1.2.3.4/5"}, "10.114.0.4"), twin)
+	r := plan.Results[2]
+	if r.Phase != planner.Conflict || !strings.Contains(r.Message, `"wide"`) {
+		t.Errorf("equal prefix: %+v, want Conflict naming wide", r)
+	}
+	if got := e.ip("rule"); got != rulesBefore {
+		t.Errorf("a conflicting Route changed the rules:\n%s", got)
+	}
+}
+
+// TestIdempotenceAndDrift: a second apply writes nothing; hand-made damage
+// is repaired; foreign rules and routes are left alone and reported; what a
+// killed agent left for a since-deleted Route is collected, and nothing of
+// the surviving Route is rewritten.
+func TestIdempotenceAndDrift(t *testing.T) {
+	e := newEnv(t, "drift")
+	keep := route("keep", 0, []string{"198.51.100.0/24", "2001:db8:100::/48"}, "10.114.0.3", "10.114.0.4", "fd00:114::3")
+	gone := route("gone", 1, []string{"192.0.2.128/25"}, "10.114.0.4")
+	plan, rep := e.apply(keep, gone)
+	if rep.Changes == 0 {
+		t.Fatal("first apply changed nothing")
+	}
+	want := e.owned()
+
+	if _, rep = e.apply(keep, gone); rep.Changes != 0 {
+		t.Errorf("second apply of the same plan made %d netlink writes, want 0", rep.Changes)
+	}
+
+	keepTable := fmt.Sprint(tableOf(t, plan, "keep"))
+	e.ip("rule", "del", "priority", "30300", "lookup", keepTable)
+	e.ip("route", "replace", "198.51.100.0/24", "via", "10.114.0.4", "dev", "vpc0", "table", keepTable, "proto", "245")
+	e.ip("route", "del", "2001:db8:100::/48", "table", keepTable)
+	e.ip("rule", "add", "priority", "30000", "to", "192.0.2.1", "lookup", "main", "protocol", "245") // ours in form, unwanted
+	e.ip("rule", "add", "priority", "30500", "lookup", "777")                                        // foreign
+	e.ip("route", "add", "203.0.113.128/25", "via", "10.114.0.3", "table", keepTable)                // foreign (proto boot)
+	_, rep = e.apply(keep, gone)
+	if rep.Changes != 4 {
+		t.Errorf("repair made %d writes, want 4 (rule re-added, two routes replaced, stray rule removed)", rep.Changes)
+	}
+	if len(rep.Foreign) != 1 || !strings.Contains(rep.Foreign[0], "777") {
+		t.Errorf("foreign rules reported: %q, want the lookup 777 rule", rep.Foreign)
+	}
+	if got := e.owned(); got != want {
+		t.Errorf("after repair:\n%s\nwant\n%s", got, want)
+	}
+	if !strings.Contains(e.ip("rule"), "30500:\tfrom all lookup 777") || !strings.Contains(e.ip("route", "show", "table", keepTable), "203.0.113.128/25") {
+		t.Error("a foreign rule or route was removed")
+	}
+
+	// A new Applier is a restarted agent; "gone" was deleted while it was
+	// down. Only gone's rule and routes are written (deleted).
+	restarted := applier.New(e.h, e.cfg, logr.Discard())
+	rep, err := restarted.Apply(e.plan(keep))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := restarted.Writes.RouteReplace.Load() + restarted.Writes.RuleAdd.Load(); n != 0 {
+		t.Errorf("restart rewrote %d routes or rules of the surviving Route", n)
+	}
+	if restarted.Writes.RuleDelete.Load() != 1 || restarted.Writes.RouteDelete.Load() != 1 {
+		t.Errorf("collecting gone: %d rule and %d route deletes, want 1 and 1", restarted.Writes.RuleDelete.Load(), restarted.Writes.RouteDelete.Load())
+	}
+	if strings.Contains(e.ip("route", "show", "table", "all", "proto", "245"), "192.0.2.128/25") {
+		t.Error("the deleted Route's route is still installed")
+	}
+
+	if _, err := restarted.Cleanup(); err != nil {
+		t.Fatal(err)
+	}
+	if got := e.ip("route", "show", "table", "all", "proto", "245"); got != "" {
+		t.Errorf("cleanup left: %s", got)
+	}
+	if !strings.Contains(e.ip("rule"), "lookup 777") || !strings.Contains(e.ip("route", "show", "table", keepTable), "203.0.113.128/25") {
+		t.Error("cleanup removed something the agent does not own")
+	}
+}
+
+func TestEnsureSysctls(t *testing.T) {
+	e := newEnv(t, "sysctl")
+	// newEnv already set them: a second pass changes nothing.
+	var changed []string
+	if err := netns.Do(e.lab.Node, func() (err error) {
+		changed, err = applier.EnsureSysctls("/proc/sys", applier.ECMPSysctls)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if len(changed) != 0 {
+		t.Errorf("second pass changed %v", changed)
+	}
+	if got, _ := e.lab.Exec(e.lab.Node, "sysctl", "-n", "net.ipv4.fib_multipath_hash_policy", "net.ipv6.fib_multipath_hash_policy"); got != "1\n1\n" {
+		t.Errorf("sysctls in the node namespace: %q", got)
+	}
+}

@@ -1,0 +1,153 @@
+package applier
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"slices"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/routing-agent/routing-agent/pkg/planner"
+)
+
+// State is what the agent owns in the kernel, plus the foreign rules that
+// sit in its band.
+type State struct {
+	// Rules are the agent's rules, keyed by ruleKey; more than one rule
+	// under a key are duplicates.
+	Rules map[string][]planner.Rule
+	// Routes are the agent's routes, by table and destination.
+	Routes map[routeKey]planner.Route
+	// Foreign rules in the band, as `ip rule` would show them.
+	Foreign []string
+}
+
+type routeKey struct {
+	Table uint32
+	Dst   netip.Prefix
+}
+
+// dumpAttempts bounds retries of a dump the kernel interrupted because the
+// table changed under it (NLM_F_DUMP_INTR): the result would be inconsistent.
+const dumpAttempts = 5
+
+// Read lists the kernel's rules and routes and keeps what the agent owns:
+// its protocol number, inside its rule band or table range.
+func (a *Applier) Read() (*State, error) {
+	st := &State{Rules: map[string][]planner.Rule{}, Routes: map[routeKey]planner.Route{}}
+	for _, family := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+		rules, err := retryDump(func() ([]netlink.Rule, error) { return a.h.RuleList(family) })
+		if err != nil {
+			return nil, fmt.Errorf("listing ip rules: %w", err)
+		}
+		for _, r := range rules {
+			if r.Priority < a.cfg.PriorityBase || r.Priority >= a.cfg.PriorityBase+planner.BandWidth {
+				continue
+			}
+			pr, ok := fromNetlinkRule(r, family == netlink.FAMILY_V6)
+			if r.Protocol != a.cfg.Protocol || !ok {
+				st.Foreign = append(st.Foreign, describeForeign(r, family))
+				continue
+			}
+			key := a.ruleKey(pr)
+			st.Rules[key] = append(st.Rules[key], pr)
+		}
+
+		filter := &netlink.Route{Table: unix.RT_TABLE_UNSPEC, Protocol: netlink.RouteProtocol(a.cfg.Protocol)}
+		routes, err := retryDump(func() ([]netlink.Route, error) {
+			return a.h.RouteListFiltered(family, filter, netlink.RT_FILTER_TABLE|netlink.RT_FILTER_PROTOCOL)
+		})
+		if err != nil {
+			return nil, fmt.Errorf("listing routes: %w", err)
+		}
+		for _, r := range routes {
+			if uint32(r.Table) < a.cfg.TableMin || uint32(r.Table) > a.cfg.TableMax {
+				continue
+			}
+			pr := a.fromNetlinkRoute(r, family)
+			st.Routes[routeKey{pr.Table, pr.Dst}] = pr
+		}
+	}
+	slices.Sort(st.Foreign)
+	return st, nil
+}
+
+// ruleKey identifies a rule by everything the kernel compares: its family
+// and its ip rule rendering.
+func (a *Applier) ruleKey(r planner.Rule) string {
+	family := "-4 "
+	if r.IPv6 {
+		family = "-6 "
+	}
+	return family + r.Batch(a.cfg.Protocol)
+}
+
+func retryDump[T any](dump func() ([]T, error)) ([]T, error) {
+	var err error
+	for range dumpAttempts {
+		var out []T
+		out, err = dump()
+		if !errors.Is(err, netlink.ErrDumpInterrupted) {
+			return out, err
+		}
+	}
+	return nil, err
+}
+
+// fromNetlinkRule converts a rule of the band into the planner's terms; ok
+// is false for a rule the planner could never produce (it has selectors or
+// actions the agent does not use), which is then foreign whatever its
+// protocol says.
+func fromNetlinkRule(r netlink.Rule, ipv6 bool) (planner.Rule, bool) {
+	pr := planner.Rule{Priority: r.Priority, IPv6: ipv6, Table: uint32(r.Table), SuppressPrefixlen: r.SuppressPrefixlen}
+	if r.Src != nil {
+		pr.Src = prefixOf(r.Src)
+	}
+	if r.Dst != nil {
+		pr.Dst = prefixOf(r.Dst)
+	}
+	plain := r.Mark == 0 && r.Mask == nil && r.Tos == 0 && r.Goto <= 0 && r.IifName == "" && r.OifName == "" &&
+		r.Invert == false && r.Dport == nil && r.Sport == nil && r.IPProto == 0 && r.UIDRange == nil &&
+		(r.Type == 0 || r.Type == unix.RTN_UNICAST) && r.SuppressIfgroup <= 0 && r.Flow <= 0
+	return pr, plain
+}
+
+func (a *Applier) fromNetlinkRoute(r netlink.Route, family int) planner.Route {
+	pr := planner.Route{Table: uint32(r.Table), Throw: r.Type == unix.RTN_THROW}
+	if r.Dst != nil {
+		pr.Dst = prefixOf(r.Dst)
+	} else if family == netlink.FAMILY_V6 {
+		pr.Dst = netip.PrefixFrom(netip.IPv6Unspecified(), 0)
+	} else {
+		pr.Dst = netip.PrefixFrom(netip.IPv4Unspecified(), 0)
+	}
+	add := func(gw net.IP, link int) {
+		addr, _ := netip.AddrFromSlice(gw)
+		pr.Nexthops = append(pr.Nexthops, planner.Nexthop{Gateway: addr.Unmap(), LinkIndex: link})
+	}
+	if r.Gw != nil {
+		add(r.Gw, r.LinkIndex)
+	}
+	for _, nh := range r.MultiPath {
+		add(nh.Gw, nh.LinkIndex)
+	}
+	slices.SortFunc(pr.Nexthops, func(a, b planner.Nexthop) int { return a.Gateway.Compare(b.Gateway) })
+	return pr
+}
+
+func prefixOf(n *net.IPNet) netip.Prefix {
+	addr, _ := netip.AddrFromSlice(n.IP)
+	ones, _ := n.Mask.Size()
+	return netip.PrefixFrom(addr.Unmap(), ones)
+}
+
+func describeForeign(r netlink.Rule, family int) string {
+	flag := "-4"
+	if family == netlink.FAMILY_V6 {
+		flag = "-6"
+	}
+	return fmt.Sprintf("ip %s rule: %s protocol %d", flag, r.String(), r.Protocol)
+}

@@ -1,0 +1,36 @@
+package applier
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+)
+
+// ECMPSysctls make multipath routes hash on the L4 five-tuple, so flows, not
+// just host pairs, spread over a Route's gateways (DESIGN: ECMP uses L4 hashing).
+var ECMPSysctls = map[string]string{
+	"net/ipv4/fib_multipath_hash_policy": "1",
+	"net/ipv6/fib_multipath_hash_policy": "1",
+}
+
+// EnsureSysctls writes each value under root (normally /proc/sys) whose
+// current content differs, and returns the names it changed. The network
+// namespace is the calling thread's, as for any /proc/sys/net access.
+func EnsureSysctls(root string, values map[string]string) (changed []string, err error) {
+	for _, name := range sortedKeys(values) {
+		path := filepath.Join(root, name)
+		current, err := os.ReadFile(path)
+		if err != nil {
+			return changed, fmt.Errorf("sysctl %s: %w", strings.ReplaceAll(name, "/", "."), err)
+		}
+		if strings.TrimSpace(string(current)) == values[name] {
+			continue
+		}
+		if err := os.WriteFile(path, []byte(values[name]), 0o644); err != nil {
+			return changed, fmt.Errorf("sysctl %s=%s: %w", strings.ReplaceAll(name, "/", "."), values[name], err)
+		}
+		changed = append(changed, name)
+	}
+	return changed, nil
+}

@@ -1,0 +1,309 @@
+package topology
+
+import (
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/routing-agent/routing-agent/pkg/lab/netns"
+)
+
+const port = 40000
+
+// TestMain removes namespaces a killed earlier run left behind. Tests do not
+// skip without root: a lab that cannot be built is a failure.
+func TestMain(m *testing.M) {
+	if os.Geteuid() == 0 {
+		if err := netns.RemoveStale(); err != nil {
+			fmt.Fprintln(os.Stderr, "removing stale namespaces:", err)
+		}
+	}
+	os.Exit(m.Run())
+}
+
+// newLab builds a lab that is torn down when the test ends, pass or fail.
+func newLab(t *testing.T, opts Options) *Lab {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Fatal("these tests build network namespaces and must run as root")
+	}
+	start := time.Now()
+	l, err := New(opts)
+	if err != nil {
+		t.Fatalf("New(%+v): %v", opts, err)
+	}
+	t.Logf("lab built in %v", time.Since(start).Round(time.Millisecond))
+	t.Cleanup(func() {
+		if err := l.Close(); err != nil {
+			t.Errorf("Close: %v", err)
+		}
+	})
+	return l
+}
+
+// deliver sends n datagrams from ns to dst and checks that all of them
+// reach a listener opened on dst inside recvNS.
+func deliver(t *testing.T, ns, recvNS string, dst netip.Addr, n int) {
+	t.Helper()
+	to := netip.AddrPortFrom(dst, port)
+	conn, err := ListenUDP(recvNS, to)
+	if err != nil {
+		t.Fatalf("listening on %v in %s: %v", to, recvNS, err)
+	}
+	defer conn.Close()
+
+	want := map[string]bool{}
+	var payloads [][]byte
+	for i := range n {
+		p := fmt.Sprintf("datagram %d from %s", i, ns)
+		want[p] = true
+		payloads = append(payloads, []byte(p))
+	}
+	if err := SendUDP(ns, to, payloads...); err != nil {
+		t.Fatalf("sending to %v from %s: %v", to, ns, err)
+	}
+
+	buf := make([]byte, 1500)
+	for len(want) > 0 {
+		conn.SetReadDeadline(time.Now().Add(3 * time.Second))
+		k, from, err := conn.ReadFromUDPAddrPort(buf)
+		if err != nil {
+			t.Fatalf("%d of %d datagrams from %s to %v did not arrive in %s: %v", len(want), n, ns, to, recvNS, err)
+		}
+		if !want[string(buf[:k])] {
+			t.Fatalf("%s got unexpected %q from %v", recvNS, buf[:k], from)
+		}
+		delete(want, string(buf[:k]))
+	}
+	t.Logf("%d datagrams from %s reached %v in %s", n, ns, to, recvNS)
+}
+
+// lost sends a datagram from ns to dst and checks that it does not reach a
+// listener on dst inside recvNS.
+func lost(t *testing.T, ns, recvNS string, dst netip.Addr) {
+	t.Helper()
+	to := netip.AddrPortFrom(dst, port)
+	conn, err := ListenUDP(recvNS, to)
+	if err != nil {
+		t.Fatalf("listening on %v in %s: %v", to, recvNS, err)
+	}
+	defer conn.Close()
+	if err := SendUDP(ns, to, []byte("should be lost")); err != nil {
+		t.Fatalf("sending to %v from %s: %v", to, ns, err)
+	}
+	conn.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+	if k, from, err := conn.ReadFromUDPAddrPort(make([]byte, 1500)); err == nil {
+		t.Fatalf("%s got %d bytes from %v, want nothing", recvNS, k, from)
+	}
+}
+
+func TestNodeReachesExternalViaDefaultRoute(t *testing.T) {
+	l := newLab(t, Options{Purpose: "t1"})
+	deliver(t, l.Node, l.External, l.ExternalAddr, 1)
+}
+
+func TestNodeRoutesAndVPC(t *testing.T) {
+	l := newLab(t, Options{Purpose: "t2"})
+	out, err := l.Exec(l.Node, "ip", "route", "get", l.ExternalAddr.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := "via " + l.RouterPublic.String() + " dev " + NodePublicIf; !strings.Contains(out, want) {
+		t.Errorf("ip route get %v = %q, want it to contain %q", l.ExternalAddr, out, want)
+	}
+	deliver(t, l.Node, l.Gateways[0], l.GatewayVPC[0], 1)
+}
+
+// TestPolicyRouteThroughGateway does what the agent does, by hand: a route
+// in a non-main table plus a rule, sending External-bound traffic through
+// gateway 0, and checks the traffic is forwarded there (and not via gw 1).
+func TestPolicyRouteThroughGateway(t *testing.T) {
+	l := newLab(t, Options{Purpose: "t3"})
+	for _, args := range [][]string{
+		{"route", "add", "198.51.100.0/24", "via", l.GatewayVPC[0].String(), "table", "100"},
+		{"rule", "add", "to", "198.51.100.0/24", "lookup", "100", "priority", "100"},
+	} {
+		if _, err := l.Exec(l.Node, append([]string{"ip"}, args...)...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	out, err := l.Exec(l.Node, "ip", "route", "get", l.ExternalAddr.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := "via " + l.GatewayVPC[0].String() + " dev " + VPCIf; !strings.Contains(out, want) {
+		t.Errorf("ip route get %v = %q, want it to contain %q", l.ExternalAddr, out, want)
+	}
+
+	const n = 20
+	before0, before1 := counters(t, l)
+	deliver(t, l.Node, l.External, l.ExternalAddr, n)
+	after0, after1 := counters(t, l)
+	t.Logf("gateway 0 received %d packets, gateway 1 %d", after0-before0, after1-before1)
+	if after0-before0 < n {
+		t.Errorf("gateway 0 received %d packets on %s, want at least %d", after0-before0, VPCIf, n)
+	}
+	if after1-before1 >= n {
+		t.Errorf("gateway 1 received %d packets on %s, want fewer than %d", after1-before1, VPCIf, n)
+	}
+
+	// With gateway 0's VPC link down the route's nexthop is unreachable:
+	// nothing arrives. Back up, traffic flows again.
+	if err := l.SetGatewayLink(0, false); err != nil {
+		t.Fatal(err)
+	}
+	if out, _ := l.Exec(l.Gateways[0], "ip", "-br", "link", "show", VPCIf); !strings.Contains(out, "DOWN") {
+		t.Errorf("after SetGatewayLink(0, false): %q, want DOWN", out)
+	}
+	lost(t, l.Node, l.External, l.ExternalAddr)
+	if err := l.SetGatewayLink(0, true); err != nil {
+		t.Fatal(err)
+	}
+	deliver(t, l.Node, l.External, l.ExternalAddr, 1)
+}
+
+func counters(t *testing.T, l *Lab) (uint64, uint64) {
+	t.Helper()
+	a, err := l.GatewayForwarded(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := l.GatewayForwarded(1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return a, b
+}
+
+func TestCloseAndNames(t *testing.T) {
+	a := newLab(t, Options{Purpose: "t4a", Gateways: 3})
+	b := newLab(t, Options{Purpose: "t4b", Gateways: 1})
+	if len(a.Gateways) != 3 || len(b.Gateways) != 1 || a.GatewayVPC[2] != netip.MustParseAddr("10.114.0.5") {
+		t.Errorf("gateways: a %v %v, b %v", a.Gateways, a.GatewayVPC, b.Gateways)
+	}
+	seen := map[string]bool{}
+	for _, ns := range append(a.all(), b.all()...) {
+		if seen[ns] {
+			t.Errorf("namespace %s used twice", ns)
+		}
+		seen[ns] = true
+	}
+
+	// The same purpose again while a is alive is refused, and must leave a
+	// intact.
+	if dup, err := New(Options{Purpose: "t4a"}); err == nil {
+		dup.Close()
+		t.Fatal("New with a live lab's Purpose succeeded, want an error")
+	} else {
+		t.Logf("duplicate Purpose: %v", err)
+	}
+	if missing := missingNamespaces(t, a.all()); len(missing) > 0 {
+		t.Fatalf("the failed duplicate New removed %v", missing)
+	}
+
+	for _, l := range []*Lab{a, b} {
+		if err := l.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if err := l.Close(); err != nil {
+			t.Fatalf("second Close: %v", err)
+		}
+		if missing := missingNamespaces(t, l.all()); len(missing) != len(l.all()) {
+			t.Errorf("after Close, still listed: %v", l.all())
+		}
+	}
+}
+
+// TestFailedNewTearsDown breaks the layout so building fails half way,
+// after every namespace and some links exist, and checks none is left.
+func TestFailedNewTearsDown(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Fatal("these tests build network namespaces and must run as root")
+	}
+	l, err := layout(Options{Purpose: "t6"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	names := l.all()
+	l.GatewayVPC[1] = netip.Addr{} // ip rejects "invalid Prefix"
+	if err := l.setUp(); err == nil {
+		t.Fatal("setUp with an invalid gateway address succeeded")
+	} else {
+		t.Logf("setUp: %v", err)
+	}
+	if missing := missingNamespaces(t, names); len(missing) != len(names) {
+		t.Errorf("after a failed setUp, some of %v are still listed", names)
+	}
+	if _, err := layout(Options{Gateways: MaxGateways + 1}); err == nil {
+		t.Errorf("layout with %d gateways succeeded", MaxGateways+1)
+	}
+}
+
+// missingNamespaces returns those of names `ip netns list` does not show.
+func missingNamespaces(t *testing.T, names []string) []string {
+	t.Helper()
+	out, err := exec.Command("ip", "netns", "list").CombinedOutput()
+	if err != nil {
+		t.Fatalf("ip netns list: %v: %s", err, out)
+	}
+	listed := map[string]bool{}
+	for _, line := range strings.Split(string(out), "\n") {
+		if f := strings.Fields(line); len(f) > 0 {
+			listed[f[0]] = true
+		}
+	}
+	var missing []string
+	for _, n := range names {
+		if !listed[n] {
+			missing = append(missing, n)
+		}
+	}
+	return missing
+}
+
+func TestIPv6(t *testing.T) {
+	l := newLab(t, Options{Purpose: "t5", IPv6: true})
+	t.Run("default route", func(t *testing.T) {
+		deliver(t, l.Node, l.External, l.ExternalAddr6, 1)
+	})
+	t.Run("VPC", func(t *testing.T) {
+		deliver(t, l.Node, l.Gateways[1], l.GatewayVPC6[1], 1)
+	})
+	t.Run("policy route through gateway", func(t *testing.T) {
+		for _, args := range [][]string{
+			{"-6", "route", "add", "2001:db8:100::/64", "via", l.GatewayVPC6[0].String(), "table", "100"},
+			{"-6", "rule", "add", "to", "2001:db8:100::/64", "lookup", "100", "priority", "100"},
+		} {
+			if _, err := l.Exec(l.Node, append([]string{"ip"}, args...)...); err != nil {
+				t.Fatal(err)
+			}
+		}
+		before, err := l.GatewayForwarded(0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		deliver(t, l.Node, l.External, l.ExternalAddr6, 5)
+		after, err := l.GatewayForwarded(0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if after-before < 5 {
+			t.Errorf("gateway 0 received %d packets, want at least 5", after-before)
+		}
+
+		// The kernel drops IPv6 addresses on link down unless
+		// keep_addr_on_down is set; New sets it so a gateway comes back
+		// whole.
+		for _, up := range []bool{false, true} {
+			if err := l.SetGatewayLink(0, up); err != nil {
+				t.Fatal(err)
+			}
+		}
+		deliver(t, l.Node, l.External, l.ExternalAddr6, 1)
+	})
+}
