@@ -1,8 +1,5 @@
 // Command routing-agent turns Route custom resources into policy routes on
-// Kubernetes nodes. Subcommands:
-//
-//	routing-agent validate FILE...   check Route manifests offline, with the
-//	                                 API server's own admission rules
+// Kubernetes nodes. See `routing-agent help`.
 package main
 
 import (
@@ -14,9 +11,15 @@ import (
 const usage = `usage: routing-agent <command> [arguments]
 
 commands:
-  validate FILE...   check Route manifests (YAML, several documents per file,
-                     "-" for stdin) offline against the same rules the API
-                     server applies at admission; exit status 1 if any fails
+  plan [flags] FILE...   print the ip rules and routes the agent would install
+                         for the Routes in FILE, on a described node or this
+                         network namespace; no cluster, no root
+  cleanup [flags]        remove every rule and route the agent owns in this
+                         network namespace, and nothing else
+  validate FILE...       check Route manifests offline against the API
+                         server's own admission rules
+
+"routing-agent <command> -h" lists a command's flags.
 `
 
 func main() {
@@ -29,6 +32,10 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		return 2
 	}
 	switch args[0] {
+	case "plan":
+		return plan(args[1:], stdin, stdout, stderr)
+	case "cleanup":
+		return cleanup(args[1:], stdout, stderr, newLogger(stderr))
 	case "validate":
 		return validate(args[1:], stdin, stdout, stderr)
 	case "help", "-h", "--help":

@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"slices"
+	"strings"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -47,9 +48,9 @@ func (a *Applier) Read() (*State, error) {
 			if r.Priority < a.cfg.PriorityBase || r.Priority >= a.cfg.PriorityBase+planner.BandWidth {
 				continue
 			}
-			pr, ok := fromNetlinkRule(r, family == netlink.FAMILY_V6)
-			if r.Protocol != a.cfg.Protocol || !ok {
-				st.Foreign = append(st.Foreign, describeForeign(r, family))
+			pr, plain := fromNetlinkRule(r, family == netlink.FAMILY_V6)
+			if r.Protocol != a.cfg.Protocol || !plain {
+				st.Foreign = append(st.Foreign, describeForeign(pr, r.Protocol, plain))
 				continue
 			}
 			key := a.ruleKey(pr)
@@ -144,10 +145,16 @@ func prefixOf(n *net.IPNet) netip.Prefix {
 	return netip.PrefixFrom(addr.Unmap(), ones)
 }
 
-func describeForeign(r netlink.Rule, family int) string {
-	flag := "-4"
-	if family == netlink.FAMILY_V6 {
-		flag = "-6"
+// describeForeign renders a rule the agent does not own the way ip rule
+// takes it, for status and logs.
+func describeForeign(r planner.Rule, protocol uint8, plain bool) string {
+	family := "-4"
+	if r.IPv6 {
+		family = "-6"
 	}
-	return fmt.Sprintf("ip %s rule: %s protocol %d", flag, r.String(), r.Protocol)
+	text := fmt.Sprintf("ip %s %s", family, strings.TrimPrefix(r.Batch(protocol), "rule add "))
+	if !plain {
+		text += " (and selectors or actions the agent never uses)"
+	}
+	return text
 }

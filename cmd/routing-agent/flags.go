@@ -1,0 +1,83 @@
+package main
+
+import (
+	"flag"
+	"fmt"
+	"net/netip"
+	"strings"
+
+	"github.com/routing-agent/routing-agent/pkg/planner"
+)
+
+// plannerFlags registers the flags that say where in the kernel the agent
+// may write; plan, cleanup and the agent share them so that they agree.
+func plannerFlags(fs *flag.FlagSet) *planner.Config {
+	cfg := planner.DefaultConfig()
+	fs.Func("table-min", fmt.Sprintf("lowest routing table id given to a Route (default %d)", cfg.TableMin), uintFlag(&cfg.TableMin))
+	fs.Func("table-max", fmt.Sprintf("highest routing table id given to a Route (default %d)", cfg.TableMax), uintFlag(&cfg.TableMax))
+	fs.IntVar(&cfg.PriorityBase, "priority-base", cfg.PriorityBase,
+		fmt.Sprintf("first ip rule priority of the agent's band; the band spans %d priorities and must end before main's 32766", planner.BandWidth))
+	fs.Func("protocol", fmt.Sprintf("routing protocol number stamped on the agent's routes and rules (default %d)", cfg.Protocol), func(s string) error {
+		var v uint32
+		if err := uintFlag(&v)(s); err != nil {
+			return err
+		}
+		if v < 5 || v > 255 {
+			return fmt.Errorf("%d is outside 5-255 (0-4 belong to the kernel and static routes)", v)
+		}
+		cfg.Protocol = uint8(v)
+		return nil
+	})
+	fs.Func("metadata-address", "metadata service address kept on the main table; comma-separated, empty for none (default 169.254.169.254)", func(s string) error {
+		addrs, err := parseList(s, netip.ParseAddr)
+		cfg.Metadata = addrs
+		return err
+	})
+	fs.Func("bypass", "extra CIDRs that always use the main table, comma-separated", func(s string) error {
+		prefixes, err := parseList(s, netip.ParsePrefix)
+		cfg.ExtraBypass = prefixes
+		return err
+	})
+	return &cfg
+}
+
+// checkPlannerConfig rejects a band or range that would collide with the
+// kernel's own tables and rules.
+func checkPlannerConfig(cfg *planner.Config) error {
+	switch {
+	case cfg.TableMin == 0 || cfg.TableMin > cfg.TableMax:
+		return fmt.Errorf("--table-min %d / --table-max %d: need 0 < min <= max", cfg.TableMin, cfg.TableMax)
+	case cfg.TableMin <= 255 && cfg.TableMax >= 253:
+		return fmt.Errorf("--table-min %d / --table-max %d: the range overlaps the kernel's default, main and local tables (253-255)", cfg.TableMin, cfg.TableMax)
+	case cfg.PriorityBase < 1 || cfg.PriorityBase+planner.BandWidth > 32766:
+		return fmt.Errorf("--priority-base %d: the band %d-%d must lie within 1-32765, before the main table's rule", cfg.PriorityBase, cfg.PriorityBase, cfg.PriorityBase+planner.BandWidth-1)
+	}
+	return nil
+}
+
+func uintFlag(dst *uint32) func(string) error {
+	return func(s string) error {
+		var v uint32
+		if _, err := fmt.Sscanf(s, "%d", &v); err != nil {
+			return fmt.Errorf("%q is not a number", s)
+		}
+		*dst = v
+		return nil
+	}
+}
+
+func parseList[T any](s string, parse func(string) (T, error)) ([]T, error) {
+	var out []T
+	for _, part := range strings.Split(s, ",") {
+		part = strings.TrimSpace(part)
+		if part == "" {
+			continue
+		}
+		v, err := parse(part)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, v)
+	}
+	return out, nil
+}
