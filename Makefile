@@ -7,7 +7,7 @@ export PATH := /usr/local/go/bin:$(PATH)
 
 BIN := bin/routing-agent
 
-.PHONY: all build deps lab-tools codegen verify-codegen vet unit test demo clean
+.PHONY: all build deps lab-tools codegen verify-codegen vet unit test bench demo clean
 
 all: build
 
@@ -34,7 +34,7 @@ vet:
 
 # Fast tests that need neither root nor the lab control plane.
 unit:
-	go test -count=1 ./apis/... ./pkg/... ./cmd/...
+	go test -count=1 ./pkg/planner ./pkg/routespec ./pkg/selection ./pkg/nodefacts
 
 # Every test: generated code, vet, and the whole suite against a real
 # kube-apiserver and etcd (and, where a test needs them, network namespaces
@@ -45,6 +45,13 @@ test: deps
 	@lab_bin=$$(hack/build-lab-tools.sh) && \
 	echo "lab control plane: $$lab_bin" && \
 	LAB_BIN_DIR=$$lab_bin go test -count=1 -timeout 30m ./...
+	@# One pass of every benchmark, so they keep working; numbers come from make bench.
+	go test -count=1 -run '^$$' -bench . -benchtime 1x ./pkg/applier
+
+# Dataplane benchmarks (root: they build network namespaces), netlink applier
+# against ip -batch in one run.
+bench:
+	go test -count=1 -run '^$$' -bench . -benchtime 20x ./pkg/applier
 
 demo: deps
 	@echo "make demo: the lab demo (nodes, gateways and an external host in network namespaces) is not built yet;"

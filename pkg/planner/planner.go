@@ -201,26 +201,37 @@ func assignTables(byAge []*candidate, cfg Config, previous map[string]uint32) {
 // its live gateways of the destination's family, and a throw route for every
 // more specific prefix of another Route inside one of its destinations.
 func tableRoutes(applied []*candidate, down map[netip.Addr]bool) []Route {
+	// After conflict resolution every prefix has one owner. A prefix needs a
+	// throw route in the table of each other Route that owns one of its
+	// supernets; walking up its at most 128 supernets keeps this linear in
+	// the number of destinations.
+	owner := map[netip.Prefix]*candidate{}
+	for _, c := range applied {
+		for _, d := range c.destinations {
+			owner[d] = c
+		}
+	}
+	throws := map[*candidate]map[netip.Prefix]bool{}
+	for _, c := range applied {
+		for _, e := range c.destinations {
+			for bits := e.Bits() - 1; bits >= 0; bits-- {
+				super, _ := e.Addr().Prefix(bits)
+				if o := owner[super]; o != nil && o != c {
+					if throws[o] == nil {
+						throws[o] = map[netip.Prefix]bool{}
+					}
+					throws[o][e] = true
+				}
+			}
+		}
+	}
+
 	var routes []Route
 	for _, c := range applied {
 		for _, d := range c.destinations {
 			routes = append(routes, Route{Table: c.result.Table, Dst: d, Nexthops: liveNexthops(c, d.Addr().Is6(), down)})
 		}
-		throws := map[netip.Prefix]bool{}
-		for _, other := range applied {
-			if other == c {
-				continue
-			}
-			for _, e := range other.destinations {
-				for _, d := range c.destinations {
-					if d.Bits() < e.Bits() && d.Contains(e.Addr()) {
-						throws[e] = true
-						break
-					}
-				}
-			}
-		}
-		for e := range throws {
+		for e := range throws[c] {
 			routes = append(routes, Route{Table: c.result.Table, Dst: e, Throw: true})
 		}
 		if c.allDown(down) {
