@@ -350,6 +350,8 @@ func TestTrafficThroughGateways(t *testing.T) {
 // the VPC on main, and replies to inbound connections on the public side.
 func TestDefaultOverride(t *testing.T) {
 	e := newEnv(t, "dflt")
+	// The pod network, routed to another node over the VPC as a CNI would.
+	e.ip("route", "add", "10.244.0.0/16", "via", "10.114.0.4", "dev", "vpc0")
 	mainBefore := e.mainTables()
 	plan, _ := e.apply(route("default", 0, []string{"0.0.0.0/0", "::/0"}, "10.114.0.3", "10.114.0.4", "fd00:114::3", "fd00:114::4"))
 	table := fmt.Sprint(tableOf(t, plan, "default"))
@@ -364,6 +366,8 @@ func TestDefaultOverride(t *testing.T) {
 		e.wantPath(dst, "via 203.0.113.1 dev pub0")
 	}
 	e.wantPath("10.114.0.4", "10.114.0.4 dev vpc0 src 10.114.0.10")
+	e.wantPath("10.114.0.99", "10.114.0.99 dev vpc0 src 10.114.0.10")
+	e.wantPath("10.244.7.7", "10.244.7.7 via 10.114.0.4 dev vpc0 src 10.114.0.10 uid") // pods: main, no table
 	e.wantPath("fd00:114::4", "dev vpc0")
 	e.wantPath("203.0.113.77", "203.0.113.77 dev pub0 src 203.0.113.10") // connected
 	e.wantPath("198.51.100.10", "via 203.0.113.1 dev pub0", "from", "203.0.113.10")
