@@ -7,8 +7,6 @@ import (
 	"testing"
 
 	"github.com/go-logr/logr"
-	"github.com/vishvananda/netlink"
-	vnetns "github.com/vishvananda/netns"
 
 	"github.com/routing-agent/routing-agent/pkg/applier"
 	"github.com/routing-agent/routing-agent/pkg/lab/netns"
@@ -77,16 +75,11 @@ func TestPlanAndCleanupInNamespace(t *testing.T) {
 	}
 
 	// Install what plan printed, through the applier, then add a foreign rule.
-	ns, err := vnetns.GetFromName(lab.Node)
+	h, closeHandle, err := netns.NetlinkHandle(lab.Node)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ns.Close()
-	h, err := netlink.NewHandleAt(ns)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
+	defer closeHandle()
 	node, err := nodefacts.Read(h)
 	if err != nil {
 		t.Fatal(err)

@@ -19,6 +19,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/routing-agent/routing-agent/pkg/nlutil"
 	"github.com/routing-agent/routing-agent/pkg/planner"
 )
 
@@ -142,7 +143,7 @@ func sameRoute(have, want planner.Route) bool {
 func (a *Applier) toNetlinkRoute(r planner.Route) *netlink.Route {
 	nl := &netlink.Route{
 		Table:    int(r.Table),
-		Dst:      ipNet(r.Dst),
+		Dst:      nlutil.IPNet(r.Dst),
 		Protocol: netlink.RouteProtocol(a.cfg.Protocol),
 		Family:   family(r.Dst.Addr()),
 	}
@@ -170,16 +171,12 @@ func (a *Applier) toNetlinkRule(r planner.Rule) *netlink.Rule {
 		nl.Family = netlink.FAMILY_V6
 	}
 	if r.Src.IsValid() {
-		nl.Src = ipNet(r.Src)
+		nl.Src = nlutil.IPNet(r.Src)
 	}
 	if r.Dst.IsValid() {
-		nl.Dst = ipNet(r.Dst)
+		nl.Dst = nlutil.IPNet(r.Dst)
 	}
 	return nl
-}
-
-func ipNet(p netip.Prefix) *net.IPNet {
-	return &net.IPNet{IP: net.IP(p.Addr().AsSlice()), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
 }
 
 func family(a netip.Addr) int {

@@ -13,7 +13,6 @@ import (
 
 	"github.com/go-logr/logr"
 	"github.com/vishvananda/netlink"
-	vnetns "github.com/vishvananda/netns"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/yaml"
 
@@ -55,16 +54,11 @@ func newEnv(t *testing.T, purpose string) *env {
 			t.Error(err)
 		}
 	})
-	ns, err := vnetns.GetFromName(lab.Node)
+	h, closeHandle, err := netns.NetlinkHandle(lab.Node)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { ns.Close() })
-	h, err := netlink.NewHandleAt(ns)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(h.Close)
+	t.Cleanup(closeHandle)
 	if err := netns.Do(lab.Node, func() error {
 		_, err := applier.EnsureSysctls("/proc/sys", applier.ECMPSysctls)
 		return err

@@ -12,7 +12,6 @@ import (
 
 	"github.com/go-logr/logr"
 	"github.com/vishvananda/netlink"
-	vnetns "github.com/vishvananda/netns"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	v1alpha1 "github.com/routing-agent/routing-agent/apis/networking/v1alpha1"
@@ -53,16 +52,11 @@ func newBenchNS(b *testing.B, purpose string) *benchNS {
 			b.Fatalf("ip %v: %v: %s", args, err, out)
 		}
 	}
-	ns, err := vnetns.GetFromName(name)
+	h, closeHandle, err := netns.NetlinkHandle(name)
 	if err != nil {
 		b.Fatal(err)
 	}
-	b.Cleanup(func() { ns.Close() })
-	h, err := netlink.NewHandleAt(ns)
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(h.Close)
+	b.Cleanup(closeHandle)
 	node, err := nodefacts.Read(h)
 	if err != nil {
 		b.Fatal(err)

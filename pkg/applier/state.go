@@ -1,7 +1,6 @@
 package applier
 
 import (
-	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -11,6 +10,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/routing-agent/routing-agent/pkg/nlutil"
 	"github.com/routing-agent/routing-agent/pkg/planner"
 )
 
@@ -31,16 +31,12 @@ type routeKey struct {
 	Dst   netip.Prefix
 }
 
-// dumpAttempts bounds retries of a dump the kernel interrupted because the
-// table changed under it (NLM_F_DUMP_INTR): the result would be inconsistent.
-const dumpAttempts = 5
-
 // Read lists the kernel's rules and routes and keeps what the agent owns:
 // its protocol number, inside its rule band or table range.
 func (a *Applier) Read() (*State, error) {
 	st := &State{Rules: map[string][]planner.Rule{}, Routes: map[routeKey]planner.Route{}}
 	for _, family := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
-		rules, err := retryDump(func() ([]netlink.Rule, error) { return a.h.RuleList(family) })
+		rules, err := nlutil.RetryDump(func() ([]netlink.Rule, error) { return a.h.RuleList(family) })
 		if err != nil {
 			return nil, fmt.Errorf("listing ip rules: %w", err)
 		}
@@ -58,7 +54,7 @@ func (a *Applier) Read() (*State, error) {
 		}
 
 		filter := &netlink.Route{Table: unix.RT_TABLE_UNSPEC, Protocol: netlink.RouteProtocol(a.cfg.Protocol)}
-		routes, err := retryDump(func() ([]netlink.Route, error) {
+		routes, err := nlutil.RetryDump(func() ([]netlink.Route, error) {
 			return a.h.RouteListFiltered(family, filter, netlink.RT_FILTER_TABLE|netlink.RT_FILTER_PROTOCOL)
 		})
 		if err != nil {
@@ -86,18 +82,6 @@ func (a *Applier) ruleKey(r planner.Rule) string {
 	return family + r.Batch(a.cfg.Protocol)
 }
 
-func retryDump[T any](dump func() ([]T, error)) ([]T, error) {
-	var err error
-	for range dumpAttempts {
-		var out []T
-		out, err = dump()
-		if !errors.Is(err, netlink.ErrDumpInterrupted) {
-			return out, err
-		}
-	}
-	return nil, err
-}
-
 // fromNetlinkRule converts a rule of the band into the planner's terms; ok
 // is false for a rule the planner could never produce (it has selectors or
 // actions the agent does not use), which is then foreign whatever its
@@ -105,10 +89,10 @@ func retryDump[T any](dump func() ([]T, error)) ([]T, error) {
 func fromNetlinkRule(r netlink.Rule, ipv6 bool) (planner.Rule, bool) {
 	pr := planner.Rule{Priority: r.Priority, IPv6: ipv6, Table: uint32(r.Table), SuppressPrefixlen: r.SuppressPrefixlen}
 	if r.Src != nil {
-		pr.Src = prefixOf(r.Src)
+		pr.Src = nlutil.Prefix(r.Src, ipv6)
 	}
 	if r.Dst != nil {
-		pr.Dst = prefixOf(r.Dst)
+		pr.Dst = nlutil.Prefix(r.Dst, ipv6)
 	}
 	plain := r.Mark == 0 && r.Mask == nil && r.Tos == 0 && r.Goto <= 0 && r.IifName == "" && r.OifName == "" &&
 		r.Invert == false && r.Dport == nil && r.Sport == nil && r.IPProto == 0 && r.UIDRange == nil &&
@@ -117,17 +101,9 @@ func fromNetlinkRule(r netlink.Rule, ipv6 bool) (planner.Rule, bool) {
 }
 
 func (a *Applier) fromNetlinkRoute(r netlink.Route, family int) planner.Route {
-	pr := planner.Route{Table: uint32(r.Table), Throw: r.Type == unix.RTN_THROW}
-	if r.Dst != nil {
-		pr.Dst = prefixOf(r.Dst)
-	} else if family == netlink.FAMILY_V6 {
-		pr.Dst = netip.PrefixFrom(netip.IPv6Unspecified(), 0)
-	} else {
-		pr.Dst = netip.PrefixFrom(netip.IPv4Unspecified(), 0)
-	}
+	pr := planner.Route{Table: uint32(r.Table), Dst: nlutil.Prefix(r.Dst, family == netlink.FAMILY_V6), Throw: r.Type == unix.RTN_THROW}
 	add := func(gw net.IP, link int) {
-		addr, _ := netip.AddrFromSlice(gw)
-		pr.Nexthops = append(pr.Nexthops, planner.Nexthop{Gateway: addr.Unmap(), LinkIndex: link})
+		pr.Nexthops = append(pr.Nexthops, planner.Nexthop{Gateway: nlutil.Addr(gw), LinkIndex: link})
 	}
 	if r.Gw != nil {
 		add(r.Gw, r.LinkIndex)
@@ -137,12 +113,6 @@ func (a *Applier) fromNetlinkRoute(r netlink.Route, family int) planner.Route {
 	}
 	slices.SortFunc(pr.Nexthops, func(a, b planner.Nexthop) int { return a.Gateway.Compare(b.Gateway) })
 	return pr
-}
-
-func prefixOf(n *net.IPNet) netip.Prefix {
-	addr, _ := netip.AddrFromSlice(n.IP)
-	ones, _ := n.Mask.Size()
-	return netip.PrefixFrom(addr.Unmap(), ones)
 }
 
 // describeForeign renders a rule the agent does not own the way ip rule

@@ -5,7 +5,6 @@ package nodefacts
 
 import (
 	"bufio"
-	"errors"
 	"fmt"
 	"io"
 	"net/netip"
@@ -15,15 +14,14 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/routing-agent/routing-agent/pkg/nlutil"
 	"github.com/routing-agent/routing-agent/pkg/planner"
 )
-
-const dumpAttempts = 5
 
 // Read fills the kernel-derived fields of a planner.Node through h.
 func Read(h *netlink.Handle) (planner.Node, error) {
 	var node planner.Node
-	links, err := retry(h.LinkList)
+	links, err := nlutil.RetryDump(h.LinkList)
 	if err != nil {
 		return node, fmt.Errorf("listing links: %w", err)
 	}
@@ -31,20 +29,15 @@ func Read(h *netlink.Handle) (planner.Node, error) {
 		attrs := l.Attrs()
 		node.Links = append(node.Links, planner.Link{Index: attrs.Index, Name: attrs.Name, Up: attrs.Flags&unix.IFF_UP != 0 && attrs.OperState != netlink.OperDown})
 	}
-	addrs, err := retry(func() ([]netlink.Addr, error) { return h.AddrList(nil, netlink.FAMILY_ALL) })
+	addrs, err := nlutil.RetryDump(func() ([]netlink.Addr, error) { return h.AddrList(nil, netlink.FAMILY_ALL) })
 	if err != nil {
 		return node, fmt.Errorf("listing addresses: %w", err)
 	}
 	for _, a := range addrs {
-		ip, ok := netip.AddrFromSlice(a.IP)
-		if !ok {
-			continue
-		}
-		ones, _ := a.Mask.Size()
-		node.Addresses = append(node.Addresses, planner.Address{LinkIndex: a.LinkIndex, Prefix: netip.PrefixFrom(ip.Unmap(), ones)})
+		node.Addresses = append(node.Addresses, planner.Address{LinkIndex: a.LinkIndex, Prefix: nlutil.Prefix(a.IPNet, a.IP.To4() == nil)})
 	}
 	for _, family := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
-		routes, err := retry(func() ([]netlink.Route, error) {
+		routes, err := nlutil.RetryDump(func() ([]netlink.Route, error) {
 			return h.RouteListFiltered(family, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
 		})
 		if err != nil {
@@ -54,22 +47,12 @@ func Read(h *netlink.Handle) (planner.Node, error) {
 			if r.Type != unix.RTN_UNICAST {
 				continue
 			}
-			m := planner.MainRoute{LinkIndex: r.LinkIndex, Metric: r.Priority}
-			if r.Dst != nil {
-				ip, _ := netip.AddrFromSlice(r.Dst.IP)
-				ones, _ := r.Dst.Mask.Size()
-				m.Dst = netip.PrefixFrom(ip.Unmap(), ones)
-			} else if family == netlink.FAMILY_V6 {
-				m.Dst = netip.PrefixFrom(netip.IPv6Unspecified(), 0)
-			} else {
-				m.Dst = netip.PrefixFrom(netip.IPv4Unspecified(), 0)
-			}
+			m := planner.MainRoute{Dst: nlutil.Prefix(r.Dst, family == netlink.FAMILY_V6), LinkIndex: r.LinkIndex, Metric: r.Priority}
 			if family == netlink.FAMILY_V6 && m.Dst.Addr().IsLinkLocalUnicast() || m.Dst.Addr().IsMulticast() {
 				continue // fe80::/64 and ff00::/8 on every v6 link say nothing about the node's networks
 			}
 			if r.Gw != nil {
-				m.Gateway, _ = netip.AddrFromSlice(r.Gw)
-				m.Gateway = m.Gateway.Unmap()
+				m.Gateway = nlutil.Addr(r.Gw)
 			} else if len(r.MultiPath) > 0 {
 				m.LinkIndex = r.MultiPath[0].LinkIndex
 			}
@@ -77,18 +60,6 @@ func Read(h *netlink.Handle) (planner.Node, error) {
 		}
 	}
 	return node, nil
-}
-
-func retry[T any](dump func() ([]T, error)) ([]T, error) {
-	var err error
-	for range dumpAttempts {
-		var out []T
-		out, err = dump()
-		if !errors.Is(err, netlink.ErrDumpInterrupted) {
-			return out, err
-		}
-	}
-	return nil, err
 }
 
 // StubResolver is systemd-resolved's local stub; when resolv.conf names it,

@@ -9,6 +9,7 @@ import (
 	"net"
 	"runtime"
 
+	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 )
 
@@ -55,4 +56,19 @@ func Dialer(name string) func(ctx context.Context, network, address string) (net
 		})
 		return conn, err
 	}
+}
+
+// NetlinkHandle returns a netlink handle whose sockets live in the named
+// namespace, and a function that closes it.
+func NetlinkHandle(name string) (*netlink.Handle, func(), error) {
+	ns, err := netns.GetFromName(name)
+	if err != nil {
+		return nil, nil, fmt.Errorf("netns: opening namespace %q: %w", name, err)
+	}
+	defer ns.Close()
+	h, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		return nil, nil, fmt.Errorf("netns: netlink handle in %q: %w", name, err)
+	}
+	return h, h.Close, nil
 }

@@ -24,6 +24,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/routing-agent/routing-agent/pkg/lab/netns"
 )
@@ -155,12 +156,52 @@ func layout(opts Options) (*Lab, error) {
 // setUp builds the lab l describes, or tears down what it built and fails.
 func (l *Lab) setUp() error {
 	err := l.build()
+	if err == nil {
+		err = l.waitOperUp(5 * time.Second)
+	}
 	if err != nil {
 		if cerr := l.Close(); cerr != nil {
 			err = fmt.Errorf("%w (and tearing down: %v)", err, cerr)
 		}
 	}
 	return err
+}
+
+// waitOperUp waits until every link of the lab (but loopback) is
+// operationally up: a veth reports LOWERLAYERDOWN or DOWN for a moment after
+// both ends are set up, and a node agent rightly treats such a link's
+// gateways as unreachable.
+func (l *Lab) waitOperUp(timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for _, ns := range l.all() {
+		for {
+			out, err := exec.Command("ip", "-n", ns, "-j", "link", "show").Output()
+			if err != nil {
+				return fmt.Errorf("topology: listing links in %s: %w", ns, err)
+			}
+			var links []struct {
+				Name      string `json:"ifname"`
+				OperState string `json:"operstate"`
+			}
+			if err := json.Unmarshal(out, &links); err != nil {
+				return fmt.Errorf("topology: parsing links of %s: %w", ns, err)
+			}
+			var down []string
+			for _, link := range links {
+				if link.Name != "lo" && link.OperState != "UP" {
+					down = append(down, link.Name+"="+link.OperState)
+				}
+			}
+			if len(down) == 0 {
+				break
+			}
+			if time.Now().After(deadline) {
+				return fmt.Errorf("topology: links of %s not up after %s: %v", ns, timeout, down)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	return nil
 }
 
 // all lists every namespace of the lab.
