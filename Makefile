@@ -42,11 +42,11 @@ unit:
 test: deps
 	hack/verify-codegen.sh
 	$(MAKE) --no-print-directory vet
+	@# One pass of every benchmark, so they keep working; numbers come from make bench.
+	go test -count=1 -run '^$$' -bench . -benchtime 1x ./pkg/applier
 	@lab_bin=$$(hack/build-lab-tools.sh) && \
 	echo "lab control plane: $$lab_bin" && \
 	LAB_BIN_DIR=$$lab_bin go test -count=1 -timeout 30m ./...
-	@# One pass of every benchmark, so they keep working; numbers come from make bench.
-	go test -count=1 -run '^$$' -bench . -benchtime 1x ./pkg/applier
 
 # Dataplane benchmarks (root: they build network namespaces), netlink applier
 # against ip -batch in one run.
