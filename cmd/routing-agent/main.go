@@ -6,9 +6,11 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 )
 
-const usage = `usage: routing-agent <command> [arguments]
+const usage = `usage: routing-agent [flags]              run the node agent (see routing-agent -h)
+       routing-agent <command> [arguments]
 
 commands:
   plan [flags] FILE...   print the ip rules and routes the agent would install
@@ -27,9 +29,8 @@ func main() {
 }
 
 func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
-	if len(args) == 0 {
-		fmt.Fprint(stderr, usage)
-		return 2
+	if len(args) == 0 || strings.HasPrefix(args[0], "-") && args[0] != "--help" {
+		return runAgent(args, stderr)
 	}
 	switch args[0] {
 	case "plan":
@@ -38,7 +39,7 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		return cleanup(args[1:], stdout, stderr, newLogger(stderr))
 	case "validate":
 		return validate(args[1:], stdin, stdout, stderr)
-	case "help", "-h", "--help":
+	case "help", "--help":
 		fmt.Fprint(stdout, usage)
 		return 0
 	default:

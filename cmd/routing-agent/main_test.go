@@ -65,8 +65,12 @@ spec:
 
 func TestUsage(t *testing.T) {
 	var stdout, stderr bytes.Buffer
-	if code := run(nil, nil, &stdout, &stderr); code != 2 || !strings.Contains(stderr.String(), "usage:") {
-		t.Errorf("no arguments: exit %d, stderr %q", code, stderr.String())
+	if code := run(nil, nil, &stdout, &stderr); code != 2 || !strings.Contains(stderr.String(), "--node-name (or NODE_NAME) is required") {
+		t.Errorf("no arguments (the agent, without a node name): exit %d, stderr %q", code, stderr.String())
+	}
+	stderr.Reset()
+	if code := run([]string{"--node-name", "n1", "--resync-period", "0s"}, nil, &stdout, &stderr); code != 2 || !strings.Contains(stderr.String(), "--resync-period") {
+		t.Errorf("bad resync: exit %d, stderr %q", code, stderr.String())
 	}
 	if code := run([]string{"frobnicate"}, nil, &stdout, &stderr); code != 2 {
 		t.Errorf("unknown command: exit %d", code)

@@ -1,11 +1,20 @@
 // Package topology builds, in network namespaces, a small simulated cloud
-// VPC for tests of the routing agent: a worker node with a public uplink and
+// VPC for tests of the routing agent: worker nodes with a public uplink and
 // a VPC interface, gateway hosts on the same VPC bridge that forward to an
-// "internet" router, and an external host behind that router.
+// "internet" router, an external host behind that router and, optionally, a
+// control plane host on the nodes' public network.
 //
-//	External (198.51.100.10) ── Router ── pub0 Node vpc0 ── VPC bridge br0
-//	                              │ 192.0.2.(4i+1)/30            │
-//	                              └── up0 Gateway i vpc0 ────────┘ 10.114.0.(3+i)
+//	External ── Router ── public bridge br-pub, 203.0.113.1/24 (in Router)
+//	198.51.100.10 │           │                           │
+//	              │         pub0 Node j vpc0 ──┐        eth0 ControlPlane
+//	              │   203.0.113.(10+j)         │        203.0.113.100
+//	              │                     10.114.0.(10+j)
+//	              │ 192.0.2.(4i+1)/30          │
+//	              └── up0 Gateway i vpc0 ── VPC bridge br0 (in VPC)
+//	                      10.114.0.(3+i)
+//
+// The public network is one L2 segment: nodes and the control plane reach
+// each other on it directly, and everything else through the router.
 //
 // Nothing is created in the machine's own namespace: every veth pair is made
 // inside a lab namespace with its peer placed straight into another one, so
@@ -30,40 +39,58 @@ import (
 )
 
 // Interface names inside the lab namespaces. In a hub namespace (VPC bridge,
-// Router) the port towards a host is named after that host ("node", "gw0",
-// "ext").
+// Router) the port towards a host is named after that host ("node" for node
+// 0, "node1", "gw0", "ext", "cp").
 const (
-	NodePublicIf = "pub0" // node's uplink to the router
-	VPCIf        = "vpc0" // node's and gateways' interface on the VPC bridge
-	UplinkIf     = "up0"  // gateway's uplink to the router
-	ExternalIf   = "eth0" // external host's link to the router
-	BridgeIf     = "br0"  // the VPC bridge, in the VPC namespace
+	NodePublicIf = "pub0"   // node's uplink, a port of the router's public bridge
+	VPCIf        = "vpc0"   // node's and gateways' interface on the VPC bridge
+	UplinkIf     = "up0"    // gateway's uplink to the router
+	ExternalIf   = "eth0"   // external host's link to the router
+	BridgeIf     = "br0"    // the VPC bridge, in the VPC namespace
+	PublicBridge = "br-pub" // the public segment's bridge, in the Router namespace
+	ControlIf    = "eth0"   // control plane host's link to the public bridge
 )
 
 // MaxGateways bounds Options.Gateways: gateway i's uplink is the /30 at
-// 192.0.2.4i, so 63 is the last one that fits.
+// 192.0.2.4i, so 63 is the last one that fits. But gateway i's VPC address
+// is 10.114.0.(3+i) and node 0's 10.114.0.10: layouts that give one address
+// to two hosts, here Gateways > 7, are refused.
 const MaxGateways = 63
+
+// MaxNodes bounds Options.Nodes: node j's public address is 203.0.113.(10+j),
+// below the control plane's 203.0.113.100.
+const MaxNodes = 90
 
 // Options chooses the lab's layout; the zero value is the default one.
 type Options struct {
 	Purpose  string // used in namespace names, default "lab"
 	Gateways int    // number of gateway hosts, default 2
 	IPv6     bool   // also configure the IPv6 addresses
+
+	Nodes        int  // number of worker nodes, default 1
+	ControlPlane bool // add a control plane host on the public network
 }
 
 // Lab is a built topology. Namespace names are those of `ip netns`.
 type Lab struct {
-	Node     string   // netns of the worker node
+	Node     string   // netns of the (first) worker node, Nodes[0]
+	Nodes    []string // netns of the worker nodes, in order
 	Gateways []string // netns of the gateway hosts, in order
 	Router   string   // netns of the "internet" router
 	External string   // netns of the external host
 	VPC      string   // netns holding the VPC bridge
 
+	// ControlPlane is the netns of the control plane host, on the public
+	// network with ControlPlaneAddr; set only with Options.ControlPlane.
+	ControlPlane string
+
 	IPv6 bool // whether the IPv6 addresses below are configured
 
-	NodePublic    netip.Addr   // 203.0.113.10 on the node's pub0
-	RouterPublic  netip.Addr   // 203.0.113.1, the node's default gateway
-	NodeVPC       netip.Addr   // 10.114.0.10 on the node's vpc0
+	NodePublic    netip.Addr   // 203.0.113.10 on the node's pub0, NodePublics[0]
+	NodePublics   []netip.Addr // 203.0.113.(10+j) on node j's pub0
+	RouterPublic  netip.Addr   // 203.0.113.1, the nodes' default gateway
+	NodeVPC       netip.Addr   // 10.114.0.10 on the node's vpc0, NodeVPCs[0]
+	NodeVPCs      []netip.Addr // 10.114.0.(10+j) on node j's vpc0
 	GatewayVPC    []netip.Addr // 10.114.0.(3+i) on gateway i's vpc0
 	GatewayUplink []netip.Addr // 192.0.2.(4i+2) on gateway i's up0
 	RouterUplink  []netip.Addr // 192.0.2.(4i+1), the router's end of gateway i's uplink
@@ -71,16 +98,24 @@ type Lab struct {
 	RouterExt     netip.Addr   // 198.51.100.1, the external host's gateway
 	VPCPrefix     netip.Prefix // 10.114.0.0/20
 
-	// Set only with Options.IPv6.
-	NodePublic6    netip.Addr   // 2001:db8:203::10
+	ControlPlaneAddr netip.Addr // 203.0.113.100, with Options.ControlPlane
+
+	// Set only with Options.IPv6. A node's, or the control plane's, IPv6
+	// addresses end in the digits of its IPv4 one: node 1 has
+	// 203.0.113.11 and 2001:db8:203::11.
+	NodePublic6    netip.Addr   // 2001:db8:203::10, NodePublics6[0]
+	NodePublics6   []netip.Addr // 2001:db8:203::(10+j) on node j's pub0, in decimal digits
 	RouterPublic6  netip.Addr   // 2001:db8:203::1
-	NodeVPC6       netip.Addr   // fd00:114::10
+	NodeVPC6       netip.Addr   // fd00:114::10, NodeVPCs6[0]
+	NodeVPCs6      []netip.Addr // fd00:114::(10+j) on node j's vpc0, in decimal digits
 	GatewayVPC6    []netip.Addr // fd00:114::(3+i)
 	GatewayUplink6 []netip.Addr // 2001:db8:192:i::2
 	RouterUplink6  []netip.Addr // 2001:db8:192:i::1
 	ExternalAddr6  netip.Addr   // 2001:db8:100::10
 	RouterExt6     netip.Addr   // 2001:db8:100::1
 	VPCPrefix6     netip.Prefix // fd00:114::/64
+
+	ControlPlaneAddr6 netip.Addr // 2001:db8:203::100, with both options
 
 	purpose string
 	created []string // namespaces New made, in creation order, for Close
@@ -110,25 +145,38 @@ func layout(opts Options) (*Lab, error) {
 	if opts.Gateways < 0 || opts.Gateways > MaxGateways {
 		return nil, fmt.Errorf("topology: Gateways = %d, want 1..%d", opts.Gateways, MaxGateways)
 	}
+	if opts.Nodes == 0 {
+		opts.Nodes = 1
+	}
+	if opts.Nodes < 0 || opts.Nodes > MaxNodes {
+		return nil, fmt.Errorf("topology: Nodes = %d, want 1..%d", opts.Nodes, MaxNodes)
+	}
 	if strings.ContainsAny(opts.Purpose, "/ \t\n") {
 		return nil, fmt.Errorf("topology: Purpose %q must not contain '/' or spaces", opts.Purpose)
 	}
 
 	name := func(role string) string { return netns.Name(opts.Purpose + "-" + role) }
 	l := &Lab{
-		Node:     name("node"),
 		Router:   name("router"),
 		External: name("ext"),
 		VPC:      name("vpc"),
 		IPv6:     opts.IPv6,
 		purpose:  opts.Purpose,
 
-		NodePublic:   netip.MustParseAddr("203.0.113.10"),
 		RouterPublic: netip.MustParseAddr("203.0.113.1"),
-		NodeVPC:      netip.MustParseAddr("10.114.0.10"),
 		ExternalAddr: netip.MustParseAddr("198.51.100.10"),
 		RouterExt:    netip.MustParseAddr("198.51.100.1"),
 		VPCPrefix:    netip.MustParsePrefix("10.114.0.0/20"),
+	}
+	for j := range opts.Nodes {
+		l.Nodes = append(l.Nodes, name(nodeRole(j)))
+		l.NodePublics = append(l.NodePublics, netip.AddrFrom4([4]byte{203, 0, 113, byte(10 + j)}))
+		l.NodeVPCs = append(l.NodeVPCs, netip.AddrFrom4([4]byte{10, 114, 0, byte(10 + j)}))
+	}
+	l.Node, l.NodePublic, l.NodeVPC = l.Nodes[0], l.NodePublics[0], l.NodeVPCs[0]
+	if opts.ControlPlane {
+		l.ControlPlane = name("cp")
+		l.ControlPlaneAddr = netip.MustParseAddr("203.0.113.100")
 	}
 	for i := range opts.Gateways {
 		l.Gateways = append(l.Gateways, name("gw"+strconv.Itoa(i)))
@@ -137,9 +185,15 @@ func layout(opts Options) (*Lab, error) {
 		l.RouterUplink = append(l.RouterUplink, netip.AddrFrom4([4]byte{192, 0, 2, byte(4*i + 1)}))
 	}
 	if opts.IPv6 {
-		l.NodePublic6 = netip.MustParseAddr("2001:db8:203::10")
 		l.RouterPublic6 = netip.MustParseAddr("2001:db8:203::1")
-		l.NodeVPC6 = netip.MustParseAddr("fd00:114::10")
+		for j := range opts.Nodes {
+			l.NodePublics6 = append(l.NodePublics6, netip.MustParseAddr(fmt.Sprintf("2001:db8:203::%d", 10+j)))
+			l.NodeVPCs6 = append(l.NodeVPCs6, netip.MustParseAddr(fmt.Sprintf("fd00:114::%d", 10+j)))
+		}
+		l.NodePublic6, l.NodeVPC6 = l.NodePublics6[0], l.NodeVPCs6[0]
+		if opts.ControlPlane {
+			l.ControlPlaneAddr6 = netip.MustParseAddr("2001:db8:203::100")
+		}
 		l.ExternalAddr6 = netip.MustParseAddr("2001:db8:100::10")
 		l.RouterExt6 = netip.MustParseAddr("2001:db8:100::1")
 		l.VPCPrefix6 = netip.MustParsePrefix("fd00:114::/64")
@@ -149,8 +203,77 @@ func layout(opts Options) (*Lab, error) {
 			l.RouterUplink6 = append(l.RouterUplink6, netip.MustParseAddr(fmt.Sprintf("2001:db8:192:%x::1", i)))
 		}
 	}
-
+	if err := l.checkUnique(); err != nil {
+		return nil, err
+	}
 	return l, nil
+}
+
+// nodeRole names node j's namespace: node 0 keeps the single-node lab's
+// name.
+func nodeRole(j int) string {
+	if j == 0 {
+		return "node"
+	}
+	return "node" + strconv.Itoa(j)
+}
+
+// nodePort names the port towards node j in the Router and VPC namespaces.
+func nodePort(j int) string { return nodeRole(j) }
+
+// checkUnique refuses a layout that gives one address to two hosts: gateway
+// i's VPC address 10.114.0.(3+i) meets node 0's 10.114.0.10 from i = 7 on.
+func (l *Lab) checkUnique() error {
+	owner := map[netip.Addr]string{}
+	add := func(who string, addrs ...netip.Addr) error {
+		for _, a := range addrs {
+			if !a.IsValid() {
+				continue
+			}
+			if prev, ok := owner[a]; ok {
+				return fmt.Errorf("topology: %d nodes and %d gateways would give %v to both %s and %s", len(l.Nodes), len(l.Gateways), a, prev, who)
+			}
+			owner[a] = who
+		}
+		return nil
+	}
+	if err := add("the router", l.RouterPublic, l.RouterPublic6, l.RouterExt, l.RouterExt6); err != nil {
+		return err
+	}
+	if err := add("the control plane", l.ControlPlaneAddr, l.ControlPlaneAddr6); err != nil {
+		return err
+	}
+	for j := range l.Nodes {
+		if err := add("node "+strconv.Itoa(j), l.NodePublics[j], l.NodeVPCs[j]); err != nil {
+			return err
+		}
+		if l.IPv6 {
+			if err := add("node "+strconv.Itoa(j), l.NodePublics6[j], l.NodeVPCs6[j]); err != nil {
+				return err
+			}
+		}
+	}
+	for i := range l.Gateways {
+		if err := add("gateway "+strconv.Itoa(i), l.GatewayVPC[i], l.GatewayUplink[i], l.RouterUplink[i]); err != nil {
+			return err
+		}
+		if l.IPv6 {
+			if err := add("gateway "+strconv.Itoa(i), l.GatewayVPC6[i], l.GatewayUplink6[i], l.RouterUplink6[i]); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// NodeIndex returns j for ns == Nodes[j], or -1 if ns is no node of l.
+func (l *Lab) NodeIndex(ns string) int {
+	for j, n := range l.Nodes {
+		if n == ns {
+			return j
+		}
+	}
+	return -1
 }
 
 // setUp builds the lab l describes, or tears down what it built and fails.
@@ -206,7 +329,13 @@ func (l *Lab) waitOperUp(timeout time.Duration) error {
 
 // all lists every namespace of the lab.
 func (l *Lab) all() []string {
-	return append([]string{l.Node, l.Router, l.External, l.VPC}, l.Gateways...)
+	all := []string{l.Node, l.Router, l.External, l.VPC}
+	all = append(all, l.Gateways...)
+	all = append(all, l.Nodes[1:]...)
+	if l.ControlPlane != "" {
+		all = append(all, l.ControlPlane)
+	}
+	return all
 }
 
 func (l *Lab) build() error {
@@ -241,24 +370,51 @@ func (l *Lab) build() error {
 	r.ip(l.VPC, "link", "add", BridgeIf, "type", "bridge", "stp_state", "0", "forward_delay", "0", "mcast_snooping", "0")
 	r.ip(l.VPC, "link", "set", BridgeIf, "up")
 
-	// Node.
-	r.veth(l.Node, NodePublicIf, l.Router, "node")
-	r.veth(l.Node, VPCIf, l.VPC, "node")
-	r.ip(l.VPC, "link", "set", "node", "master", BridgeIf, "up")
-	r.addr(l.Node, NodePublicIf, l.NodePublic, 24)
-	r.addr(l.Node, VPCIf, l.NodeVPC, 20)
-	r.ip(l.Router, "link", "set", "node", "up")
-	r.addr(l.Router, "node", l.RouterPublic, 24)
+	// The public network: a bridge in the Router namespace holding the
+	// router's address, with a port per node and one for the control plane.
+	// Its MAC is fixed (02:00 and 203.0.113.1) rather than taken from the
+	// lowest port, so it never changes under the hosts' neighbour caches.
+	r.ip(l.Router, "link", "add", PublicBridge, "address", "02:00:cb:00:71:01", "type", "bridge", "stp_state", "0", "forward_delay", "0", "mcast_snooping", "0")
+	r.addr(l.Router, PublicBridge, l.RouterPublic, 24)
 	if l.IPv6 {
-		r.addr(l.Node, NodePublicIf, l.NodePublic6, 64)
-		r.addr(l.Node, VPCIf, l.NodeVPC6, 64)
-		r.addr(l.Router, "node", l.RouterPublic6, 64)
+		r.addr(l.Router, PublicBridge, l.RouterPublic6, 64)
 	}
-	r.ip(l.Node, "link", "set", NodePublicIf, "up")
-	r.ip(l.Node, "link", "set", VPCIf, "up")
-	r.ip(l.Node, "route", "add", "default", "via", l.RouterPublic.String(), "dev", NodePublicIf)
-	if l.IPv6 {
-		r.ip(l.Node, "-6", "route", "add", "default", "via", l.RouterPublic6.String(), "dev", NodePublicIf)
+	r.ip(l.Router, "link", "set", "dev", PublicBridge, "up")
+
+	// Nodes.
+	for j, node := range l.Nodes {
+		port := nodePort(j)
+		r.veth(node, NodePublicIf, l.Router, port)
+		r.ip(l.Router, "link", "set", port, "master", PublicBridge, "up")
+		r.veth(node, VPCIf, l.VPC, port)
+		r.ip(l.VPC, "link", "set", port, "master", BridgeIf, "up")
+		r.addr(node, NodePublicIf, l.NodePublics[j], 24)
+		r.addr(node, VPCIf, l.NodeVPCs[j], 20)
+		if l.IPv6 {
+			r.addr(node, NodePublicIf, l.NodePublics6[j], 64)
+			r.addr(node, VPCIf, l.NodeVPCs6[j], 64)
+		}
+		r.ip(node, "link", "set", NodePublicIf, "up")
+		r.ip(node, "link", "set", VPCIf, "up")
+		r.ip(node, "route", "add", "default", "via", l.RouterPublic.String(), "dev", NodePublicIf)
+		if l.IPv6 {
+			r.ip(node, "-6", "route", "add", "default", "via", l.RouterPublic6.String(), "dev", NodePublicIf)
+		}
+	}
+
+	// Control plane host.
+	if l.ControlPlane != "" {
+		r.veth(l.ControlPlane, ControlIf, l.Router, "cp")
+		r.ip(l.Router, "link", "set", "cp", "master", PublicBridge, "up")
+		r.addr(l.ControlPlane, ControlIf, l.ControlPlaneAddr, 24)
+		if l.IPv6 {
+			r.addr(l.ControlPlane, ControlIf, l.ControlPlaneAddr6, 64)
+		}
+		r.ip(l.ControlPlane, "link", "set", ControlIf, "up")
+		r.ip(l.ControlPlane, "route", "add", "default", "via", l.RouterPublic.String(), "dev", ControlIf)
+		if l.IPv6 {
+			r.ip(l.ControlPlane, "-6", "route", "add", "default", "via", l.RouterPublic6.String(), "dev", ControlIf)
+		}
 	}
 
 	// Gateways.

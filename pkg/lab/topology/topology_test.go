@@ -1,11 +1,14 @@
 package topology
 
 import (
+	"bufio"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -306,4 +309,192 @@ func TestIPv6(t *testing.T) {
 		}
 		deliver(t, l.Node, l.External, l.ExternalAddr6, 1)
 	})
+}
+
+func TestLayoutAddresses(t *testing.T) {
+	l, err := layout(Options{Purpose: "t7", Nodes: 3, ControlPlane: true, IPv6: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	addrs := func(ss ...string) []netip.Addr {
+		var as []netip.Addr
+		for _, s := range ss {
+			as = append(as, netip.MustParseAddr(s))
+		}
+		return as
+	}
+	for _, c := range []struct {
+		name      string
+		got, want []netip.Addr
+	}{
+		{"NodePublics", l.NodePublics, addrs("203.0.113.10", "203.0.113.11", "203.0.113.12")},
+		{"NodeVPCs", l.NodeVPCs, addrs("10.114.0.10", "10.114.0.11", "10.114.0.12")},
+		{"NodePublics6", l.NodePublics6, addrs("2001:db8:203::10", "2001:db8:203::11", "2001:db8:203::12")},
+		{"NodeVPCs6", l.NodeVPCs6, addrs("fd00:114::10", "fd00:114::11", "fd00:114::12")},
+		{"node 0", []netip.Addr{l.NodePublic, l.NodeVPC, l.NodePublic6, l.NodeVPC6}, addrs("203.0.113.10", "10.114.0.10", "2001:db8:203::10", "fd00:114::10")},
+		{"control plane", []netip.Addr{l.ControlPlaneAddr, l.ControlPlaneAddr6}, addrs("203.0.113.100", "2001:db8:203::100")},
+	} {
+		if fmt.Sprint(c.got) != fmt.Sprint(c.want) {
+			t.Errorf("%s = %v, want %v", c.name, c.got, c.want)
+		}
+	}
+	if len(l.Nodes) != 3 || l.Nodes[0] != l.Node || l.Node != netns.Name("t7-node") || l.ControlPlane == "" {
+		t.Errorf("Nodes = %v, Node = %s, ControlPlane = %q", l.Nodes, l.Node, l.ControlPlane)
+	}
+	for j, ns := range l.Nodes {
+		if got := l.NodeIndex(ns); got != j {
+			t.Errorf("NodeIndex(%s) = %d, want %d", ns, got, j)
+		}
+	}
+	if got := l.NodeIndex(l.Router); got != -1 {
+		t.Errorf("NodeIndex(Router) = %d, want -1", got)
+	}
+
+	// The default is one node and no control plane.
+	d, err := layout(Options{Purpose: "t7d"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(d.Nodes) != 1 || d.Nodes[0] != d.Node || d.ControlPlane != "" || d.ControlPlaneAddr.IsValid() || len(d.all()) != 6 {
+		t.Errorf("default layout: Nodes %v, ControlPlane %q %v, all %v", d.Nodes, d.ControlPlane, d.ControlPlaneAddr, d.all())
+	}
+
+	for _, bad := range []Options{{Nodes: -1}, {Nodes: MaxNodes + 1}, {Gateways: 8}} {
+		if _, err := layout(bad); err == nil {
+			t.Errorf("layout(%+v) succeeded", bad)
+		} else {
+			t.Logf("layout(%+v): %v", bad, err)
+		}
+	}
+}
+
+// TestMultiNodeControlPlane: every node reaches the control plane directly
+// on the public network, the others over the VPC, and the external host
+// through the router; so does the external host reach the control plane.
+func TestMultiNodeControlPlane(t *testing.T) {
+	l := newLab(t, Options{Purpose: "t8", Nodes: 3, ControlPlane: true, IPv6: true})
+	names := l.all()
+	if len(names) != 9 {
+		t.Fatalf("all() = %v, want 9 namespaces", names)
+	}
+	if missing := missingNamespaces(t, names); len(missing) > 0 {
+		t.Fatalf("not listed: %v", missing)
+	}
+
+	for j, node := range l.Nodes {
+		for _, c := range []struct{ dst, want string }{
+			{l.ExternalAddr.String(), "via " + l.RouterPublic.String() + " dev " + NodePublicIf},
+			{l.ExternalAddr6.String(), "via " + l.RouterPublic6.String() + " dev " + NodePublicIf},
+			// Directly, not via the router.
+			{l.ControlPlaneAddr.String(), l.ControlPlaneAddr.String() + " dev " + NodePublicIf + " src " + l.NodePublics[j].String()},
+		} {
+			out, err := l.Exec(node, "ip", "route", "get", c.dst)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !strings.Contains(out, c.want) {
+				t.Errorf("node %d: ip route get %s = %q, want it to contain %q", j, c.dst, out, c.want)
+			}
+		}
+	}
+
+	t.Run("control plane over TCP", func(t *testing.T) {
+		for _, dst := range []netip.Addr{l.ControlPlaneAddr, l.ControlPlaneAddr6} {
+			seen := tcpServer(t, l.ControlPlane, netip.AddrPortFrom(dst, 6443))
+			for j, node := range l.Nodes {
+				want := l.NodePublics[j]
+				if dst.Is6() {
+					want = l.NodePublics6[j]
+				}
+				if got := tcpDial(t, node, netip.AddrPortFrom(dst, 6443)); got != want {
+					t.Errorf("node %d reached %v from %v, want from %v", j, dst, got, want)
+				}
+			}
+			if got := tcpDial(t, l.External, netip.AddrPortFrom(dst, 6443)); got != l.ExternalAddr && got != l.ExternalAddr6 {
+				t.Errorf("external host reached %v from %v", dst, got)
+			}
+			if n := seen(); n != len(l.Nodes)+1 {
+				t.Errorf("control plane accepted %d connections on %v, want %d", n, dst, len(l.Nodes)+1)
+			}
+			t.Logf("%d nodes and the external host connected to %v in %s", len(l.Nodes), dst, l.ControlPlane)
+		}
+	})
+	t.Run("nodes over the VPC", func(t *testing.T) {
+		deliver(t, l.Nodes[1], l.Nodes[2], l.NodeVPCs[2], 1)
+		deliver(t, l.Nodes[2], l.Nodes[0], l.NodeVPCs[0], 1)
+		deliver(t, l.Nodes[1], l.Nodes[2], l.NodeVPCs6[2], 1)
+		deliver(t, l.Nodes[1], l.Gateways[0], l.GatewayVPC[0], 1)
+	})
+	t.Run("nodes to the external host", func(t *testing.T) {
+		deliver(t, l.Nodes[2], l.External, l.ExternalAddr, 1)
+		deliver(t, l.Nodes[1], l.External, l.ExternalAddr6, 1)
+	})
+
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if missing := missingNamespaces(t, names); len(missing) != len(names) {
+		t.Errorf("after Close, some of %v are still listed", names)
+	}
+}
+
+// tcpServer listens on addr inside ns until the test ends, answering each
+// connection with the address it came from. It returns a function counting
+// the connections accepted so far.
+func tcpServer(t *testing.T, ns string, addr netip.AddrPort) func() int {
+	t.Helper()
+	var ln net.Listener
+	err := netns.Do(ns, func() error {
+		var err error
+		ln, err = net.Listen("tcp", addr.String())
+		return err
+	})
+	if err != nil {
+		t.Fatalf("listening on %v in %s: %v", addr, ns, err)
+	}
+	var n atomic.Int32
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			n.Add(1)
+			fmt.Fprintln(c, c.RemoteAddr().(*net.TCPAddr).AddrPort().Addr().Unmap())
+			c.Close()
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		<-done
+	})
+	return func() int { return int(n.Load()) }
+}
+
+// tcpDial connects from ns to addr and returns the address the server saw
+// the connection come from.
+func tcpDial(t *testing.T, ns string, addr netip.AddrPort) netip.Addr {
+	t.Helper()
+	var c net.Conn
+	err := netns.Do(ns, func() error {
+		var err error
+		c, err = net.DialTimeout("tcp", addr.String(), 3*time.Second)
+		return err
+	})
+	if err != nil {
+		t.Fatalf("connecting from %s to %v: %v", ns, addr, err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(3 * time.Second))
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil {
+		t.Fatalf("reading from %v in %s: %v", addr, ns, err)
+	}
+	from, err := netip.ParseAddr(strings.TrimSpace(line))
+	if err != nil {
+		t.Fatalf("%v answered %q: %v", addr, line, err)
+	}
+	return from
 }

@@ -1,0 +1,134 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"net/url"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+
+	"github.com/routing-agent/routing-agent/generated/clientset/versioned"
+	"github.com/routing-agent/routing-agent/pkg/agent"
+	"github.com/routing-agent/routing-agent/pkg/nodefacts"
+)
+
+const agentUsage = `usage: routing-agent [flags]
+
+Runs the node agent: installs the Routes selected for this node into its
+kernel and keeps them there. Runs until SIGTERM or SIGINT, and then leaves the
+kernel as it is; remove Routes by deleting them, or with 'routing-agent cleanup'.
+
+flags:
+`
+
+func runAgent(args []string, stderr io.Writer) int {
+	fs := flag.NewFlagSet("routing-agent", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() { fmt.Fprint(stderr, agentUsage); fs.PrintDefaults() }
+	cfg := plannerFlags(fs)
+	kubeconfig := fs.String("kubeconfig", "", "kubeconfig file; default: the in-cluster service account")
+	nodeName := fs.String("node-name", os.Getenv("NODE_NAME"), "the Node this agent serves (default $NODE_NAME)")
+	resync := fs.Duration("resync-period", 30*time.Second, "how often the kernel is re-checked against the plan, repairing drift (1s-10m)")
+	resolvConf := fs.String("resolv-conf", "/etc/resolv.conf", "the node's resolv.conf, for the DNS servers to bypass")
+	resolvedUpstream := fs.String("resolved-upstream", nodefacts.ResolvedUpstream, "systemd-resolved's upstream list, read when resolv.conf names the 127.0.0.53 stub")
+	manageSysctls := fs.Bool("manage-sysctls", true, "set net.ipv{4,6}.fib_multipath_hash_policy=1 so ECMP spreads flows, not host pairs")
+	httpAddr := fs.String("http-address", ":9464", "address serving /metrics, /healthz and /readyz; empty to disable")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	usageErr := func(format string, a ...any) int {
+		fmt.Fprintf(stderr, "routing-agent: "+format+"\n", a...)
+		return 2
+	}
+	if err := checkPlannerConfig(cfg); err != nil {
+		return usageErr("%v", err)
+	}
+	if *nodeName == "" {
+		return usageErr("--node-name (or NODE_NAME) is required")
+	}
+	if *resync < time.Second || *resync > 10*time.Minute {
+		return usageErr("--resync-period %s: must be between 1s and 10m", *resync)
+	}
+	log := newLogger(stderr)
+
+	restConfig, err := loadConfig(*kubeconfig)
+	if err != nil {
+		return usageErr("%v", err)
+	}
+	restConfig.UserAgent = "routing-agent/" + *nodeName
+	client, err := versioned.NewForConfig(restConfig)
+	if err != nil {
+		return usageErr("%v", err)
+	}
+	kube, err := kubernetes.NewForConfig(restConfig)
+	if err != nil {
+		return usageErr("%v", err)
+	}
+
+	a := agent.New(agent.Options{
+		NodeName:          *nodeName,
+		Planner:           *cfg,
+		ResyncPeriod:      *resync,
+		ResolvConf:        *resolvConf,
+		ResolvedUpstream:  *resolvedUpstream,
+		ExtraControlPlane: hostAddrs(restConfig.Host),
+		ManageSysctls:     *manageSysctls,
+		SysctlRoot:        "/proc/sys",
+	}, client, kube, &netlink.Handle{}, log)
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	if *httpAddr != "" {
+		ln, err := net.Listen("tcp", *httpAddr)
+		if err != nil {
+			return usageErr("--http-address: %v", err)
+		}
+		server := &http.Server{Handler: a.Handler(), ReadHeaderTimeout: 5 * time.Second}
+		go server.Serve(ln)
+		defer server.Close()
+		log.Info("serving metrics and health", "address", ln.Addr().String())
+	}
+	if err := a.Run(ctx); err != nil && !errors.Is(err, context.Canceled) {
+		log.Error(err, "agent stopped")
+		return 1
+	}
+	return 0
+}
+
+func loadConfig(kubeconfig string) (*rest.Config, error) {
+	if kubeconfig != "" {
+		return clientcmd.BuildConfigFromFlags("", kubeconfig)
+	}
+	cfg, err := rest.InClusterConfig()
+	if err != nil {
+		return nil, fmt.Errorf("no --kubeconfig and not in a cluster: %w", err)
+	}
+	return cfg, nil
+}
+
+// hostAddrs returns the kubeconfig server's address when it is an IP
+// literal: the agent keeps it on the main table. Names are not resolved
+// here; the default/kubernetes EndpointSlices give the addresses.
+func hostAddrs(host string) []netip.Addr {
+	u, err := url.Parse(host)
+	if err != nil {
+		return nil
+	}
+	if addr, err := netip.ParseAddr(u.Hostname()); err == nil {
+		return []netip.Addr{addr}
+	}
+	return nil
+}

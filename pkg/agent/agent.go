@@ -1,0 +1,290 @@
+// Package agent is the per-node controller: it watches Routes, its own Node
+// and the API server's endpoints, and funnels every change into one
+// coalesced reconcile of this node that plans (pkg/planner), applies
+// (pkg/applier) and reports (NodeRouting status, Events, metrics). It has
+// the shape of kubernetes/sample-controller: shared informers, listers and
+// a rate-limited workqueue, here with a single key because the unit of work
+// is the whole node.
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/go-logr/logr"
+	"github.com/vishvananda/netlink"
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	utilruntime "k8s.io/apimachinery/pkg/util/runtime"
+	kubeinformers "k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
+	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
+	corelisters "k8s.io/client-go/listers/core/v1"
+	discoverylisters "k8s.io/client-go/listers/discovery/v1"
+	"k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/tools/record"
+	"k8s.io/client-go/util/workqueue"
+
+	v1alpha1 "github.com/routing-agent/routing-agent/apis/networking/v1alpha1"
+	"github.com/routing-agent/routing-agent/generated/clientset/versioned"
+	"github.com/routing-agent/routing-agent/generated/clientset/versioned/scheme"
+	informers "github.com/routing-agent/routing-agent/generated/informers/externalversions"
+	listers "github.com/routing-agent/routing-agent/generated/listers/networking/v1alpha1"
+	"github.com/routing-agent/routing-agent/pkg/applier"
+	"github.com/routing-agent/routing-agent/pkg/planner"
+)
+
+// Options configure an Agent.
+type Options struct {
+	// NodeName is the Node this agent serves.
+	NodeName string
+	// Planner is the table range, rule band, protocol and bypass config.
+	Planner planner.Config
+	// ResyncPeriod bounds how long drift (a rule or route changed by hand)
+	// can last; netlink notifications repair route drift sooner.
+	ResyncPeriod time.Duration
+	// ResolvConf and ResolvedUpstream locate the node's DNS servers.
+	ResolvConf, ResolvedUpstream string
+	// ExtraControlPlane are API server addresses known from the kubeconfig.
+	ExtraControlPlane []netip.Addr
+	// ManageSysctls sets the ECMP L4 hashing sysctls.
+	ManageSysctls bool
+	// SysctlRoot is where sysctls live, normally /proc/sys.
+	SysctlRoot string
+}
+
+// key is the workqueue's only item: the node is reconciled as a whole.
+const key = "node"
+
+// Agent reconciles one node.
+type Agent struct {
+	opts    Options
+	log     logr.Logger
+	client  versioned.Interface
+	kube    kubernetes.Interface
+	handle  *netlink.Handle
+	applier *applier.Applier
+	metrics *metrics
+
+	routeFactory informers.SharedInformerFactory
+	nodeFactory  kubeinformers.SharedInformerFactory
+	epFactory    kubeinformers.SharedInformerFactory
+	routes       listers.RouteLister
+	nodes        corelisters.NodeLister
+	slices       discoverylisters.EndpointSliceLister
+	synced       []cache.InformerSynced
+
+	queue    workqueue.TypedRateLimitingInterface[string]
+	recorder record.EventRecorder
+
+	// pending holds when the agent first saw each Route change not yet in
+	// the kernel, for the apply-latency metric.
+	pendingMu sync.Mutex
+	pending   map[string]time.Time
+
+	// Only the reconcile goroutine touches these.
+	last   *planner.Plan
+	tables map[string]uint32
+	status statusState
+
+	ready atomic.Bool
+}
+
+// New wires informers and the workqueue; Run starts them.
+func New(opts Options, client versioned.Interface, kube kubernetes.Interface, handle *netlink.Handle, log logr.Logger) *Agent {
+	a := &Agent{
+		opts:    opts,
+		log:     log,
+		client:  client,
+		kube:    kube,
+		handle:  handle,
+		metrics: newMetrics(),
+		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
+			workqueue.DefaultTypedControllerRateLimiter[string](),
+			workqueue.TypedRateLimitingQueueConfig[string]{Name: "routing-agent"}),
+		pending: map[string]time.Time{},
+		tables:  map[string]uint32{},
+		status:  statusState{writes: map[string]int64{}},
+	}
+	a.applier = applier.New(handle, opts.Planner, log.WithName("kernel"))
+
+	a.routeFactory = informers.NewSharedInformerFactory(client, 0)
+	routeInformer := a.routeFactory.Networking().V1alpha1().Routes()
+	a.routes = routeInformer.Lister()
+
+	// Only this node: a field selector keeps the other nodes' updates (and
+	// their heartbeats) off this agent's watch.
+	a.nodeFactory = kubeinformers.NewSharedInformerFactoryWithOptions(kube, 0,
+		kubeinformers.WithTweakListOptions(func(o *metav1.ListOptions) { o.FieldSelector = "metadata.name=" + opts.NodeName }))
+	nodeInformer := a.nodeFactory.Core().V1().Nodes()
+	a.nodes = nodeInformer.Lister()
+
+	a.epFactory = kubeinformers.NewSharedInformerFactoryWithOptions(kube, 0,
+		kubeinformers.WithNamespace(metav1.NamespaceDefault),
+		kubeinformers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = discoveryv1.LabelServiceName + "=kubernetes" }))
+	sliceInformer := a.epFactory.Discovery().V1().EndpointSlices()
+	a.slices = sliceInformer.Lister()
+
+	_, _ = routeInformer.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc:    func(obj any) { a.routeChanged(obj) },
+		UpdateFunc: func(old, obj any) { a.routeChanged(obj) },
+		DeleteFunc: func(obj any) { a.routeChanged(obj) },
+	})
+	enqueue := cache.ResourceEventHandlerFuncs{
+		AddFunc:    func(any) { a.queue.Add(key) },
+		UpdateFunc: func(any, any) { a.queue.Add(key) },
+		DeleteFunc: func(any) { a.queue.Add(key) },
+	}
+	_, _ = nodeInformer.Informer().AddEventHandler(enqueue)
+	_, _ = sliceInformer.Informer().AddEventHandler(enqueue)
+	a.synced = []cache.InformerSynced{routeInformer.Informer().HasSynced, nodeInformer.Informer().HasSynced, sliceInformer.Informer().HasSynced}
+	return a
+}
+
+func (a *Agent) routeChanged(obj any) {
+	if tomb, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+		obj = tomb.Obj
+	}
+	if r, ok := obj.(*v1alpha1.Route); ok {
+		a.pendingMu.Lock()
+		if _, seen := a.pending[r.Name]; !seen {
+			a.pending[r.Name] = time.Now()
+		}
+		a.pendingMu.Unlock()
+	}
+	a.queue.Add(key)
+}
+
+// Run starts the informers and waits for their caches, then reconciles
+// until ctx ends. Nothing touches the kernel before the caches are synced:
+// an empty cache would look like "no Routes" and remove them all. On return
+// the kernel is left as it is, so a restart or rolling update costs nothing.
+func (a *Agent) Run(ctx context.Context) error {
+	defer utilruntime.HandleCrash()
+	defer a.queue.ShutDown()
+
+	broadcaster := record.NewBroadcaster(record.WithContext(ctx))
+	broadcaster.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: a.kube.CoreV1().Events("")})
+	defer broadcaster.Shutdown()
+	a.recorder = broadcaster.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "routing-agent", Host: a.opts.NodeName})
+
+	if a.opts.ManageSysctls {
+		changed, err := applier.EnsureSysctls(a.opts.SysctlRoot, applier.ECMPSysctls)
+		if err != nil {
+			return fmt.Errorf("setting ECMP hashing sysctls (--manage-sysctls=false to leave them): %w", err)
+		}
+		for _, name := range changed {
+			a.log.Info("kernel change", "op", "sysctl "+name+"="+applier.ECMPSysctls[name])
+		}
+	}
+
+	a.routeFactory.Start(ctx.Done())
+	a.nodeFactory.Start(ctx.Done())
+	a.epFactory.Start(ctx.Done())
+	a.log.Info("waiting for informer caches", "node", a.opts.NodeName)
+	if !cache.WaitForCacheSync(ctx.Done(), a.synced...) {
+		return errors.New("informer caches did not sync before shutdown")
+	}
+	a.loadTables(ctx)
+	a.log.Info("caches synced; reconciling")
+
+	go a.watchKernel(ctx)
+	go func() {
+		ticker := time.NewTicker(a.opts.ResyncPeriod)
+		defer ticker.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-ticker.C:
+				a.queue.Add(key)
+			}
+		}
+	}()
+	a.queue.Add(key)
+	go func() {
+		for a.processNext(ctx) {
+		}
+	}()
+	<-ctx.Done()
+	a.log.Info("stopping; the kernel keeps its routes")
+	return nil
+}
+
+func (a *Agent) processNext(ctx context.Context) bool {
+	item, shutdown := a.queue.Get()
+	if shutdown {
+		return false
+	}
+	defer a.queue.Done(item)
+	if err := a.reconcile(ctx); err != nil {
+		a.metrics.reconcileErrors.Inc()
+		a.log.Error(err, "reconcile failed; retrying")
+		a.queue.AddRateLimited(item)
+		return true
+	}
+	a.queue.Forget(item)
+	return true
+}
+
+// watchKernel turns netlink notifications about routes, links and addresses
+// into reconciles, so a route deleted by hand or a link going down is dealt
+// with in moments rather than at the next resync. Rules have no
+// notification here; the periodic resync repairs them.
+func (a *Agent) watchKernel(ctx context.Context) {
+	routes := make(chan netlink.RouteUpdate, 256)
+	links := make(chan netlink.LinkUpdate, 64)
+	addrs := make(chan netlink.AddrUpdate, 64)
+	onErr := func(err error) {
+		if ctx.Err() == nil { // closing the subscriptions on shutdown is no error
+			a.log.Error(err, "netlink subscription")
+		}
+	}
+	if err := netlink.RouteSubscribeWithOptions(routes, ctx.Done(), netlink.RouteSubscribeOptions{ErrorCallback: onErr}); err != nil {
+		a.log.Error(err, "cannot subscribe to route changes; relying on the periodic resync")
+	}
+	if err := netlink.LinkSubscribeWithOptions(links, ctx.Done(), netlink.LinkSubscribeOptions{ErrorCallback: onErr}); err != nil {
+		a.log.Error(err, "cannot subscribe to link changes; relying on the periodic resync")
+	}
+	if err := netlink.AddrSubscribeWithOptions(addrs, ctx.Done(), netlink.AddrSubscribeOptions{ErrorCallback: onErr}); err != nil {
+		a.log.Error(err, "cannot subscribe to address changes; relying on the periodic resync")
+	}
+	// A short delay coalesces bursts (our own writes echo back too; the
+	// reconcile they cause finds nothing to do).
+	const settle = 100 * time.Millisecond
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case u, ok := <-routes:
+			if !ok {
+				routes = nil
+				continue
+			}
+			if t := uint32(u.Table); t == planner.MainTable || (t >= a.opts.Planner.TableMin && t <= a.opts.Planner.TableMax) {
+				a.queue.AddAfter(key, settle)
+			}
+		case _, ok := <-links:
+			if !ok {
+				links = nil
+				continue
+			}
+			a.queue.AddAfter(key, settle)
+		case _, ok := <-addrs:
+			if !ok {
+				addrs = nil
+				continue
+			}
+			a.queue.AddAfter(key, settle)
+		}
+	}
+}
+
+// Ready reports whether the caches have synced and the first apply is done.
+func (a *Agent) Ready() bool { return a.ready.Load() }

@@ -1,0 +1,209 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"slices"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
+
+	"github.com/routing-agent/routing-agent/pkg/nodefacts"
+	"github.com/routing-agent/routing-agent/pkg/planner"
+	"github.com/routing-agent/routing-agent/pkg/selection"
+)
+
+// reconcile plans this node from the caches and the kernel, applies the
+// plan and reports it. It runs on one goroutine at a time.
+func (a *Agent) reconcile(ctx context.Context) error {
+	begin := time.Now()
+	changes := a.takePending()
+
+	node, err := a.nodes.Get(a.opts.NodeName)
+	if apierrors.IsNotFound(err) {
+		// Without its Node the agent cannot tell which Routes select it;
+		// it leaves the kernel as it is until the Node appears.
+		a.log.Info("Node not found; leaving the kernel as it is", "node", a.opts.NodeName)
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	all, err := a.routes.List(labels.Everything())
+	if err != nil {
+		return err
+	}
+	selected, selectorErrs := selection.Filter(all, node)
+
+	facts, err := nodefacts.Read(a.handle)
+	if err != nil {
+		return fmt.Errorf("reading the node's links, addresses and routes: %w", err)
+	}
+	facts.DNSServers = a.dnsServers()
+	facts.ControlPlane = a.controlPlane()
+
+	plan := planner.Compute(planner.Input{Config: a.opts.Planner, Node: facts, Routes: selected, Tables: a.tables})
+	rep, applyErr := a.applier.Apply(plan)
+	a.metrics.reconcileDuration.Observe(time.Since(begin).Seconds())
+	a.countWrites()
+	if applyErr == nil {
+		now := time.Now()
+		for _, seen := range changes {
+			a.metrics.applyLatency.Observe(now.Sub(seen).Seconds())
+		}
+		a.ready.Store(true)
+	}
+
+	a.tables = map[string]uint32{}
+	phases := map[planner.Phase]float64{planner.Applied: 0, planner.Invalid: float64(len(selectorErrs)), planner.Conflict: 0}
+	for _, r := range plan.Results {
+		if r.Table != 0 {
+			a.tables[r.Name] = r.Table
+		}
+		phases[r.Phase]++
+	}
+	for phase, n := range phases {
+		a.metrics.routes.WithLabelValues(string(phase)).Set(n)
+	}
+	a.metrics.gatewayUp.Reset()
+	for _, g := range plan.Gateways {
+		up := 1.0
+		if g.Down {
+			up = 0
+		}
+		a.metrics.gatewayUp.WithLabelValues(g.Address.String()).Set(up)
+	}
+
+	a.emitEvents(plan, selectorErrs)
+	a.last = &plan
+	statusErr := a.writeStatus(ctx, node, plan, rep, applyErr, selectorErrs)
+	if statusErr != nil {
+		statusErr = fmt.Errorf("writing NodeRouting %s: %w", a.opts.NodeName, statusErr)
+	}
+	return errors.Join(applyErr, statusErr)
+}
+
+// takePending hands over the Route changes seen so far.
+func (a *Agent) takePending() []time.Time {
+	a.pendingMu.Lock()
+	defer a.pendingMu.Unlock()
+	out := make([]time.Time, 0, len(a.pending))
+	for name, seen := range a.pending {
+		out = append(out, seen)
+		delete(a.pending, name)
+	}
+	return out
+}
+
+// countWrites brings the netlink-writes metric up to the applier's
+// cumulative counters.
+func (a *Agent) countWrites() {
+	w := &a.applier.Writes
+	for op, n := range map[string]int64{
+		"route_replace": w.RouteReplace.Load(), "route_delete": w.RouteDelete.Load(),
+		"rule_add": w.RuleAdd.Load(), "rule_delete": w.RuleDelete.Load(),
+	} {
+		if d := n - a.status.writes[op]; d > 0 {
+			a.metrics.netlinkWrites.WithLabelValues(op).Add(float64(d))
+		}
+		a.status.writes[op] = n
+	}
+}
+
+// dnsServers reads resolv.conf; when it cannot be read the last known
+// servers stay bypassed rather than none.
+func (a *Agent) dnsServers() []netip.Addr {
+	servers, err := nodefacts.DNSServers(a.opts.ResolvConf, a.opts.ResolvedUpstream)
+	if err != nil {
+		a.log.Error(err, "reading DNS servers; keeping the last known ones", "resolvConf", a.opts.ResolvConf)
+		if a.last != nil {
+			return a.status.dns
+		}
+		return nil
+	}
+	a.status.dns = servers
+	return servers
+}
+
+// controlPlane lists the API server endpoints from the default/kubernetes
+// EndpointSlices and the kubeconfig's host.
+func (a *Agent) controlPlane() []netip.Addr {
+	out := slices.Clone(a.opts.ExtraControlPlane)
+	slices, err := a.slices.List(labels.Everything())
+	if err != nil {
+		return out
+	}
+	for _, s := range slices {
+		for _, e := range s.Endpoints {
+			for _, addr := range e.Addresses {
+				if ip, err := netip.ParseAddr(addr); err == nil {
+					out = append(out, ip)
+				}
+			}
+		}
+	}
+	return out
+}
+
+// loadTables reads the table ids of the NodeRouting this agent wrote before
+// it restarted, so Routes keep their tables even where hashes collided.
+func (a *Agent) loadTables(ctx context.Context) {
+	nr, err := a.client.NetworkingV1alpha1().NodeRoutings().Get(ctx, a.opts.NodeName, metav1.GetOptions{})
+	if err != nil {
+		return
+	}
+	for _, r := range nr.Status.Routes {
+		if r.Table > 0 {
+			a.tables[r.Name] = uint32(r.Table)
+		}
+	}
+}
+
+// emitEvents records an Event on each Route whose fate on this node changed.
+func (a *Agent) emitEvents(plan planner.Plan, selectorErrs map[string]error) {
+	if a.recorder == nil {
+		return
+	}
+	previous := map[string]planner.Result{}
+	if a.last != nil {
+		for _, r := range a.last.Results {
+			previous[r.Name] = r
+		}
+	}
+	node := a.opts.NodeName
+	for _, r := range plan.Results {
+		before, had := previous[r.Name]
+		if had && before.Phase == r.Phase && before.Reason == r.Reason && before.Table == r.Table {
+			continue
+		}
+		route, err := a.routes.Get(r.Name)
+		if err != nil {
+			continue
+		}
+		switch {
+		case r.Phase == planner.Applied && r.Reason == planner.ReasonAllGatewaysDown:
+			a.recorder.Eventf(route, corev1.EventTypeWarning, r.Reason, "node %s: %s", node, r.Message)
+		case r.Phase == planner.Applied:
+			a.recorder.Eventf(route, corev1.EventTypeNormal, "Applied", "node %s: applied in table %d", node, r.Table)
+		default:
+			a.recorder.Eventf(route, corev1.EventTypeWarning, string(r.Phase), "node %s: not applied (%s): %s", node, r.Reason, r.Message)
+		}
+	}
+	for name, err := range selectorErrs {
+		if a.status.selectorErrs[name] {
+			continue
+		}
+		if route, getErr := a.routes.Get(name); getErr == nil {
+			a.recorder.Eventf(route, corev1.EventTypeWarning, "Invalid", "node %s: nodeSelector cannot be evaluated: %v", node, err)
+		}
+	}
+	a.status.selectorErrs = map[string]bool{}
+	for name := range selectorErrs {
+		a.status.selectorErrs[name] = true
+	}
+}

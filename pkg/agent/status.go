@@ -1,0 +1,146 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"net/netip"
+	"slices"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	metav1apply "k8s.io/client-go/applyconfigurations/meta/v1"
+
+	v1alpha1 "github.com/routing-agent/routing-agent/apis/networking/v1alpha1"
+	apply "github.com/routing-agent/routing-agent/generated/applyconfiguration/networking/v1alpha1"
+	"github.com/routing-agent/routing-agent/pkg/applier"
+	"github.com/routing-agent/routing-agent/pkg/planner"
+)
+
+// fieldManager owns the agent's fields in server-side apply.
+const fieldManager = "routing-agent"
+
+// statusState is what the reconcile goroutine remembers between runs to
+// write the NodeRouting only when its content changes.
+type statusState struct {
+	created      bool
+	lastWritten  []byte
+	lastApply    *metav1.Time
+	since        map[string]metav1.Time // gateway -> when its health last changed
+	health       map[string]v1alpha1.GatewayHealth
+	condition    *metav1apply.ConditionApplyConfiguration
+	dns          []netip.Addr
+	selectorErrs map[string]bool
+	writes       map[string]int64
+}
+
+// writeStatus server-side applies this node's NodeRouting when what it
+// would say differs from what was last written.
+func (a *Agent) writeStatus(ctx context.Context, node *corev1.Node, plan planner.Plan, rep applier.Report, applyErr error, selectorErrs map[string]error) error {
+	st := &a.status
+	now := metav1.Now()
+	if st.since == nil {
+		st.since, st.health = map[string]metav1.Time{}, map[string]v1alpha1.GatewayHealth{}
+	}
+	if rep.Changes > 0 || st.lastApply == nil {
+		st.lastApply = &now
+	}
+
+	status := apply.NodeRoutingStatus()
+	summary := apply.NodeRoutingSummary().WithApplied(0).WithInvalid(int32(len(selectorErrs))).WithConflict(0).WithGatewaysUp(0).WithGatewaysDown(0)
+	var routes []*apply.RouteStateApplyConfiguration
+	for _, r := range plan.Results {
+		state := apply.RouteState().WithName(r.Name).WithPhase(v1alpha1.RoutePhase(r.Phase)).WithObservedGeneration(r.Generation)
+		if r.Reason != "" && r.Reason != planner.ReasonApplied {
+			state.WithReason(r.Reason).WithMessage(r.Message)
+		}
+		if r.Table != 0 {
+			state.WithTable(int32(r.Table))
+		}
+		switch r.Phase {
+		case planner.Applied:
+			*summary.Applied++
+		case planner.Invalid:
+			*summary.Invalid++
+		case planner.Conflict:
+			*summary.Conflict++
+		}
+		routes = append(routes, state)
+	}
+	for name, err := range selectorErrs {
+		routes = append(routes, apply.RouteState().WithName(name).WithPhase(v1alpha1.RouteInvalid).WithReason("InvalidNodeSelector").WithMessage(err.Error()))
+	}
+	slices.SortFunc(routes, func(x, y *apply.RouteStateApplyConfiguration) int { return compareStrings(*x.Name, *y.Name) })
+	status.WithRoutes(routes...)
+
+	for _, g := range plan.Gateways {
+		health, reason := v1alpha1.GatewayUnknown, "NotProbed"
+		if g.Down {
+			health, reason = v1alpha1.GatewayDown, "Down"
+		}
+		addr := g.Address.String()
+		if st.health[addr] != health {
+			st.health[addr], st.since[addr] = health, now
+		}
+		switch health {
+		case v1alpha1.GatewayDown:
+			*summary.GatewaysDown++
+		case v1alpha1.GatewayUp:
+			*summary.GatewaysUp++
+		}
+		status.WithGateways(apply.GatewayState().WithAddress(addr).WithInterface(g.LinkName).WithHealth(health).WithReason(reason).WithSince(st.since[addr]))
+	}
+	for _, p := range plan.Bypass {
+		status.WithBypass(p.Addr().String())
+	}
+	status.WithForeignRules(rep.Foreign...)
+	status.WithSummary(summary).WithLastApplyTime(*st.lastApply)
+
+	condStatus, reason, message := metav1.ConditionTrue, "Applied", "the kernel matches the plan"
+	if applyErr != nil {
+		condStatus, reason, message = metav1.ConditionFalse, "ApplyFailed", applyErr.Error()
+	}
+	if st.condition == nil || *st.condition.Status != condStatus || *st.condition.Message != message {
+		st.condition = metav1apply.Condition().WithType("Applied").WithStatus(condStatus).WithReason(reason).WithMessage(message).WithLastTransitionTime(now)
+	}
+	status.WithConditions(st.condition)
+
+	content, err := json.Marshal(status)
+	if err != nil {
+		return err
+	}
+	if st.created && slices.Equal(content, st.lastWritten) {
+		return nil
+	}
+	nodeRoutings := a.client.NetworkingV1alpha1().NodeRoutings()
+	opts := metav1.ApplyOptions{FieldManager: fieldManager, Force: true}
+	if !st.created {
+		// The object itself, owned by the Node so it goes when the Node goes.
+		owner := metav1apply.OwnerReference().WithAPIVersion("v1").WithKind("Node").WithName(node.Name).WithUID(node.UID)
+		if _, err := nodeRoutings.Apply(ctx, apply.NodeRouting(a.opts.NodeName).WithOwnerReferences(owner), opts); err != nil {
+			return err
+		}
+		st.created = true
+	}
+	_, err = nodeRoutings.ApplyStatus(ctx, apply.NodeRouting(a.opts.NodeName).WithStatus(status), opts)
+	if apierrors.IsNotFound(err) {
+		st.created = false // deleted under us: recreate next time
+	}
+	if err != nil {
+		return errors.Join(err)
+	}
+	a.metrics.statusWrites.Inc()
+	st.lastWritten = content
+	return nil
+}
+
+func compareStrings(a, b string) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
