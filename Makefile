@@ -48,10 +48,12 @@ test: deps
 	echo "lab control plane: $$lab_bin" && \
 	LAB_BIN_DIR=$$lab_bin go test -count=1 -timeout 30m ./...
 
-# Dataplane benchmarks (root: they build network namespaces), netlink applier
-# against ip -batch in one run.
-bench:
+# Benchmarks (root: they build network namespaces): the netlink applier
+# against ip -batch in one run, and one agent against the lab API server
+# (Route-to-kernel latency, RSS, CPU, API requests at idle; ~4 minutes).
+bench: deps
 	go test -count=1 -run '^$$' -bench . -benchtime 20x ./pkg/applier
+	LAB_BIN_DIR=$$(hack/build-lab-tools.sh) go test -count=1 -run '^$$' -bench . -benchtime 1x -timeout 20m ./test/agent
 
 demo: deps
 	@echo "make demo: the lab demo (nodes, gateways and an external host in network namespaces) is not built yet;"

@@ -93,6 +93,8 @@ type Agent struct {
 	tables map[string]uint32
 	status statusState
 
+	statusWriter *statusWriter
+
 	ready atomic.Bool
 }
 
@@ -113,6 +115,7 @@ func New(opts Options, client versioned.Interface, kube kubernetes.Interface, ha
 		status:  statusState{writes: map[string]int64{}},
 	}
 	a.applier = applier.New(handle, opts.Planner, log.WithName("kernel"))
+	a.statusWriter = newStatusWriter(a)
 
 	a.routeFactory = informers.NewSharedInformerFactory(client, 0)
 	routeInformer := a.routeFactory.Networking().V1alpha1().Routes()
@@ -195,6 +198,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.log.Info("caches synced; reconciling")
 
 	go a.watchKernel(ctx)
+	go a.statusWriter.run(ctx)
 	go func() {
 		ticker := time.NewTicker(a.opts.ResyncPeriod)
 		defer ticker.Stop()
@@ -209,7 +213,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	}()
 	a.queue.Add(key)
 	go func() {
-		for a.processNext(ctx) {
+		for a.processNext() {
 		}
 	}()
 	<-ctx.Done()
@@ -217,13 +221,13 @@ func (a *Agent) Run(ctx context.Context) error {
 	return nil
 }
 
-func (a *Agent) processNext(ctx context.Context) bool {
+func (a *Agent) processNext() bool {
 	item, shutdown := a.queue.Get()
 	if shutdown {
 		return false
 	}
 	defer a.queue.Done(item)
-	if err := a.reconcile(ctx); err != nil {
+	if err := a.reconcile(); err != nil {
 		a.metrics.reconcileErrors.Inc()
 		a.log.Error(err, "reconcile failed; retrying")
 		a.queue.AddRateLimited(item)

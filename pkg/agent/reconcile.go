@@ -2,7 +2,6 @@ package agent
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -20,7 +19,7 @@ import (
 
 // reconcile plans this node from the caches and the kernel, applies the
 // plan and reports it. It runs on one goroutine at a time.
-func (a *Agent) reconcile(ctx context.Context) error {
+func (a *Agent) reconcile() error {
 	begin := time.Now()
 	changes := a.takePending()
 
@@ -81,11 +80,8 @@ func (a *Agent) reconcile(ctx context.Context) error {
 
 	a.emitEvents(plan, selectorErrs)
 	a.last = &plan
-	statusErr := a.writeStatus(ctx, node, plan, rep, applyErr, selectorErrs)
-	if statusErr != nil {
-		statusErr = fmt.Errorf("writing NodeRouting %s: %w", a.opts.NodeName, statusErr)
-	}
-	return errors.Join(applyErr, statusErr)
+	a.statusWriter.offer(node, a.buildStatus(plan, rep, applyErr, selectorErrs))
+	return applyErr
 }
 
 // takePending hands over the Route changes seen so far.

@@ -3,9 +3,10 @@ package agent
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"net/netip"
 	"slices"
+	"sync"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -21,11 +22,8 @@ import (
 // fieldManager owns the agent's fields in server-side apply.
 const fieldManager = "routing-agent"
 
-// statusState is what the reconcile goroutine remembers between runs to
-// write the NodeRouting only when its content changes.
+// statusState is what the reconcile goroutine remembers between runs.
 type statusState struct {
-	created      bool
-	lastWritten  []byte
 	lastApply    *metav1.Time
 	since        map[string]metav1.Time // gateway -> when its health last changed
 	health       map[string]v1alpha1.GatewayHealth
@@ -35,9 +33,9 @@ type statusState struct {
 	writes       map[string]int64
 }
 
-// writeStatus server-side applies this node's NodeRouting when what it
-// would say differs from what was last written.
-func (a *Agent) writeStatus(ctx context.Context, node *corev1.Node, plan planner.Plan, rep applier.Report, applyErr error, selectorErrs map[string]error) error {
+// buildStatus says what this node's NodeRouting should hold after a
+// reconcile.
+func (a *Agent) buildStatus(plan planner.Plan, rep applier.Report, applyErr error, selectorErrs map[string]error) *apply.NodeRoutingStatusApplyConfiguration {
 	st := &a.status
 	now := metav1.Now()
 	if st.since == nil {
@@ -105,33 +103,96 @@ func (a *Agent) writeStatus(ctx context.Context, node *corev1.Node, plan planner
 		st.condition = metav1apply.Condition().WithType("Applied").WithStatus(condStatus).WithReason(reason).WithMessage(message).WithLastTransitionTime(now)
 	}
 	status.WithConditions(st.condition)
+	return status
+}
 
+// statusWriter server-side applies the NodeRouting on a goroutine of its
+// own, so the kernel never waits for the API server: a slow, throttled or
+// absent API server delays the report, never the routes. Only the latest
+// status is kept; it is written when its content differs from what was
+// last written, and retried with backoff until it is.
+type statusWriter struct {
+	a       *Agent
+	mu      sync.Mutex
+	node    *corev1.Node
+	latest  *apply.NodeRoutingStatusApplyConfiguration
+	notify  chan struct{}
+	created bool
+	written []byte
+}
+
+func newStatusWriter(a *Agent) *statusWriter {
+	return &statusWriter{a: a, notify: make(chan struct{}, 1)}
+}
+
+// offer hands over the status to write next, replacing any not yet written.
+func (w *statusWriter) offer(node *corev1.Node, status *apply.NodeRoutingStatusApplyConfiguration) {
+	w.mu.Lock()
+	w.node, w.latest = node, status
+	w.mu.Unlock()
+	select {
+	case w.notify <- struct{}{}:
+	default:
+	}
+}
+
+func (w *statusWriter) run(ctx context.Context) {
+	backoff := time.Second
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-w.notify:
+		}
+		w.mu.Lock()
+		node, status := w.node, w.latest
+		w.mu.Unlock()
+		if err := w.write(ctx, node, status); err != nil {
+			w.a.log.Error(err, "writing NodeRouting; retrying", "node", w.a.opts.NodeName, "in", backoff)
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(backoff):
+			}
+			backoff = min(2*backoff, 30*time.Second)
+			select { // try again with whatever is latest by then
+			case w.notify <- struct{}{}:
+			default:
+			}
+			continue
+		}
+		backoff = time.Second
+	}
+}
+
+func (w *statusWriter) write(ctx context.Context, node *corev1.Node, status *apply.NodeRoutingStatusApplyConfiguration) error {
 	content, err := json.Marshal(status)
 	if err != nil {
 		return err
 	}
-	if st.created && slices.Equal(content, st.lastWritten) {
+	if w.created && slices.Equal(content, w.written) {
 		return nil
 	}
-	nodeRoutings := a.client.NetworkingV1alpha1().NodeRoutings()
+	nodeRoutings := w.a.client.NetworkingV1alpha1().NodeRoutings()
 	opts := metav1.ApplyOptions{FieldManager: fieldManager, Force: true}
-	if !st.created {
+	name := w.a.opts.NodeName
+	if !w.created {
 		// The object itself, owned by the Node so it goes when the Node goes.
 		owner := metav1apply.OwnerReference().WithAPIVersion("v1").WithKind("Node").WithName(node.Name).WithUID(node.UID)
-		if _, err := nodeRoutings.Apply(ctx, apply.NodeRouting(a.opts.NodeName).WithOwnerReferences(owner), opts); err != nil {
+		if _, err := nodeRoutings.Apply(ctx, apply.NodeRouting(name).WithOwnerReferences(owner), opts); err != nil {
 			return err
 		}
-		st.created = true
+		w.created = true
 	}
-	_, err = nodeRoutings.ApplyStatus(ctx, apply.NodeRouting(a.opts.NodeName).WithStatus(status), opts)
+	_, err = nodeRoutings.ApplyStatus(ctx, apply.NodeRouting(name).WithStatus(status), opts)
 	if apierrors.IsNotFound(err) {
-		st.created = false // deleted under us: recreate next time
+		w.created = false // deleted under us: recreate next time
 	}
 	if err != nil {
-		return errors.Join(err)
+		return err
 	}
-	a.metrics.statusWrites.Inc()
-	st.lastWritten = content
+	w.a.metrics.statusWrites.Inc()
+	w.written = content
 	return nil
 }
 

@@ -203,6 +203,22 @@ func TestAgent(t *testing.T) {
 		}
 	})
 
+	t.Run("at rest nothing is written: kernel or API", func(t *testing.T) {
+		e.t = t
+		time.Sleep(2 * time.Second) // let the after-outage reconciles settle
+		var before [2][2]float64
+		for i := range 2 {
+			before[i] = [2]float64{e.metric(i, "routing_agent_status_writes_total"), e.metric(i, "routing_agent_netlink_writes_total")}
+		}
+		time.Sleep(6 * time.Second) // more than one 5 s resync
+		for i := range 2 {
+			after := [2]float64{e.metric(i, "routing_agent_status_writes_total"), e.metric(i, "routing_agent_netlink_writes_total")}
+			if after != before[i] {
+				t.Errorf("worker-%d wrote at rest: status writes %v -> %v, netlink writes %v -> %v", i, before[i][0], after[0], before[i][1], after[1])
+			}
+		}
+	})
+
 	t.Run("kubectl get routes reads well", func(t *testing.T) {
 		e.t = t
 		out, err := e.cp.Kubectl("get", "routes").CombinedOutput()

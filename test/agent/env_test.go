@@ -44,6 +44,8 @@ type env struct {
 	bin    string
 	dir    string
 	agents []*agentProc
+	// resync is the agents' --resync-period.
+	resync string
 }
 
 type agentProc struct {
@@ -62,6 +64,10 @@ func repoRoot() string {
 func nodeName(i int) string { return fmt.Sprintf("worker-%d", i) }
 
 func newEnv(t testing.TB, purpose string, nodes int) *env {
+	return newEnvWith(t, purpose, nodes, "5s")
+}
+
+func newEnvWith(t testing.TB, purpose string, nodes int, resync string) *env {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Fatal("this test builds network namespaces and must run as root (make test runs it as root)")
@@ -69,7 +75,7 @@ func newEnv(t testing.TB, purpose string, nodes int) *env {
 	if err := netns.RemoveStale(); err != nil {
 		t.Fatal(err)
 	}
-	e := &env{t: t, root: t, dir: t.TempDir()}
+	e := &env{t: t, root: t, dir: t.TempDir(), resync: resync}
 	lab, err := topology.New(topology.Options{Purpose: purpose, Nodes: nodes, ControlPlane: true})
 	if err != nil {
 		t.Fatal(err)
@@ -137,7 +143,7 @@ func (e *env) startAgent(i int) {
 		e.t.Fatal(err)
 	}
 	a.cmd = exec.Command("ip", "netns", "exec", a.ns, e.bin,
-		"--kubeconfig", kubeconfig, "--node-name", a.node, "--resync-period", "5s",
+		"--kubeconfig", kubeconfig, "--node-name", a.node, "--resync-period", e.resync,
 		"--resolv-conf", filepath.Join(e.dir, "resolv.conf"), "--http-address", "127.0.0.1:9464")
 	a.cmd.Stdout, a.cmd.Stderr = a.log, a.log
 	a.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}

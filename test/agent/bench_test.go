@@ -1,0 +1,127 @@
+package agent_test
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	vnetns "github.com/vishvananda/netns"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+)
+
+// BenchmarkAgent measures one agent at its default resync period:
+// Route-change-to-kernel latency over 100 changes, RSS, CPU and API
+// requests per minute at idle, then the same with 1,000 Routes.
+//
+//	LAB_BIN_DIR=$(hack/build-lab-tools.sh) go test -run '^$' -bench Agent -benchtime 1x ./test/agent
+func BenchmarkAgent(b *testing.B) {
+	e := newEnvWith(b, "bench", 1, "30s")
+	ctx := context.Background()
+
+	// The kernel tells when a route lands: subscribe inside the node.
+	ns, err := vnetns.GetFromName(e.agents[0].ns)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ns.Close()
+	updates := make(chan netlink.RouteUpdate, 1024)
+	done := make(chan struct{})
+	defer close(done)
+	if err := netlink.RouteSubscribeAt(ns, updates, done); err != nil {
+		b.Fatal(err)
+	}
+
+	const changes = 100
+	var latencies []time.Duration
+	e.applyRoute(newRoute("latency", []string{"198.51.100.0/32"}, []string{"10.114.0.3"}))
+	waitRoute(b, updates, "198.51.100.0/32")
+	for i := 1; i <= changes; i++ {
+		dst := fmt.Sprintf("198.51.100.%d/32", i)
+		begin := time.Now()
+		e.applyRoute(newRoute("latency", []string{dst}, []string{"10.114.0.3"}))
+		waitRoute(b, updates, dst)
+		latencies = append(latencies, time.Since(begin))
+	}
+	slices.Sort(latencies)
+	p50, p99 := latencies[len(latencies)/2], latencies[len(latencies)*99/100]
+	b.Logf("Route update (API write returned) to route in the kernel, %d changes: p50 %s, p99 %s, max %s", changes, p50, p99, latencies[len(latencies)-1])
+	b.ReportMetric(float64(p50.Microseconds())/1000, "p50-ms")
+	b.ReportMetric(float64(p99.Microseconds())/1000, "p99-ms")
+
+	idle := func(label string) {
+		pid := e.agents[0].cmd.Process.Pid // ip netns exec execs the agent in place
+		cpu0, req0 := cpuTicks(b, pid), e.metric(0, "routing_agent_api_requests_total")
+		window := time.Minute
+		time.Sleep(window)
+		cpu1, req1 := cpuTicks(b, pid), e.metric(0, "routing_agent_api_requests_total")
+		cpu := float64(cpu1-cpu0) / 100 / window.Seconds() * 100 // USER_HZ is 100
+		rss := rssKiB(b, pid)
+		b.Logf("%s: RSS %d MiB, CPU %.2f%% of a core, %.0f API requests in %s", label, rss/1024, cpu, req1-req0, window)
+		b.ReportMetric(float64(rss)/1024, label+"-rss-MiB")
+		b.ReportMetric(cpu, label+"-cpu-%")
+		b.ReportMetric(req1-req0, label+"-api-req/min")
+	}
+	idle("idle")
+
+	const many = 1000
+	for i := range many {
+		r := newRoute(fmt.Sprintf("bulk-%04d", i), []string{fmt.Sprintf("172.%d.%d.0/24", 16+i/256, i%256)}, []string{"10.114.0.3", "10.114.0.4"})
+		if _, err := e.client.NetworkingV1alpha1().Routes().Create(ctx, r, metav1.CreateOptions{}); err != nil {
+			b.Fatal(err)
+		}
+	}
+	e.eventually(2*time.Minute, "1,000 Routes applied", func() (bool, string) {
+		nr := e.nodeRouting(0)
+		return nr != nil && nr.Status.Summary.Applied == many+1, fmt.Sprintf("%+v", nr.Status.Summary)
+	})
+	idle("1000-routes")
+}
+
+func waitRoute(b *testing.B, updates chan netlink.RouteUpdate, dst string) {
+	_, want, _ := net.ParseCIDR(dst)
+	timeout := time.After(10 * time.Second)
+	for {
+		select {
+		case u := <-updates:
+			if u.Type == 24 /* RTM_NEWROUTE */ && u.Dst != nil && u.Dst.String() == want.String() {
+				return
+			}
+		case <-timeout:
+			b.Fatalf("%s did not reach the kernel within 10s", dst)
+		}
+	}
+}
+
+// cpuTicks is the process's user+system time in clock ticks.
+func cpuTicks(b *testing.B, pid int) int64 {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		b.Fatal(err)
+	}
+	fields := strings.Fields(string(data[strings.LastIndexByte(string(data), ')')+2:]))
+	utime, _ := strconv.ParseInt(fields[11], 10, 64)
+	stime, _ := strconv.ParseInt(fields[12], 10, 64)
+	return utime + stime
+}
+
+func rssKiB(b *testing.B, pid int) int64 {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if rest, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			v, _ := strconv.ParseInt(strings.Fields(rest)[0], 10, 64)
+			return v
+		}
+	}
+	b.Fatal("no VmRSS")
+	return 0
+}
