@@ -23,6 +23,7 @@ import (
 	"github.com/routing-agent/routing-agent/generated/clientset/versioned"
 	"github.com/routing-agent/routing-agent/pkg/agent"
 	"github.com/routing-agent/routing-agent/pkg/nodefacts"
+	"github.com/routing-agent/routing-agent/pkg/prober"
 )
 
 const agentUsage = `usage: routing-agent [flags]
@@ -44,8 +45,14 @@ func runAgent(args []string, stderr io.Writer) int {
 	resync := fs.Duration("resync-period", 30*time.Second, "how often the kernel is re-checked against the plan, repairing drift (1s-10m)")
 	resolvConf := fs.String("resolv-conf", "/etc/resolv.conf", "the node's resolv.conf, for the DNS servers to bypass")
 	resolvedUpstream := fs.String("resolved-upstream", nodefacts.ResolvedUpstream, "systemd-resolved's upstream list, read when resolv.conf names the 127.0.0.53 stub")
-	manageSysctls := fs.Bool("manage-sysctls", true, "set net.ipv{4,6}.fib_multipath_hash_policy=1 so ECMP spreads flows, not host pairs")
+	manageSysctls := fs.Bool("manage-sysctls", true, "set net.ipv{4,6}.fib_multipath_hash_policy=1 (ECMP spreads flows, not host pairs) and net.ipv4.fib_multipath_use_neigh=1 (skip nexthops whose neighbour failed)")
 	httpAddr := fs.String("http-address", ":9464", "address serving /metrics, /healthz and /readyz; empty to disable")
+	probe := prober.DefaultConfig()
+	fs.DurationVar(&probe.Interval, "probe-interval", probe.Interval, "time between ICMP probes of each gateway")
+	fs.DurationVar(&probe.Timeout, "probe-timeout", probe.Timeout, "how long a probe waits for its answer (at most the interval)")
+	fs.IntVar(&probe.Fall, "probe-fall", probe.Fall, "consecutive unanswered probes that take a gateway down")
+	fs.IntVar(&probe.Rise, "probe-rise", probe.Rise, "consecutive answers that bring a down gateway back")
+	fs.DurationVar(&probe.FlapWindow, "probe-flap-window", probe.FlapWindow, "a gateway falling again within this window needs twice the answers to come back, per repeat (0 disables)")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -58,6 +65,9 @@ func runAgent(args []string, stderr io.Writer) int {
 	}
 	if *nodeName == "" {
 		return usageErr("--node-name (or NODE_NAME) is required")
+	}
+	if err := probe.Validate(); err != nil {
+		return usageErr("--probe-*: %v", err)
 	}
 	if *resync < time.Second || *resync > 10*time.Minute {
 		return usageErr("--resync-period %s: must be between 1s and 10m", *resync)
@@ -87,6 +97,7 @@ func runAgent(args []string, stderr io.Writer) int {
 		ExtraControlPlane: hostAddrs(restConfig.Host),
 		ManageSysctls:     *manageSysctls,
 		SysctlRoot:        "/proc/sys",
+		Probe:             probe,
 	}, client, kube, &netlink.Handle{}, log)
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)

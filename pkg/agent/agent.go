@@ -38,6 +38,7 @@ import (
 	listers "github.com/routing-agent/routing-agent/generated/listers/networking/v1alpha1"
 	"github.com/routing-agent/routing-agent/pkg/applier"
 	"github.com/routing-agent/routing-agent/pkg/planner"
+	"github.com/routing-agent/routing-agent/pkg/prober"
 )
 
 // Options configure an Agent.
@@ -57,6 +58,8 @@ type Options struct {
 	ManageSysctls bool
 	// SysctlRoot is where sysctls live, normally /proc/sys.
 	SysctlRoot string
+	// Probe paces the gateway health probes.
+	Probe prober.Config
 }
 
 // key is the workqueue's only item: the node is reconciled as a whole.
@@ -71,6 +74,7 @@ type Agent struct {
 	handle  *netlink.Handle
 	applier *applier.Applier
 	metrics *metrics
+	prober  *prober.Prober
 
 	routeFactory informers.SharedInformerFactory
 	nodeFactory  kubeinformers.SharedInformerFactory
@@ -116,6 +120,11 @@ func New(opts Options, client versioned.Interface, kube kubernetes.Interface, ha
 	}
 	a.applier = applier.New(handle, opts.Planner, log.WithName("kernel"))
 	a.statusWriter = newStatusWriter(a)
+	// A gateway changing health reconciles at once: that is the failover.
+	a.prober = prober.New(opts.Probe, log.WithName("prober"), func() { a.queue.Add(key) },
+		func(gw netip.Addr, rtt time.Duration) {
+			a.metrics.probeRTT.WithLabelValues(gw.String()).Observe(rtt.Seconds())
+		})
 
 	a.routeFactory = informers.NewSharedInformerFactory(client, 0)
 	routeInformer := a.routeFactory.Networking().V1alpha1().Routes()
@@ -197,6 +206,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.loadTables(ctx)
 	a.log.Info("caches synced; reconciling")
 
+	go a.prober.Run(ctx)
 	go a.watchKernel(ctx)
 	go a.statusWriter.run(ctx)
 	go func() {

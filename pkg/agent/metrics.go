@@ -20,6 +20,7 @@ type metrics struct {
 	applyLatency      prometheus.Histogram
 	statusWrites      prometheus.Counter
 	apiRequests       *prometheus.CounterVec
+	probeRTT          *prometheus.HistogramVec
 }
 
 func newMetrics() *metrics {
@@ -44,7 +45,7 @@ func newMetrics() *metrics {
 		}, []string{"phase"}),
 		gatewayUp: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "routing_agent_gateway_up",
-			Help: "1 when a gateway of this node's Routes is in use, 0 when it is down.",
+			Help: "1 when a gateway of this node's Routes is up (or not yet probed), 0 when it is down.",
 		}, []string{"gateway"}),
 		applyLatency: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "routing_agent_route_apply_latency_seconds",
@@ -62,7 +63,12 @@ func newMetrics() *metrics {
 	}, []string{"method", "code"})
 	// client-go reports every request through one process-wide hook.
 	clientmetrics.Register(clientmetrics.RegisterOpts{RequestResult: requestCounter{m.apiRequests}})
-	m.registry.MustRegister(m.apiRequests)
+	m.probeRTT = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Name:    "routing_agent_probe_rtt_seconds",
+		Help:    "Round-trip time of answered ICMP probes, by gateway.",
+		Buckets: prometheus.ExponentialBuckets(0.0001, 2, 14),
+	}, []string{"gateway"})
+	m.registry.MustRegister(m.apiRequests, m.probeRTT)
 	m.registry.MustRegister(m.reconcileDuration, m.reconcileErrors, m.netlinkWrites, m.routes, m.gatewayUp, m.applyLatency, m.statusWrites,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m

@@ -14,6 +14,7 @@ import (
 
 	"github.com/routing-agent/routing-agent/pkg/nodefacts"
 	"github.com/routing-agent/routing-agent/pkg/planner"
+	"github.com/routing-agent/routing-agent/pkg/prober"
 	"github.com/routing-agent/routing-agent/pkg/selection"
 )
 
@@ -46,7 +47,7 @@ func (a *Agent) reconcile() error {
 	facts.DNSServers = a.dnsServers()
 	facts.ControlPlane = a.controlPlane()
 
-	plan := planner.Compute(planner.Input{Config: a.opts.Planner, Node: facts, Routes: selected, Tables: a.tables})
+	plan := planner.Compute(planner.Input{Config: a.opts.Planner, Node: facts, Routes: selected, Tables: a.tables, Down: a.prober.Down()})
 	rep, applyErr := a.applier.Apply(plan)
 	a.metrics.reconcileDuration.Observe(time.Since(begin).Seconds())
 	a.countWrites()
@@ -69,6 +70,13 @@ func (a *Agent) reconcile() error {
 	for phase, n := range phases {
 		a.metrics.routes.WithLabelValues(string(phase)).Set(n)
 	}
+	targets := make([]prober.Target, 0, len(plan.Gateways))
+	for _, g := range plan.Gateways {
+		targets = append(targets, prober.Target{Addr: g.Address, Link: g.LinkName})
+	}
+	a.prober.Set(targets)
+	gateways := a.prober.States()
+
 	a.metrics.gatewayUp.Reset()
 	for _, g := range plan.Gateways {
 		up := 1.0
@@ -79,9 +87,40 @@ func (a *Agent) reconcile() error {
 	}
 
 	a.emitEvents(plan, selectorErrs)
+	a.emitGatewayEvents(plan, gateways)
 	a.last = &plan
-	a.statusWriter.offer(node, a.buildStatus(plan, rep, applyErr, selectorErrs))
+	a.statusWriter.offer(node, a.buildStatus(plan, gateways, rep, applyErr, selectorErrs))
 	return applyErr
+}
+
+// emitGatewayEvents records, on every Route using a gateway, when that
+// gateway goes down or comes back on this node.
+func (a *Agent) emitGatewayEvents(plan planner.Plan, states map[netip.Addr]prober.State) {
+	if a.status.gwHealth == nil {
+		a.status.gwHealth = map[netip.Addr]prober.Health{}
+	}
+	for _, g := range plan.Gateways {
+		s, ok := states[g.Address]
+		if !ok {
+			continue
+		}
+		before, seen := a.status.gwHealth[g.Address]
+		a.status.gwHealth[g.Address] = s.Health
+		if a.recorder == nil || !seen || before == s.Health || (before == prober.Unknown && s.Health == prober.Up) {
+			continue
+		}
+		for _, name := range g.Routes {
+			route, err := a.routes.Get(name)
+			if err != nil {
+				continue
+			}
+			if s.Health == prober.Down {
+				a.recorder.Eventf(route, corev1.EventTypeWarning, "GatewayDown", "node %s: gateway %s is down (%s); its traffic moves to the Route's other gateways", a.opts.NodeName, g.Address, s.Reason)
+			} else {
+				a.recorder.Eventf(route, corev1.EventTypeNormal, "GatewayUp", "node %s: gateway %s answers again and carries traffic", a.opts.NodeName, g.Address)
+			}
+		}
+	}
 }
 
 // takePending hands over the Route changes seen so far.

@@ -17,6 +17,7 @@ import (
 	apply "github.com/routing-agent/routing-agent/generated/applyconfiguration/networking/v1alpha1"
 	"github.com/routing-agent/routing-agent/pkg/applier"
 	"github.com/routing-agent/routing-agent/pkg/planner"
+	"github.com/routing-agent/routing-agent/pkg/prober"
 )
 
 // fieldManager owns the agent's fields in server-side apply.
@@ -25,8 +26,7 @@ const fieldManager = "routing-agent"
 // statusState is what the reconcile goroutine remembers between runs.
 type statusState struct {
 	lastApply    *metav1.Time
-	since        map[string]metav1.Time // gateway -> when its health last changed
-	health       map[string]v1alpha1.GatewayHealth
+	gwHealth     map[netip.Addr]prober.Health // for gateway Events
 	condition    *metav1apply.ConditionApplyConfiguration
 	dns          []netip.Addr
 	selectorErrs map[string]bool
@@ -35,12 +35,9 @@ type statusState struct {
 
 // buildStatus says what this node's NodeRouting should hold after a
 // reconcile.
-func (a *Agent) buildStatus(plan planner.Plan, rep applier.Report, applyErr error, selectorErrs map[string]error) *apply.NodeRoutingStatusApplyConfiguration {
+func (a *Agent) buildStatus(plan planner.Plan, gateways map[netip.Addr]prober.State, rep applier.Report, applyErr error, selectorErrs map[string]error) *apply.NodeRoutingStatusApplyConfiguration {
 	st := &a.status
 	now := metav1.Now()
-	if st.since == nil {
-		st.since, st.health = map[string]metav1.Time{}, map[string]v1alpha1.GatewayHealth{}
-	}
 	if rep.Changes > 0 || st.lastApply == nil {
 		st.lastApply = &now
 	}
@@ -73,21 +70,18 @@ func (a *Agent) buildStatus(plan planner.Plan, rep applier.Report, applyErr erro
 	status.WithRoutes(routes...)
 
 	for _, g := range plan.Gateways {
-		health, reason := v1alpha1.GatewayUnknown, "NotProbed"
-		if g.Down {
-			health, reason = v1alpha1.GatewayDown, "Down"
+		state, ok := gateways[g.Address]
+		if !ok {
+			state = prober.State{Health: prober.Unknown, Reason: prober.ReasonNotProbed, Since: now.Time}
 		}
-		addr := g.Address.String()
-		if st.health[addr] != health {
-			st.health[addr], st.since[addr] = health, now
-		}
-		switch health {
-		case v1alpha1.GatewayDown:
+		switch state.Health {
+		case prober.Down:
 			*summary.GatewaysDown++
-		case v1alpha1.GatewayUp:
+		case prober.Up:
 			*summary.GatewaysUp++
 		}
-		status.WithGateways(apply.GatewayState().WithAddress(addr).WithInterface(g.LinkName).WithHealth(health).WithReason(reason).WithSince(st.since[addr]))
+		status.WithGateways(apply.GatewayState().WithAddress(g.Address.String()).WithInterface(g.LinkName).
+			WithHealth(v1alpha1.GatewayHealth(state.Health)).WithReason(state.Reason).WithSince(metav1.NewTime(state.Since.Truncate(time.Second))))
 	}
 	for _, p := range plan.Bypass {
 		status.WithBypass(p.Addr().String())

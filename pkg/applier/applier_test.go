@@ -537,7 +537,7 @@ func TestEnsureSysctls(t *testing.T) {
 	if len(changed) != 0 {
 		t.Errorf("second pass changed %v", changed)
 	}
-	if got, _ := e.lab.Exec(e.lab.Node, "sysctl", "-n", "net.ipv4.fib_multipath_hash_policy", "net.ipv6.fib_multipath_hash_policy"); got != "1\n1\n" {
+	if got, _ := e.lab.Exec(e.lab.Node, "sysctl", "-n", "net.ipv4.fib_multipath_hash_policy", "net.ipv6.fib_multipath_hash_policy", "net.ipv4.fib_multipath_use_neigh"); got != "1\n1\n1\n" {
 		t.Errorf("sysctls in the node namespace: %q", got)
 	}
 }

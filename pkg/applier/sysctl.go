@@ -8,10 +8,13 @@ import (
 )
 
 // ECMPSysctls make multipath routes hash on the L4 five-tuple, so flows, not
-// just host pairs, spread over a Route's gateways (DESIGN: ECMP uses L4 hashing).
+// just host pairs, spread over a Route's gateways; and make IPv4 multipath
+// skip a nexthop whose neighbour entry has failed, which takes a dead
+// gateway out of use even before its probes time out.
 var ECMPSysctls = map[string]string{
 	"net/ipv4/fib_multipath_hash_policy": "1",
 	"net/ipv6/fib_multipath_hash_policy": "1",
+	"net/ipv4/fib_multipath_use_neigh":   "1",
 }
 
 // EnsureSysctls writes each value under root (normally /proc/sys) whose

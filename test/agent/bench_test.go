@@ -40,18 +40,24 @@ func BenchmarkAgent(b *testing.B) {
 
 	const changes = 100
 	var latencies []time.Duration
-	e.applyRoute(newRoute("latency", []string{"198.51.100.0/32"}, []string{"10.114.0.3"}))
+	route := e.applyRoute(newRoute("latency", []string{"198.51.100.0/32"}, []string{"10.114.0.3"}))
 	waitRoute(b, updates, "198.51.100.0/32")
 	for i := 1; i <= changes; i++ {
 		dst := fmt.Sprintf("198.51.100.%d/32", i)
+		route.Spec.Destinations = []string{dst}
 		begin := time.Now()
-		e.applyRoute(newRoute("latency", []string{dst}, []string{"10.114.0.3"}))
+		if route, err = e.client.NetworkingV1alpha1().Routes().Update(ctx, route, metav1.UpdateOptions{}); err != nil {
+			b.Fatal(err)
+		}
 		waitRoute(b, updates, dst)
 		latencies = append(latencies, time.Since(begin))
 	}
+	b.Logf("the agent's own view (informer event to kernel): %.2f ms mean over %.0f changes",
+		1000*e.metric(0, "routing_agent_route_apply_latency_seconds_sum")/e.metric(0, "routing_agent_route_apply_latency_seconds_count"),
+		e.metric(0, "routing_agent_route_apply_latency_seconds_count"))
 	slices.Sort(latencies)
 	p50, p99 := latencies[len(latencies)/2], latencies[len(latencies)*99/100]
-	b.Logf("Route update (API write returned) to route in the kernel, %d changes: p50 %s, p99 %s, max %s", changes, p50, p99, latencies[len(latencies)-1])
+	b.Logf("Route update sent to route in the kernel, %d changes: p50 %s, p99 %s, max %s", changes, p50, p99, latencies[len(latencies)-1])
 	b.ReportMetric(float64(p50.Microseconds())/1000, "p50-ms")
 	b.ReportMetric(float64(p99.Microseconds())/1000, "p99-ms")
 

@@ -24,6 +24,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
 
 	v1alpha1 "github.com/routing-agent/routing-agent/apis/networking/v1alpha1"
 	"github.com/routing-agent/routing-agent/generated/clientset/versioned"
@@ -98,8 +99,11 @@ func newEnvWith(t testing.TB, purpose string, nodes int, resync string) *env {
 	}
 	e.cp = cp
 	t.Cleanup(cp.Stop) // registered after lab.Close, so it runs first
-	e.client = versioned.NewForConfigOrDie(cp.Config)
-	e.kube = kubernetes.NewForConfigOrDie(cp.Config)
+	// The test's own client must not be what is measured: no client-side throttling.
+	admin := rest.CopyConfig(cp.Config)
+	admin.QPS, admin.Burst = -1, 0
+	e.client = versioned.NewForConfigOrDie(admin)
+	e.kube = kubernetes.NewForConfigOrDie(admin)
 	if out, err := cp.Kubectl("apply", "-f", filepath.Join(repoRoot(), "manifests", "rbac.yaml")).CombinedOutput(); err != nil {
 		t.Fatalf("kubectl apply rbac: %v\n%s", err, out)
 	}

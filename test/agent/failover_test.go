@@ -1,0 +1,247 @@
+package agent_test
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/routing-agent/routing-agent/pkg/lab/netns"
+	"github.com/routing-agent/routing-agent/pkg/lab/topology"
+)
+
+// traffic is steady UDP from the node to the external host: flows fixed
+// source ports, each sending at a fixed rate, counted on both ends.
+type traffic struct {
+	flows    []*net.UDPConn
+	ports    []int
+	sent     []atomic.Int64
+	received map[int]*atomic.Int64
+	stop     chan struct{}
+	wg       sync.WaitGroup
+	rx       *net.UDPConn
+}
+
+func startTraffic(t testing.TB, lab *topology.Lab, node string, flows int, every time.Duration) *traffic {
+	dst := netip.AddrPortFrom(lab.ExternalAddr, 9100)
+	tr := &traffic{sent: make([]atomic.Int64, flows), received: map[int]*atomic.Int64{}, stop: make(chan struct{})}
+	rx, err := topology.ListenUDP(lab.External, dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr.rx = rx
+	for i := range flows {
+		port := 20000 + i
+		tr.ports = append(tr.ports, port)
+		tr.received[port] = &atomic.Int64{}
+		var conn *net.UDPConn
+		if err := netns.Do(node, func() (err error) {
+			conn, err = net.DialUDP("udp", &net.UDPAddr{Port: port}, net.UDPAddrFromAddrPort(dst))
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		tr.flows = append(tr.flows, conn)
+	}
+	tr.wg.Add(1)
+	go func() {
+		defer tr.wg.Done()
+		buf := make([]byte, 64)
+		for {
+			_, from, err := rx.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				return
+			}
+			if c, ok := tr.received[int(from.Port())]; ok {
+				c.Add(1)
+			}
+		}
+	}()
+	tr.wg.Add(1)
+	go func() {
+		defer tr.wg.Done()
+		tick := time.NewTicker(every)
+		defer tick.Stop()
+		for {
+			select {
+			case <-tr.stop:
+				return
+			case <-tick.C:
+				for i, c := range tr.flows {
+					if _, err := c.Write([]byte("x")); err == nil {
+						tr.sent[i].Add(1)
+					}
+				}
+			}
+		}
+	}()
+	return tr
+}
+
+// finish stops sending, lets the last datagrams land and returns the loss
+// of each flow by source port.
+func (tr *traffic) finish() map[int]int64 {
+	close(tr.stop)
+	time.Sleep(300 * time.Millisecond)
+	tr.rx.Close()
+	for _, c := range tr.flows {
+		c.Close()
+	}
+	tr.wg.Wait()
+	loss := map[int]int64{}
+	for i, port := range tr.ports {
+		loss[port] = tr.sent[i].Load() - tr.received[port].Load()
+	}
+	return loss
+}
+
+// flowGateway says which gateway the kernel hashes a flow to.
+func (e *env) flowGateway(port int) string {
+	// The source address is part of the L4 hash: give the one the socket has.
+	out, err := e.lab.Exec(e.agents[0].ns, "ip", "route", "get", e.lab.ExternalAddr.String(), "from", e.lab.NodeVPC.String(),
+		"ipproto", "udp", "sport", fmt.Sprint(port), "dport", "9100")
+	if err != nil {
+		e.t.Fatalf("ip route get: %v %s", err, out)
+	}
+	for _, gw := range []string{"10.114.0.3", "10.114.0.4"} {
+		if strings.Contains(out, "via "+gw+" ") {
+			return gw
+		}
+	}
+	e.t.Fatalf("flow %d does not go through a gateway: %s", port, out)
+	return ""
+}
+
+// nexthops lists the gateways of the agent's route to dst on node 0.
+func (e *env) nexthops(dst string) string {
+	out, err := e.lab.Exec(e.agents[0].ns, "ip", "route", "show", "table", "all", dst, "proto", "245")
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	var gws []string
+	for _, gw := range []string{"10.114.0.3", "10.114.0.4"} {
+		if strings.Contains(out, "via "+gw+" ") {
+			gws = append(gws, gw)
+		}
+	}
+	return strings.Join(gws, ",")
+}
+
+// waitNexthops polls until the route's gateways are want and says when.
+func (e *env) waitNexthops(dst, want string, limit time.Duration) time.Duration {
+	e.t.Helper()
+	begin := time.Now()
+	for time.Since(begin) < limit {
+		if e.nexthops(dst) == want {
+			return time.Since(begin)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	e.t.Fatalf("gateways of %s: %q, want %q after %s\n%s", dst, e.nexthops(dst), want, limit, tail(e.logs(0), 20))
+	return 0
+}
+
+// silence makes gateway i drop every IP packet it receives on the VPC, the
+// probes included, with its link and ARP still up: a blackhole rule ahead of
+// everything (the local table's rule is moved behind it, since rules of
+// equal priority keep their insertion order). This kernel has neither tc
+// classifiers nor netem to do it otherwise.
+func (e *env) silence(i int, on bool) {
+	e.t.Helper()
+	ns := e.lab.Gateways[i]
+	cmds := [][]string{{"ip", "rule", "del", "priority", "5"}}
+	if on {
+		cmds = [][]string{{"ip", "rule", "add", "priority", "5", "iif", topology.VPCIf, "blackhole"}}
+		if rules, _ := e.lab.Exec(ns, "ip", "rule"); strings.Contains(rules, "0:\tfrom all lookup local") {
+			cmds = append([][]string{{"ip", "rule", "add", "priority", "10", "lookup", "local"}, {"ip", "rule", "del", "priority", "0"}}, cmds...)
+		}
+	}
+	for _, c := range cmds {
+		if out, err := e.lab.Exec(ns, c...); err != nil {
+			e.t.Fatalf("%v: %v %s", c, err, out)
+		}
+	}
+}
+
+const failoverDst = "198.51.100.0/24"
+
+// TestFailover: a dead gateway leaves the route and traffic on the other
+// gateway loses nothing; a recovered one comes back; with every gateway
+// dead the route stays on them (fail closed) and status says so.
+func TestFailover(t *testing.T) {
+	e := newEnv(t, "failover", 1)
+	e.applyRoute(newRoute("vpn", []string{failoverDst}, []string{"10.114.0.3", "10.114.0.4"}))
+	e.eventually(10*time.Second, "both gateways probed Up", func() (bool, string) {
+		nr := e.nodeRouting(0)
+		return nr != nil && nr.Status.Summary.GatewaysUp == 2, fmt.Sprintf("%+v", nr)
+	})
+	e.waitNexthops(failoverDst, "10.114.0.3,10.114.0.4", 5*time.Second)
+
+	for _, kill := range []struct {
+		name       string
+		down, up   func()
+		downReason string
+	}{
+		{"link down", func() { e.lab.SetGatewayLink(1, false) }, func() { e.lab.SetGatewayLink(1, true) }, ""},
+		{"silent drop", func() { e.silence(1, true) }, func() { e.silence(1, false) }, ""},
+	} {
+		t.Run(kill.name, func(t *testing.T) {
+			e.t = t
+			tr := startTraffic(t, e.lab, e.agents[0].ns, 16, 10*time.Millisecond)
+			survivors := map[int]bool{}
+			for _, port := range tr.ports {
+				survivors[port] = e.flowGateway(port) == "10.114.0.3"
+			}
+			time.Sleep(300 * time.Millisecond)
+			kill.down()
+			took := e.waitNexthops(failoverDst, "10.114.0.3", 15*time.Second)
+			t.Logf("%s: gateway 10.114.0.4 left the route after %s", kill.name, took.Round(time.Millisecond))
+			time.Sleep(300 * time.Millisecond)
+			kill.up()
+			back := e.waitNexthops(failoverDst, "10.114.0.3,10.114.0.4", 15*time.Second)
+			t.Logf("%s: gateway 10.114.0.4 back in the route after %s", kill.name, back.Round(time.Millisecond))
+			loss := tr.finish()
+			n := 0
+			for port, lost := range loss {
+				if survivors[port] {
+					n++
+					if lost != 0 {
+						t.Errorf("flow %d, hashed to the surviving gateway, lost %d datagrams", port, lost)
+					}
+				}
+			}
+			if n == 0 {
+				t.Fatal("no flow hashed to the surviving gateway; the test proves nothing")
+			}
+			t.Logf("%s: loss per flow %v (%d flows on the survivor)", kill.name, loss, n)
+			time.Sleep(11 * time.Second) // past the flap window, so the next kill is not damped
+		})
+	}
+
+	t.Run("all gateways dead: fail closed", func(t *testing.T) {
+		e.t = t
+		e.lab.SetGatewayLink(0, false)
+		e.lab.SetGatewayLink(1, false)
+		e.eventually(15*time.Second, "status says every gateway is down", func() (bool, string) {
+			s := routeState(e.nodeRouting(0), "vpn")
+			nr := e.nodeRouting(0)
+			return s != nil && s.Reason == "AllGatewaysDown" && nr.Status.Summary.GatewaysDown == 2, fmt.Sprintf("%+v", nr)
+		})
+		if got := e.nexthops(failoverDst); got != "10.114.0.3,10.114.0.4" {
+			t.Errorf("with every gateway dead the route holds %q; want both kept (fail closed)", got)
+		}
+		if out, _ := e.lab.Exec(e.agents[0].ns, "ip", "route", "get", e.lab.ExternalAddr.String()); !strings.Contains(out, "dev vpc0") {
+			t.Errorf("traffic leaks out of the node's own default route: %s", out)
+		}
+		e.eventually(10*time.Second, "GatewayDown and AllGatewaysDown Events", func() (bool, string) {
+			out, _ := e.cp.Kubectl("get", "events", "-n", "default", "--field-selector", "involvedObject.name=vpn", "-o", "custom-columns=REASON:.reason,MESSAGE:.message").CombinedOutput()
+			return strings.Contains(string(out), "GatewayDown") && strings.Contains(string(out), "AllGatewaysDown"), string(out)
+		})
+		e.lab.SetGatewayLink(0, true)
+		e.lab.SetGatewayLink(1, true)
+	})
+}
