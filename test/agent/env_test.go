@@ -45,8 +45,9 @@ type env struct {
 	bin    string
 	dir    string
 	agents []*agentProc
-	// resync is the agents' --resync-period.
+	// resync is the agents' --resync-period; args are more agent flags.
 	resync string
+	args   []string
 }
 
 type agentProc struct {
@@ -68,7 +69,7 @@ func newEnv(t testing.TB, purpose string, nodes int) *env {
 	return newEnvWith(t, purpose, nodes, "5s")
 }
 
-func newEnvWith(t testing.TB, purpose string, nodes int, resync string) *env {
+func newEnvWith(t testing.TB, purpose string, nodes int, resync string, args ...string) *env {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Fatal("this test builds network namespaces and must run as root (make test runs it as root)")
@@ -76,7 +77,7 @@ func newEnvWith(t testing.TB, purpose string, nodes int, resync string) *env {
 	if err := netns.RemoveStale(); err != nil {
 		t.Fatal(err)
 	}
-	e := &env{t: t, root: t, dir: t.TempDir(), resync: resync}
+	e := &env{t: t, root: t, dir: t.TempDir(), resync: resync, args: args}
 	lab, err := topology.New(topology.Options{Purpose: purpose, Nodes: nodes, ControlPlane: true})
 	if err != nil {
 		t.Fatal(err)
@@ -149,6 +150,7 @@ func (e *env) startAgent(i int) {
 	a.cmd = exec.Command("ip", "netns", "exec", a.ns, e.bin,
 		"--kubeconfig", kubeconfig, "--node-name", a.node, "--resync-period", e.resync,
 		"--resolv-conf", filepath.Join(e.dir, "resolv.conf"), "--http-address", "127.0.0.1:9464")
+	a.cmd.Args = append(a.cmd.Args, e.args...)
 	a.cmd.Stdout, a.cmd.Stderr = a.log, a.log
 	a.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := a.cmd.Start(); err != nil {
