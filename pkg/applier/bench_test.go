@@ -186,7 +186,7 @@ func BenchmarkIncrementalOneOf500(b *testing.B) {
 // BenchmarkCompute is the planner alone for 500 Routes x 8 destinations.
 func BenchmarkCompute(b *testing.B) {
 	node := planner.Node{
-		Links:     []planner.Link{{Index: 2, Name: "vpc0", Up: true}},
+		Links:     []planner.Link{{Index: 2, Name: "vpc0"}},
 		Addresses: []planner.Address{{LinkIndex: 2, Prefix: netip.MustParsePrefix("10.114.0.10/20")}},
 	}
 	routes := benchRoutes(500, 8)

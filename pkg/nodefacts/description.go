@@ -72,7 +72,7 @@ func (d *Description) Node() (planner.Node, error) {
 			return node, fmt.Errorf("interfaces[%d].name: required", i)
 		}
 		index[iface.Name] = i + 1
-		node.Links = append(node.Links, planner.Link{Index: i + 1, Name: iface.Name, Up: !iface.Down})
+		node.Links = append(node.Links, planner.Link{Index: i + 1, Name: iface.Name})
 		for j, a := range iface.Addresses {
 			p, err := netip.ParsePrefix(a)
 			if err != nil {

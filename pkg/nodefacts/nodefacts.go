@@ -27,7 +27,7 @@ func Read(h *netlink.Handle) (planner.Node, error) {
 	}
 	for _, l := range links {
 		attrs := l.Attrs()
-		node.Links = append(node.Links, planner.Link{Index: attrs.Index, Name: attrs.Name, Up: attrs.Flags&unix.IFF_UP != 0 && attrs.OperState != netlink.OperDown})
+		node.Links = append(node.Links, planner.Link{Index: attrs.Index, Name: attrs.Name})
 	}
 	addrs, err := nlutil.RetryDump(func() ([]netlink.Addr, error) { return h.AddrList(nil, netlink.FAMILY_ALL) })
 	if err != nil {

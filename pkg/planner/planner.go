@@ -122,7 +122,7 @@ func checkOnNode(c *candidate, node Node) {
 	c.result.Phase, c.result.Reason = Applied, ReasonApplied
 }
 
-// connectedLink finds the up link whose network holds gw, preferring the
+// connectedLink finds the link whose network holds gw, preferring the
 // longest prefix, as the kernel would.
 func connectedLink(node Node, gw netip.Addr) (link Link, local, ok bool) {
 	links := map[int]Link{}
@@ -134,8 +134,12 @@ func connectedLink(node Node, gw netip.Addr) (link Link, local, ok bool) {
 		if a.Prefix.Addr() == gw {
 			return Link{}, true, false
 		}
-		l, up := links[a.LinkIndex]
-		if !up || !l.Up || !a.Prefix.Masked().Contains(gw) || a.Prefix.Bits() <= best {
+		// A link that is down still counts: its gateways are the prober's
+		// to take out of use, and a Route whose gateways are all down must
+		// stay installed (fail closed), not vanish and let its traffic leak
+		// out of the node's default route.
+		l, known := links[a.LinkIndex]
+		if !known || !a.Prefix.Masked().Contains(gw) || a.Prefix.Bits() <= best {
 			continue
 		}
 		best, link, ok = a.Prefix.Bits(), l, true

@@ -17,7 +17,7 @@ import (
 // routed through vpc0.
 func testNode() Node {
 	return Node{
-		Links: []Link{{Index: 2, Name: "pub0", Up: true}, {Index: 3, Name: "vpc0", Up: true}, {Index: 4, Name: "down0", Up: false}},
+		Links: []Link{{Index: 2, Name: "pub0"}, {Index: 3, Name: "vpc0"}, {Index: 4, Name: "down0"}}, // down0 is down: no connected route
 		Addresses: []Address{
 			{LinkIndex: 2, Prefix: netip.MustParsePrefix("203.0.113.10/24")},
 			{LinkIndex: 2, Prefix: netip.MustParsePrefix("2001:db8:203::10/64")},
@@ -153,7 +153,6 @@ ip -6 route replace 2001:db8:100::/48 table 10001 proto 245 via fd00:114::3 dev 
 		name: "invalid and conflicting Routes install nothing, others are untouched",
 		routes: []*v1alpha1.Route{
 			route("off-link", 0, list("192.0.2.0/24"), list("10.99.0.1")),
-			route("on-down-link", 0, list("192.0.2.0/25"), list("10.200.0.1")),
 			route("shadowed", 0, list("10.244.1.0/24"), list("10.114.0.3")),
 			route("older", 1, list("1.2.3.4/5"), list("10.114.0.3")),
 			route("younger", 2, list("0.0.0.0/5", "203.0.113.0/25"), list("10.114.0.4")),
@@ -208,7 +207,7 @@ func TestResults(t *testing.T) {
 		{Applied, ReasonApplied, ""},
 		{Invalid, ReasonGatewayNotConnected, "gateway 10.99.0.1 is not on a directly connected network of this node"},
 		{Invalid, ReasonGatewayIsLocal, "gateway 10.114.0.10 is an address of this node"},
-		{Invalid, ReasonGatewayNotConnected, "gateway 10.200.0.1 is not on a directly connected network of this node"},
+		{Applied, ReasonApplied, ""}, // on a down link: kept (fail closed); the prober takes the gateway out of use
 		{Invalid, ReasonDestinationShadowed, "destination 10.244.1.0/24 lies inside main-table route 10.244.0.0/16"},
 		{Invalid, ReasonDestinationShadowed, "destination 10.114.0.0/20 lies inside main-table route 10.114.0.0/20"},
 		{Invalid, ReasonInvalidSpec, `spec.destinations[0]: Invalid value: "not-a-cidr"`},
@@ -226,8 +225,8 @@ func TestResults(t *testing.T) {
 			t.Errorf("result %d: phase %s with table %d", i, r.Phase, r.Table)
 		}
 	}
-	if len(plan.Gateways) != 3 || !plan.Gateways[1].Down || plan.Gateways[0].Down {
-		t.Errorf("gateways = %+v, want 10.114.0.3 up, 10.114.0.5 and .6 down", plan.Gateways)
+	if len(plan.Gateways) != 4 || !plan.Gateways[1].Down || plan.Gateways[0].Down || plan.Gateways[3].Down {
+		t.Errorf("gateways = %+v, want 10.114.0.3 and 10.200.0.1 up, 10.114.0.5 and .6 down", plan.Gateways)
 	}
 }
 

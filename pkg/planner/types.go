@@ -71,7 +71,6 @@ type Node struct {
 type Link struct {
 	Index int
 	Name  string
-	Up    bool
 }
 
 // Address is an address configured on a link, with its prefix length
