@@ -55,9 +55,12 @@ bench: deps
 	go test -count=1 -run '^$$' -bench . -benchtime 20x ./pkg/applier
 	LAB_BIN_DIR=$$(hack/build-lab-tools.sh) go test -count=1 -run '^$$' -bench . -benchtime 1x -timeout 20m ./test/agent
 
+# The product end to end in a lab of network namespaces: control plane,
+# two nodes running the agent, NAT gateways, an external host.
 demo: deps
-	@echo "make demo: the lab demo (nodes, gateways and an external host in network namespaces) is not built yet;"
-	@echo "it lands with the lab issue. Until then, 'make test' runs the Route API against a real kube-apiserver."
+	@go build -o bin/routing-agent ./cmd/routing-agent
+	@go build -o bin/routing-lab ./cmd/routing-lab
+	@lab_bin=$$(hack/build-lab-tools.sh) && bin/routing-lab demo --repo . --agent bin/routing-agent --lab-bin $$lab_bin
 
 clean:
 	rm -rf bin

@@ -145,25 +145,11 @@ func (e *env) waitNexthops(dst, want string, limit time.Duration) time.Duration 
 	return 0
 }
 
-// silence makes gateway i drop every IP packet it receives on the VPC, the
-// probes included, with its link and ARP still up: a blackhole rule ahead of
-// everything (the local table's rule is moved behind it, since rules of
-// equal priority keep their insertion order). This kernel has neither tc
-// classifiers nor netem to do it otherwise.
+// silence makes gateway i drop everything it receives, link still up.
 func (e *env) silence(i int, on bool) {
 	e.t.Helper()
-	ns := e.lab.Gateways[i]
-	cmds := [][]string{{"ip", "rule", "del", "priority", "5"}}
-	if on {
-		cmds = [][]string{{"ip", "rule", "add", "priority", "5", "iif", topology.VPCIf, "blackhole"}}
-		if rules, _ := e.lab.Exec(ns, "ip", "rule"); strings.Contains(rules, "0:\tfrom all lookup local") {
-			cmds = append([][]string{{"ip", "rule", "add", "priority", "10", "lookup", "local"}, {"ip", "rule", "del", "priority", "0"}}, cmds...)
-		}
-	}
-	for _, c := range cmds {
-		if out, err := e.lab.Exec(ns, c...); err != nil {
-			e.t.Fatalf("%v: %v %s", c, err, out)
-		}
+	if err := e.lab.SilenceGateway(i, on); err != nil {
+		e.t.Fatal(err)
 	}
 }
 

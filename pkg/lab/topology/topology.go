@@ -69,6 +69,9 @@ type Options struct {
 
 	Nodes        int  // number of worker nodes, default 1
 	ControlPlane bool // add a control plane host on the public network
+	// NAT makes the gateways masquerade what they forward out of their
+	// uplinks (nftables), as a NAT gateway gives a static egress IP.
+	NAT bool
 }
 
 // Lab is a built topology. Namespace names are those of `ip netns`.
@@ -85,6 +88,7 @@ type Lab struct {
 	ControlPlane string
 
 	IPv6 bool // whether the IPv6 addresses below are configured
+	NAT  bool // whether the gateways masquerade (Options.NAT)
 
 	NodePublic    netip.Addr   // 203.0.113.10 on the node's pub0, NodePublics[0]
 	NodePublics   []netip.Addr // 203.0.113.(10+j) on node j's pub0
@@ -161,6 +165,7 @@ func layout(opts Options) (*Lab, error) {
 		External: name("ext"),
 		VPC:      name("vpc"),
 		IPv6:     opts.IPv6,
+		NAT:      opts.NAT,
 		purpose:  opts.Purpose,
 
 		RouterPublic: netip.MustParseAddr("203.0.113.1"),
@@ -279,6 +284,9 @@ func (l *Lab) NodeIndex(ns string) int {
 // setUp builds the lab l describes, or tears down what it built and fails.
 func (l *Lab) setUp() error {
 	err := l.build()
+	if err == nil && l.NAT {
+		err = l.masquerade()
+	}
 	if err == nil {
 		err = l.waitOperUp(5 * time.Second)
 	}
@@ -288,6 +296,23 @@ func (l *Lab) setUp() error {
 		}
 	}
 	return err
+}
+
+// masquerade makes every gateway source-NAT what it forwards out of its
+// uplink to its uplink address.
+func (l *Lab) masquerade() error {
+	for _, ns := range l.Gateways {
+		for _, rule := range []string{
+			"add table ip nat",
+			"add chain ip nat post { type nat hook postrouting priority 100 ; }",
+			"add rule ip nat post oifname " + UplinkIf + " masquerade",
+		} {
+			if out, err := exec.Command("ip", append([]string{"netns", "exec", ns, "nft"}, strings.Fields(rule)...)...).CombinedOutput(); err != nil {
+				return fmt.Errorf("topology: nft %s in %s: %v: %s", rule, ns, err, out)
+			}
+		}
+	}
+	return nil
 }
 
 // waitOperUp waits until every link of the lab (but loopback) is
@@ -550,6 +575,32 @@ func (l *Lab) SetGatewayLink(i int, up bool) error {
 	var r runner
 	r.ip(l.Gateways[i], "link", "set", VPCIf, state)
 	return r.err
+}
+
+// SilenceGateway makes gateway i drop every IP packet it receives on the
+// VPC (probes, forwarded traffic) while its link and ARP stay up, the way a
+// hung or firewalled gateway fails; on=false lifts it. It is a blackhole
+// rule ahead of all others, with the local table's rule moved behind it
+// (rules of equal priority keep their insertion order). Kernels here have
+// neither tc classifiers nor netem to do it otherwise.
+func (l *Lab) SilenceGateway(i int, on bool) error {
+	if i < 0 || i >= len(l.Gateways) {
+		return fmt.Errorf("topology: no gateway %d", i)
+	}
+	ns := l.Gateways[i]
+	cmds := [][]string{{"rule", "del", "priority", "5"}}
+	if on {
+		cmds = [][]string{{"rule", "add", "priority", "5", "iif", VPCIf, "blackhole"}}
+		if rules, _ := l.Exec(ns, "ip", "rule"); strings.HasPrefix(rules, "0:\tfrom all lookup local\n") {
+			cmds = append([][]string{{"rule", "add", "priority", "10", "lookup", "local"}, {"rule", "del", "priority", "0"}}, cmds...)
+		}
+	}
+	for _, c := range cmds {
+		if out, err := l.Exec(ns, append([]string{"ip"}, c...)...); err != nil {
+			return fmt.Errorf("topology: silencing gateway %d: %w: %s", i, err, out)
+		}
+	}
+	return nil
 }
 
 // GatewayForwarded returns the packets gateway i has received on its VPC
