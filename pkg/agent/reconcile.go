@@ -199,7 +199,8 @@ func (a *Agent) loadTables(ctx context.Context) {
 	}
 }
 
-// emitEvents records an Event on each Route whose fate on this node changed.
+// emitEvents records an Event on each Route whose fate on this node
+// changed for the worse, or recovered.
 func (a *Agent) emitEvents(plan planner.Plan, selectorErrs map[string]error) {
 	if a.recorder == nil {
 		return
@@ -224,7 +225,14 @@ func (a *Agent) emitEvents(plan planner.Plan, selectorErrs map[string]error) {
 		case r.Phase == planner.Applied && r.Reason == planner.ReasonAllGatewaysDown:
 			a.recorder.Eventf(route, corev1.EventTypeWarning, r.Reason, "node %s: %s", node, r.Message)
 		case r.Phase == planner.Applied:
-			a.recorder.Eventf(route, corev1.EventTypeNormal, "Applied", "node %s: applied in table %d", node, r.Table)
+			// Only a recovery is news: an Event for every Route on every
+			// node that applies it would be a million Events for a
+			// thousand Routes on a thousand nodes.
+			if had && before.Phase != planner.Applied {
+				a.recorder.Eventf(route, corev1.EventTypeNormal, "Applied", "node %s: applied in table %d (was %s: %s)", node, r.Table, before.Phase, before.Reason)
+			} else if had && before.Reason == planner.ReasonAllGatewaysDown {
+				a.recorder.Eventf(route, corev1.EventTypeNormal, "GatewaysBack", "node %s: a gateway answers again; traffic flows", node)
+			}
 		default:
 			a.recorder.Eventf(route, corev1.EventTypeWarning, string(r.Phase), "node %s: not applied (%s): %s", node, r.Reason, r.Message)
 		}

@@ -48,6 +48,10 @@ type env struct {
 	// resync is the agents' --resync-period; args are more agent flags.
 	resync string
 	args   []string
+	// names and labels of the Node objects, by lab node; default
+	// worker-<i> with pool=egress.
+	names  []string
+	labels []map[string]string
 }
 
 type agentProc struct {
@@ -62,7 +66,7 @@ func repoRoot() string {
 	return filepath.Join(filepath.Dir(file), "..", "..")
 }
 
-// nodeName is the Kubernetes name of lab node i.
+// nodeName is the Kubernetes name of lab node i, unless env.names says.
 func nodeName(i int) string { return fmt.Sprintf("worker-%d", i) }
 
 func newEnv(t testing.TB, purpose string, nodes int) *env {
@@ -70,6 +74,16 @@ func newEnv(t testing.TB, purpose string, nodes int) *env {
 }
 
 func newEnvWith(t testing.TB, purpose string, nodes int, resync string, args ...string) *env {
+	return newEnvOpts(t, topology.Options{Purpose: purpose, Nodes: nodes}, resync, args...)
+}
+
+// newEnvOpts builds the lab from opts (a control plane is always added).
+func newEnvOpts(t testing.TB, opts topology.Options, resync string, args ...string) *env {
+	return newEnvNodes(t, opts, nil, nil, resync, args...)
+}
+
+// newEnvNodes also names the Node objects and sets their labels.
+func newEnvNodes(t testing.TB, opts topology.Options, names []string, labels []map[string]string, resync string, args ...string) *env {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Fatal("this test builds network namespaces and must run as root (make test runs it as root)")
@@ -77,8 +91,9 @@ func newEnvWith(t testing.TB, purpose string, nodes int, resync string, args ...
 	if err := netns.RemoveStale(); err != nil {
 		t.Fatal(err)
 	}
-	e := &env{t: t, root: t, dir: t.TempDir(), resync: resync, args: args}
-	lab, err := topology.New(topology.Options{Purpose: purpose, Nodes: nodes, ControlPlane: true})
+	e := &env{t: t, root: t, dir: t.TempDir(), resync: resync, args: args, names: names, labels: labels}
+	opts.ControlPlane = true
+	lab, err := topology.New(opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -119,11 +134,15 @@ func newEnvWith(t testing.TB, purpose string, nodes int, resync string, args ...
 		t.Fatal(err)
 	}
 	for i := range lab.Nodes {
-		node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: nodeName(i), Labels: map[string]string{"pool": "egress"}}}
+		name, labels := nodeName(i), map[string]string{"pool": "egress"}
+		if i < len(e.names) {
+			name, labels = e.names[i], e.labels[i]
+		}
+		node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name, Labels: labels}}
 		if _, err := e.kube.CoreV1().Nodes().Create(context.Background(), node, metav1.CreateOptions{}); err != nil {
 			t.Fatal(err)
 		}
-		e.agents = append(e.agents, &agentProc{node: nodeName(i), ns: lab.Nodes[i]})
+		e.agents = append(e.agents, &agentProc{node: name, ns: lab.Nodes[i]})
 	}
 	for i := range e.agents {
 		e.startAgent(i)

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -207,6 +208,25 @@ func TestFailover(t *testing.T) {
 			time.Sleep(11 * time.Second) // past the flap window, so the next kill is not damped
 		})
 	}
+
+	t.Run("agent restart loses no packet", func(t *testing.T) {
+		e.t = t
+		tr := startTraffic(t, e.lab, e.agents[0].ns, 16, 10*time.Millisecond)
+		time.Sleep(300 * time.Millisecond)
+		e.stopAgent(0, syscall.SIGTERM) // as in a rolling update
+		time.Sleep(time.Second)
+		e.startAgent(0)
+		e.waitReady(0)
+		time.Sleep(500 * time.Millisecond)
+		for port, lost := range tr.finish() {
+			if lost != 0 {
+				t.Errorf("flow %d lost %d datagrams across the agent's restart", port, lost)
+			}
+		}
+		if got := e.metric(0, "routing_agent_netlink_writes_total"); got != 0 {
+			t.Errorf("the restarted agent made %v netlink writes; the kernel was already right", got)
+		}
+	})
 
 	t.Run("all gateways dead: fail closed", func(t *testing.T) {
 		e.t = t
