@@ -188,11 +188,15 @@ func TestAgent(t *testing.T) {
 			t.Fatal(err)
 		}
 		e.applyRoute(newRoute("after-outage", []string{"198.51.100.128/26"}, gw3))
-		e.eventually(60*time.Second, "a Route created after the outage applied on both nodes", func() (bool, string) {
+		// client-go's reflectors retry a lost watch with a jittered backoff of
+		// up to a minute after a long outage; the agent recovers when they do.
+		begin := time.Now()
+		e.eventually(150*time.Second, "a Route created after the outage applied on both nodes", func() (bool, string) {
 			s0, s1 := routeState(e.nodeRouting(0), "after-outage"), routeState(e.nodeRouting(1), "after-outage")
 			ok := s0 != nil && s1 != nil && s0.Phase == v1alpha1.RouteApplied && s1.Phase == v1alpha1.RouteApplied
 			return ok, fmt.Sprintf("%+v %+v\nworker-0 log:\n%s", s0, s1, tail(e.logs(0), 30))
 		})
+		t.Logf("after the API server came back, a new Route reached both nodes in %s", time.Since(begin).Round(time.Second))
 		for i := range 2 {
 			if code, _, err := e.get(i, "/healthz"); err != nil || code != 200 {
 				t.Errorf("worker-%d /healthz: %d %v", i, code, err)

@@ -25,8 +25,8 @@ func TestDefaultOverrideThroughNAT(t *testing.T) {
 	for _, gw := range e.lab.Gateways {
 		for _, rule := range []string{
 			"add table ip guard",
-			"add chain ip guard fwd { type filter hook forward priority 0 ; }",
-			"add rule ip guard fwd ip daddr " + e.lab.ControlPlaneAddr.String() + " drop",
+			"add chain ip guard forwarded { type filter hook forward priority 0 ; }",
+			"add rule ip guard forwarded ip daddr " + e.lab.ControlPlaneAddr.String() + " drop",
 		} {
 			if out, err := e.lab.Exec(gw, append([]string{"nft"}, strings.Fields(rule)...)...); err != nil {
 				t.Fatalf("nft %s: %v %s", rule, err, out)
