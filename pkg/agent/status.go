@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"net/netip"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -66,7 +67,7 @@ func (a *Agent) buildStatus(plan planner.Plan, gateways map[netip.Addr]prober.St
 	for name, err := range selectorErrs {
 		routes = append(routes, apply.RouteState().WithName(name).WithPhase(v1alpha1.RouteInvalid).WithReason("InvalidNodeSelector").WithMessage(err.Error()))
 	}
-	slices.SortFunc(routes, func(x, y *apply.RouteStateApplyConfiguration) int { return compareStrings(*x.Name, *y.Name) })
+	slices.SortFunc(routes, func(x, y *apply.RouteStateApplyConfiguration) int { return strings.Compare(*x.Name, *y.Name) })
 	status.WithRoutes(routes...)
 
 	for _, g := range plan.Gateways {
@@ -188,14 +189,4 @@ func (w *statusWriter) write(ctx context.Context, node *corev1.Node, status *app
 	w.a.metrics.statusWrites.Inc()
 	w.written = content
 	return nil
-}
-
-func compareStrings(a, b string) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
