@@ -51,7 +51,11 @@ type Options struct {
 	// CRDDir, when set, holds CustomResourceDefinition YAML files that are
 	// installed and waited for (Established and served) before Start returns.
 	CRDDir string
-	// Output receives both processes' logs; default a file in the work dir.
+	// Controllers also runs kube-controller-manager and kube-scheduler, for
+	// a cluster with real nodes (DaemonSets, scheduling, service account
+	// token publishing, garbage collection).
+	Controllers bool
+	// Output receives the processes' logs; default a file in the work dir.
 	Output io.Writer
 }
 
@@ -67,15 +71,21 @@ type ControlPlane struct {
 	Ready time.Duration
 	// Dir is the work directory: data, certificates, kubeconfigs, logs.
 	Dir string
+	// CAFile is the cluster CA: it signs the API server's serving
+	// certificate and every client certificate KubeconfigFor mints.
+	CAFile string
 
 	opts      Options
 	pki       *pki
 	apiArgs   []string
 	etcd      *process
 	apiserver *process
-	output    io.Writer
-	logFile   *os.File
-	stopOnce  sync.Once
+	// controllers are kube-controller-manager and kube-scheduler, with
+	// Options.Controllers.
+	controllers []*process
+	output      io.Writer
+	logFile     *os.File
+	stopOnce    sync.Once
 }
 
 // Start runs etcd and kube-apiserver and waits until the API server is ready
@@ -87,7 +97,11 @@ func Start(ctx context.Context, opts Options) (cp *ControlPlane, err error) {
 	if opts.BinDir == "" {
 		return nil, fmt.Errorf("%s is not set: build the lab's etcd, kube-apiserver and kubectl with `make lab-tools` and point %s at them", BinDirEnv, BinDirEnv)
 	}
-	for _, bin := range []string{"etcd", "kube-apiserver", "kubectl"} {
+	bins := []string{"etcd", "kube-apiserver", "kubectl"}
+	if opts.Controllers {
+		bins = append(bins, "kube-controller-manager", "kube-scheduler")
+	}
+	for _, bin := range bins {
 		if _, err := os.Stat(filepath.Join(opts.BinDir, bin)); err != nil {
 			return nil, fmt.Errorf("lab binary missing (run `make lab-tools`): %w", err)
 		}
@@ -176,7 +190,18 @@ func Start(ctx context.Context, opts Options) (cp *ControlPlane, err error) {
 		"--service-account-signing-key-file=" + filepath.Join(pki, "sa.key"),
 		// Virtual service addresses: allocated in etcd, never routed to.
 		"--service-cluster-ip-range=10.96.0.0/16",
-		"--authorization-mode=RBAC",
+		// As a production cluster: kubelets are limited to their own Node
+		// and its pods (Node authorizer + NodeRestriction), everyone else
+		// by RBAC.
+		"--authorization-mode=Node,RBAC",
+		"--enable-admission-plugins=NodeRestriction",
+		// Namespaces that declare no Pod Security level get "baseline",
+		// as on hardened clusters: a DaemonSet with host networking and
+		// NET_ADMIN runs only where its namespace says "privileged".
+		"--admission-control-config-file=" + filepath.Join(pki, "admission.yaml"),
+		"--kubelet-client-certificate=" + filepath.Join(pki, "kubelet-client.crt"),
+		"--kubelet-client-key=" + filepath.Join(pki, "kubelet-client.key"),
+		"--kubelet-preferred-address-types=InternalIP",
 		"--endpoint-reconciler-type=" + reconciler,
 		"--cert-dir=" + filepath.Join(dir, "apiserver-certs"),
 		"--profiling=false",
@@ -184,12 +209,62 @@ func Start(ctx context.Context, opts Options) (cp *ControlPlane, err error) {
 	if err := cp.StartAPIServer(ctx); err != nil {
 		return nil, err
 	}
+	if opts.Controllers {
+		if err := cp.startControllers(); err != nil {
+			return nil, err
+		}
+	}
 	if opts.CRDDir != "" {
 		if err := InstallCRDs(ctx, cp.Config, opts.CRDDir); err != nil {
 			return nil, err
 		}
 	}
 	return cp, nil
+}
+
+// startControllers runs kube-controller-manager and kube-scheduler with the
+// identities and bootstrap RBAC roles a kubeadm cluster gives them; the
+// controller manager runs each controller as its own service account.
+func (cp *ControlPlane) startControllers() error {
+	pki := filepath.Join(cp.Dir, "pki")
+	kcm, _, err := cp.KubeconfigFor("system:kube-controller-manager")
+	if err != nil {
+		return err
+	}
+	scheduler, _, err := cp.KubeconfigFor("system:kube-scheduler")
+	if err != nil {
+		return err
+	}
+	p, err := cp.spawn("kube-controller-manager",
+		"--kubeconfig="+kcm,
+		"--authentication-kubeconfig="+kcm,
+		"--authorization-kubeconfig="+kcm,
+		"--bind-address=127.0.0.1",
+		"--leader-elect=false",
+		"--use-service-account-credentials=true",
+		"--service-account-private-key-file="+filepath.Join(pki, "sa.key"),
+		"--root-ca-file="+cp.CAFile,
+		"--cert-dir="+filepath.Join(cp.Dir, "kcm-certs"),
+		"--profiling=false",
+	)
+	if err != nil {
+		return err
+	}
+	cp.controllers = append(cp.controllers, p)
+	p, err = cp.spawn("kube-scheduler",
+		"--kubeconfig="+scheduler,
+		"--authentication-kubeconfig="+scheduler,
+		"--authorization-kubeconfig="+scheduler,
+		"--bind-address=127.0.0.1",
+		"--leader-elect=false",
+		"--cert-dir="+filepath.Join(cp.Dir, "scheduler-certs"),
+		"--profiling=false",
+	)
+	if err != nil {
+		return err
+	}
+	cp.controllers = append(cp.controllers, p)
+	return nil
 }
 
 // StartAPIServer (re)starts kube-apiserver against the running etcd and
@@ -224,6 +299,9 @@ func (cp *ControlPlane) StopAPIServer() {
 // safe to call more than once and on a partly started control plane.
 func (cp *ControlPlane) Stop() {
 	cp.stopOnce.Do(func() {
+		for _, p := range cp.controllers {
+			p.stop(10 * time.Second)
+		}
 		cp.StopAPIServer()
 		if cp.etcd != nil {
 			cp.etcd.stop(10 * time.Second)
@@ -289,10 +367,18 @@ func (cp *ControlPlane) writeCredentials(addr net.IP) error {
 	if err != nil {
 		return err
 	}
+	kubeletClient, kubeletClientKey, err := cp.pki.issue(pkix.Name{CommonName: "kube-apiserver-kubelet-client"}, nil, nil, x509.ExtKeyUsageClientAuth)
+	if err != nil {
+		return err
+	}
+	cp.CAFile = filepath.Join(dir, "ca.crt")
 	if err := writeFiles(map[string][]byte{
-		filepath.Join(dir, "ca.crt"):        cp.pki.caPEM,
-		filepath.Join(dir, "apiserver.crt"): serving,
-		filepath.Join(dir, "apiserver.key"): servingKey,
+		cp.CAFile:                                cp.pki.caPEM,
+		filepath.Join(dir, "apiserver.crt"):      serving,
+		filepath.Join(dir, "apiserver.key"):      servingKey,
+		filepath.Join(dir, "kubelet-client.crt"): kubeletClient,
+		filepath.Join(dir, "kubelet-client.key"): kubeletClientKey,
+		filepath.Join(dir, "admission.yaml"):     []byte(admissionConfig),
 	}); err != nil {
 		return err
 	}
@@ -310,6 +396,20 @@ func (cp *ControlPlane) writeCredentials(addr net.IP) error {
 	cp.Kubeconfig, cp.Config = admin, cfg
 	return nil
 }
+
+// admissionConfig makes "baseline" the Pod Security level of namespaces
+// that declare none.
+const admissionConfig = `apiVersion: apiserver.config.k8s.io/v1
+kind: AdmissionConfiguration
+plugins:
+  - name: PodSecurity
+    configuration:
+      apiVersion: pod-security.admission.config.k8s.io/v1
+      kind: PodSecurityConfiguration
+      defaults:
+        enforce: baseline
+        enforce-version: latest
+`
 
 func writeKubeconfig(path, server string, caPEM, certPEM, keyPEM []byte) error {
 	cfg := clientcmdapi.NewConfig()
@@ -388,10 +488,11 @@ func run(name string, args ...string) error {
 	return nil
 }
 
-// PIDs returns the process ids of the running etcd and kube-apiserver.
+// PIDs returns the process ids of the running etcd, kube-apiserver and,
+// with Options.Controllers, kube-controller-manager and kube-scheduler.
 func (cp *ControlPlane) PIDs() []int {
 	var pids []int
-	for _, p := range []*process{cp.etcd, cp.apiserver} {
+	for _, p := range append([]*process{cp.etcd, cp.apiserver}, cp.controllers...) {
 		if p != nil && p.running() {
 			pids = append(pids, p.cmd.Process.Pid)
 		}
