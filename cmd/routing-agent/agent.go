@@ -46,7 +46,9 @@ func runAgent(args []string, stderr io.Writer) int {
 	resolvConf := fs.String("resolv-conf", "/etc/resolv.conf", "the node's resolv.conf, for the DNS servers to bypass")
 	resolvedUpstream := fs.String("resolved-upstream", nodefacts.ResolvedUpstream, "systemd-resolved's upstream list, read when resolv.conf names the 127.0.0.53 stub")
 	manageSysctls := fs.Bool("manage-sysctls", true, "set net.ipv{4,6}.fib_multipath_hash_policy=1 (ECMP spreads flows, not host pairs) and net.ipv4.fib_multipath_use_neigh=1 (skip nexthops whose neighbour failed)")
-	httpAddr := fs.String("http-address", ":9464", "address serving /metrics, /healthz and /readyz; empty to disable")
+	sysctlRoot := fs.String("sysctl-root", "/proc/sys", "where the node's sysctls are written: a container sees /proc/sys read-only, so the DaemonSet mounts the host's /proc/sys/net at /host/proc/sys/net and passes /host/proc/sys")
+	httpAddr := fs.String("http-address", "127.0.0.1:9464", "address serving /metrics, /healthz and /readyz, e.g. [$(HOST_IP)]:9464; empty to disable")
+	startupTaint := fs.String("startup-taint", "", fmt.Sprintf("key of a taint the kubelet registers the node with (e.g. %s:NoSchedule) that the agent removes from its Node after its first successful apply; empty: none", agent.DefaultStartupTaint))
 	probe := prober.DefaultConfig()
 	fs.DurationVar(&probe.Interval, "probe-interval", probe.Interval, "time between ICMP probes of each gateway")
 	fs.DurationVar(&probe.Timeout, "probe-timeout", probe.Timeout, "how long a probe waits for its answer (at most the interval)")
@@ -96,8 +98,9 @@ func runAgent(args []string, stderr io.Writer) int {
 		ResolvedUpstream:  *resolvedUpstream,
 		ExtraControlPlane: hostAddrs(restConfig.Host),
 		ManageSysctls:     *manageSysctls,
-		SysctlRoot:        "/proc/sys",
+		SysctlRoot:        *sysctlRoot,
 		Probe:             probe,
+		StartupTaint:      *startupTaint,
 	}, client, kube, &netlink.Handle{}, log)
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)

@@ -60,6 +60,11 @@ type Options struct {
 	SysctlRoot string
 	// Probe paces the gateway health probes.
 	Probe prober.Config
+	// StartupTaint, when set, is the key of a taint the node registers
+	// with (kubelet --register-with-taints) to keep workloads off it until
+	// its Routes are in place; the agent removes it from its own Node after
+	// its first successful apply.
+	StartupTaint string
 }
 
 // key is the workqueue's only item: the node is reconciled as a whole.
@@ -92,12 +97,17 @@ type Agent struct {
 	pendingMu sync.Mutex
 	pending   map[string]time.Time
 
+	// knownGateways are those the NodeRouting of the previous agent on
+	// this node listed; nil when there was none.
+	knownGateways map[netip.Addr]bool
+
 	// Only the reconcile goroutine touches these.
 	last   *planner.Plan
 	tables map[string]uint32
 	status statusState
 
 	statusWriter *statusWriter
+	taints       *taintRemover
 
 	ready atomic.Bool
 }
@@ -120,6 +130,7 @@ func New(opts Options, client versioned.Interface, kube kubernetes.Interface, ha
 	}
 	a.applier = applier.New(handle, opts.Planner, log.WithName("kernel"))
 	a.statusWriter = newStatusWriter(a)
+	a.taints = newTaintRemover(a)
 	// A gateway changing health reconciles at once: that is the failover.
 	a.prober = prober.New(opts.Probe, log.WithName("prober"), func() { a.queue.Add(key) },
 		func(gw netip.Addr, rtt time.Duration) {
@@ -175,8 +186,9 @@ func (a *Agent) routeChanged(obj any) {
 
 // Run starts the informers and waits for their caches, then reconciles
 // until ctx ends. Nothing touches the kernel before the caches are synced:
-// an empty cache would look like "no Routes" and remove them all. On return
-// the kernel is left as it is, so a restart or rolling update costs nothing.
+// an empty cache would look like "no Routes" and remove them all. When ctx
+// ends, Run lets the reconcile in progress finish and returns, leaving the
+// kernel as it is, so a restart or rolling update costs nothing.
 func (a *Agent) Run(ctx context.Context) error {
 	defer utilruntime.HandleCrash()
 	defer a.queue.ShutDown()
@@ -185,16 +197,6 @@ func (a *Agent) Run(ctx context.Context) error {
 	broadcaster.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: a.kube.CoreV1().Events("")})
 	defer broadcaster.Shutdown()
 	a.recorder = broadcaster.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "routing-agent", Host: a.opts.NodeName})
-
-	if a.opts.ManageSysctls {
-		changed, err := applier.EnsureSysctls(a.opts.SysctlRoot, applier.ECMPSysctls)
-		if err != nil {
-			return fmt.Errorf("setting ECMP hashing sysctls (--manage-sysctls=false to leave them): %w", err)
-		}
-		for _, name := range changed {
-			a.log.Info("kernel change", "op", "sysctl "+name+"="+applier.ECMPSysctls[name])
-		}
-	}
 
 	a.routeFactory.Start(ctx.Done())
 	a.nodeFactory.Start(ctx.Done())
@@ -205,6 +207,16 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	a.loadTables(ctx)
 	a.log.Info("caches synced; reconciling")
+
+	if a.opts.ManageSysctls {
+		changed, err := applier.EnsureSysctls(a.opts.SysctlRoot, applier.ECMPSysctls)
+		if err != nil {
+			return fmt.Errorf("setting ECMP hashing sysctls (--manage-sysctls=false to leave them): %w", err)
+		}
+		for _, name := range changed {
+			a.log.Info("kernel change", "op", "sysctl "+name+"="+applier.ECMPSysctls[name])
+		}
+	}
 
 	go a.prober.Run(ctx)
 	go a.watchKernel(ctx)
@@ -221,13 +233,20 @@ func (a *Agent) Run(ctx context.Context) error {
 			}
 		}
 	}()
+	if a.opts.StartupTaint != "" {
+		go a.taints.run(ctx)
+	}
 	a.queue.Add(key)
+	worker := make(chan struct{})
 	go func() {
+		defer close(worker)
 		for a.processNext() {
 		}
 	}()
 	<-ctx.Done()
-	a.log.Info("stopping; the kernel keeps its routes")
+	a.log.Info("stopping; finishing the reconcile in progress, and the kernel keeps its routes")
+	a.queue.ShutDown()
+	<-worker
 	return nil
 }
 

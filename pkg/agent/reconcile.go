@@ -47,7 +47,11 @@ func (a *Agent) reconcile() error {
 	facts.DNSServers = a.dnsServers()
 	facts.ControlPlane = a.controlPlane()
 
-	plan := planner.Compute(planner.Input{Config: a.opts.Planner, Node: facts, Routes: selected, Tables: a.tables, Down: a.prober.Down()})
+	input := planner.Input{Config: a.opts.Planner, Node: facts, Routes: selected, Tables: a.tables, Down: a.prober.Down()}
+	plan := planner.Compute(input)
+	if a.last == nil {
+		plan = a.carryOverGatewayHealth(input, plan)
+	}
 	rep, applyErr := a.applier.Apply(plan)
 	a.metrics.reconcileDuration.Observe(time.Since(begin).Seconds())
 	a.countWrites()
@@ -57,6 +61,7 @@ func (a *Agent) reconcile() error {
 			a.metrics.applyLatency.Observe(now.Sub(seen).Seconds())
 		}
 		a.ready.Store(true)
+		a.taints.applied(node)
 	}
 
 	a.tables = map[string]uint32{}
@@ -70,11 +75,7 @@ func (a *Agent) reconcile() error {
 	for phase, n := range phases {
 		a.metrics.routes.WithLabelValues(string(phase)).Set(n)
 	}
-	targets := make([]prober.Target, 0, len(plan.Gateways))
-	for _, g := range plan.Gateways {
-		targets = append(targets, prober.Target{Addr: g.Address, Link: g.LinkName})
-	}
-	a.prober.Set(targets)
+	a.prober.Set(probeTargets(plan))
 	gateways := a.prober.States()
 
 	a.metrics.gatewayUp.Reset()
@@ -91,6 +92,33 @@ func (a *Agent) reconcile() error {
 	a.last = &plan
 	a.statusWriter.offer(node, a.buildStatus(plan, gateways, rep, applyErr, selectorErrs))
 	return applyErr
+}
+
+// carryOverGatewayHealth, on the first reconcile of this process, starts
+// Down the gateways its predecessor had taken out of the kernel's nexthops
+// (gatewaysOutOfUse), and plans again with them down.
+func (a *Agent) carryOverGatewayHealth(input planner.Input, plan planner.Plan) planner.Plan {
+	a.prober.Set(probeTargets(plan))
+	kernel, err := a.applier.Read()
+	if err != nil {
+		return plan // Apply reads again and reports the error
+	}
+	out := gatewaysOutOfUse(plan, kernel, a.knownGateways)
+	if len(out) == 0 {
+		return plan
+	}
+	a.prober.SeedDown(out)
+	a.log.Info("gateways out of use before this start stay down until they answer", "gateways", fmt.Sprint(out))
+	input.Down = a.prober.Down()
+	return planner.Compute(input)
+}
+
+func probeTargets(plan planner.Plan) []prober.Target {
+	targets := make([]prober.Target, 0, len(plan.Gateways))
+	for _, g := range plan.Gateways {
+		targets = append(targets, prober.Target{Addr: g.Address, Link: g.LinkName})
+	}
+	return targets
 }
 
 // emitGatewayEvents records, on every Route using a gateway, when that
@@ -186,7 +214,8 @@ func (a *Agent) controlPlane() []netip.Addr {
 }
 
 // loadTables reads the table ids of the NodeRouting this agent wrote before
-// it restarted, so Routes keep their tables even where hashes collided.
+// it restarted, so Routes keep their tables even where hashes collided, and
+// the gateways it knew (see gatewaysOutOfUse).
 func (a *Agent) loadTables(ctx context.Context) {
 	nr, err := a.client.NetworkingV1alpha1().NodeRoutings().Get(ctx, a.opts.NodeName, metav1.GetOptions{})
 	if err != nil {
@@ -195,6 +224,12 @@ func (a *Agent) loadTables(ctx context.Context) {
 	for _, r := range nr.Status.Routes {
 		if r.Table > 0 {
 			a.tables[r.Name] = uint32(r.Table)
+		}
+	}
+	a.knownGateways = map[netip.Addr]bool{}
+	for _, g := range nr.Status.Gateways {
+		if addr, err := netip.ParseAddr(g.Address); err == nil {
+			a.knownGateways[addr] = true
 		}
 	}
 }

@@ -128,3 +128,19 @@ func describeForeign(r planner.Rule, protocol uint8, plain bool) string {
 	}
 	return text
 }
+
+// Route returns the agent's installed route for dst in table, if any.
+func (s *State) Route(table uint32, dst netip.Prefix) (planner.Route, bool) {
+	r, ok := s.Routes[routeKey{table, dst}]
+	return r, ok
+}
+
+// NewState returns a State holding routes, for tests of code that reads
+// one.
+func NewState(routes ...planner.Route) *State {
+	st := &State{Rules: map[string][]planner.Rule{}, Routes: map[routeKey]planner.Route{}}
+	for _, r := range routes {
+		st.Routes[routeKey{r.Table, r.Dst}] = r
+	}
+	return st
+}

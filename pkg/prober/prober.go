@@ -46,6 +46,10 @@ const (
 	ReasonLinkDown       = "LinkDown"
 	ReasonNeighborFailed = "NeighborFailed"
 	ReasonNotProbed      = "NotProbed"
+	// ReasonNotInUse: the gateway was out of the kernel's nexthops when
+	// the agent started (it had been taken down before a restart); it
+	// stays out until it answers Rise probes.
+	ReasonNotInUse = "NotInUseAtStart"
 )
 
 // Config sets the pace. The defaults detect a dead gateway in about
@@ -165,6 +169,25 @@ func (p *Prober) Set(targets []Target) {
 		if p.ctx != nil {
 			p.startLocked(g)
 		}
+	}
+}
+
+// SeedDown starts gateways of the current set as Down, as if they had
+// just missed Fall probes, without calling onChange: a restarted agent
+// carries over what its predecessor knew (see ReasonNotInUse) instead of
+// putting a dead gateway back into use until probes find it dead again.
+// A seeded gateway needs Rise answers to come back, like any Down one.
+func (p *Prober) SeedDown(addrs []netip.Addr) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	now := time.Now()
+	for _, addr := range addrs {
+		g, ok := p.gws[addr]
+		if !ok || g.state.Health == Down {
+			continue
+		}
+		g.ok, g.missed = 0, p.cfg.Fall
+		p.setLocked(g, Down, ReasonNotInUse, now)
 	}
 }
 

@@ -128,3 +128,24 @@ func TestConfigValidate(t *testing.T) {
 		}
 	}
 }
+
+// A gateway seeded Down stays out of use, without a change callback, until
+// Rise answers bring it back; unknown addresses are ignored.
+func TestSeedDown(t *testing.T) {
+	p, g, changes := newTestProber(DefaultConfig())
+	p.SeedDown([]netip.Addr{g.target.Addr, netip.MustParseAddr("10.114.0.99")})
+	if s := p.States()[g.target.Addr]; s.Health != Down || s.Reason != ReasonNotInUse || *changes != 0 {
+		t.Fatalf("seeded: %+v, %d changes", s, *changes)
+	}
+	if len(p.States()) != 1 {
+		t.Errorf("seeding an address outside the set added it: %v", p.States())
+	}
+	p.result(g, true, time.Millisecond)
+	if g.state.Health != Down {
+		t.Fatal("a seeded gateway came back after one answer; Rise is 2")
+	}
+	p.result(g, true, time.Millisecond)
+	if g.state.Health != Up || *changes != 1 {
+		t.Fatalf("after 2 answers: %+v, %d changes", g.state, *changes)
+	}
+}
