@@ -1,18 +1,28 @@
 # routing-agent — the two commands of the README are `make demo` and
-# `make test`; both install what they need (Debian packages, and the lab's
-# etcd, kube-apiserver and kubectl built from Go modules into a cache
-# outside the repository).
+# `make test`; both install what they need (Debian packages: containerd,
+# runc, the CNI plugins, iproute2, nftables ...; and the lab's etcd,
+# kube-apiserver, controller manager, scheduler, kubectl and kubelet, built
+# from Go modules into a cache outside the repository).
 SHELL := /bin/bash
 export PATH := /usr/local/go/bin:$(PATH)
 
 BIN := bin/routing-agent
+# The agent image: `make image IMAGE=registry.example.com/routing-agent:v0.1.0`
+# (add PUSH=1 to push it with the credentials of ~/.docker/config.json).
+IMAGE ?= localhost/routing-agent:dev
+IMAGE_ARCHIVE ?= _out/routing-agent.oci.tar
 
-.PHONY: all build deps lab-tools codegen verify-codegen vet unit test bench demo clean
+.PHONY: all build image deps lab-tools codegen verify-codegen vet unit test bench demo clean
 
 all: build
 
 build:
 	go build -o $(BIN) ./cmd/routing-agent
+
+# The agent's OCI image, built without Docker: the static binary on an empty
+# base (go-containerregistry), written to $(IMAGE_ARCHIVE).
+image:
+	go run ./cmd/routing-lab image --image $(IMAGE) --out $(IMAGE_ARCHIVE) $(if $(PUSH),--push)
 
 deps:
 	@hack/install-deps.sh
@@ -34,7 +44,7 @@ vet:
 
 # Fast tests that need neither root nor the lab control plane.
 unit:
-	go test -count=1 ./pkg/planner ./pkg/routespec ./pkg/selection ./pkg/nodefacts
+	go test -count=1 ./pkg/planner ./pkg/routespec ./pkg/selection ./pkg/nodefacts ./pkg/ociimage ./pkg/agent ./pkg/prober
 
 # Every test: generated code, vet, and the whole suite against a real
 # kube-apiserver and etcd (and, where a test needs them, network namespaces
@@ -55,12 +65,13 @@ bench: deps
 	go test -count=1 -run '^$$' -bench . -benchtime 20x ./pkg/applier
 	LAB_BIN_DIR=$$(hack/build-lab-tools.sh) go test -count=1 -run '^$$' -bench . -benchtime 1x -timeout 20m ./test/agent
 
-# The product end to end in a lab of network namespaces: control plane,
-# two nodes running the agent, NAT gateways, an external host.
-demo: deps
-	@go build -o bin/routing-agent ./cmd/routing-agent
+# The product end to end in a lab of network namespaces: a control plane,
+# two nodes running real kubelets and containerd, NAT gateways, an external
+# host; the agent image built as `make image` builds it and installed from
+# manifests/ with kubectl apply -k.
+demo: deps image
 	@go build -o bin/routing-lab ./cmd/routing-lab
-	@lab_bin=$$(hack/build-lab-tools.sh) && bin/routing-lab demo --repo . --agent bin/routing-agent --lab-bin $$lab_bin
+	@lab_bin=$$(hack/build-lab-tools.sh) && bin/routing-lab demo --repo . --image-archive $(IMAGE_ARCHIVE) --image $(IMAGE) --lab-bin $$lab_bin
 
 clean:
-	rm -rf bin
+	rm -rf bin _out

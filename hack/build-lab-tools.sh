@@ -37,8 +37,15 @@ echo "building the lab cluster (${tools[*]}) into ${bin} ..." >&2
 (
     cd "${labtools}"
     go build -o "${bin}.tmp/etcd" go.etcd.io/etcd/server/v3
+    # Stamp the version, as the release build does, so that nodes and
+    # `kubectl version` report v1.x.y rather than v0.0.0-master.
+    version="$(go list -m -f '{{.Version}}' k8s.io/kubernetes)"
+    minor="${version#v1.}"
+    minor="${minor%%.*}"
+    pkg=k8s.io/component-base/version
+    ldflags="-X ${pkg}.gitVersion=${version} -X ${pkg}.gitMajor=1 -X ${pkg}.gitMinor=${minor} -X ${pkg}.gitTreeState=clean"
     # One go build for the Kubernetes parts: their shared packages compile once.
-    go build -o "${bin}.tmp/" \
+    go build -ldflags "${ldflags}" -o "${bin}.tmp/" \
         k8s.io/kubernetes/cmd/kube-apiserver \
         k8s.io/kubernetes/cmd/kube-controller-manager \
         k8s.io/kubernetes/cmd/kube-scheduler \
@@ -46,7 +53,6 @@ echo "building the lab cluster (${tools[*]}) into ${bin} ..." >&2
         k8s.io/kubernetes/cmd/kubelet
     # The pod sandbox: kubernetes' own pause.c, static, as in registry.k8s.io/pause.
     k8s="$(go list -m -f '{{.Dir}}' k8s.io/kubernetes)"
-    version="$(go list -m -f '{{.Version}}' k8s.io/kubernetes)"
     gcc -Os -Wall -Werror -static -DVERSION="${version}" \
         -o "${bin}.tmp/pause" "${k8s}/build/pause/linux/pause.c"
 ) >&2

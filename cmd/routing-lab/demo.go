@@ -3,31 +3,22 @@ package main
 import (
 	"context"
 	"fmt"
-	"io"
-	"net"
-	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"sort"
 	"strings"
-	"syscall"
 	"time"
 
-	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/client-go/kubernetes"
 
-	"github.com/routing-agent/routing-agent/generated/clientset/versioned"
-	"github.com/routing-agent/routing-agent/pkg/lab/controlplane"
-	"github.com/routing-agent/routing-agent/pkg/lab/netns"
+	"github.com/routing-agent/routing-agent/pkg/lab/cluster"
 	"github.com/routing-agent/routing-agent/pkg/lab/topology"
 )
 
 // The lab's two workers: the seed's node-selector examples pick one each.
-var workers = []struct{ name, pool string }{
-	{"worker-pool-x", "worker-pool"},
-	{"worker-pool-y", "other-pool"},
+var workers = []cluster.NodeSpec{
+	{Name: "worker-pool-x", Labels: map[string]string{"doks.digitalocean.com/node-pool": "worker-pool"}},
+	{Name: "worker-pool-y", Labels: map[string]string{"doks.digitalocean.com/node-pool": "other-pool"}},
 }
 
 var examples = []struct{ file, what string }{
@@ -39,75 +30,65 @@ var examples = []struct{ file, what string }{
 	{"06-single-gateway-default.yaml", "default route through a single gateway"},
 }
 
-type lab struct {
-	ctx    context.Context
-	repo   string
-	net    *topology.Lab
-	cp     *controlplane.ControlPlane
-	client versioned.Interface
-	kube   kubernetes.Interface
-	agents []*exec.Cmd
-	dir    string
-	step   int
+type demoLab struct {
+	ctx  context.Context
+	repo string
+	c    *cluster.Cluster
+	step int
 }
 
-const steps = 6 + 5
+// steps: the lab, the install, each example, the failover, the delete.
+var steps = 2 + len(examples) + 2
 
-func (l *lab) progress(format string, args ...any) {
+func (l *demoLab) progress(format string, args ...any) {
 	l.step++
 	fmt.Printf("\n[%d/%d] %s\n", l.step, steps, fmt.Sprintf(format, args...))
 }
 
-func demo(ctx context.Context, repo, agent, binDir string) (err error) {
-	l := &lab{ctx: ctx, repo: repo}
-	defer l.teardown()
+// demo builds the lab cluster with real kubelets, installs the agent from
+// manifests/ with the image in archive (named image), and walks through
+// the announcement's examples, a failover and a delete.
+func demo(ctx context.Context, repo, binDir, archive, image string) (err error) {
+	l := &demoLab{ctx: ctx, repo: repo}
 
-	l.progress("building the lab: 2 worker nodes, 2 NAT gateways, internet router, external host 198.51.100.10, control plane 203.0.113.100")
-	if err := netns.RemoveStale(); err != nil {
+	l.progress("building the lab: control plane 203.0.113.100 (etcd, kube-apiserver, controller-manager, scheduler),\n" +
+		"      2 worker nodes running kubelet + containerd + runc, 2 NAT gateways, internet router, external host 198.51.100.10")
+	begin := time.Now()
+	l.c, err = cluster.New(ctx, cluster.Options{
+		Topology: topology.Options{Purpose: "demo", Nodes: len(workers), NAT: true},
+		Nodes:    workers, Kubelets: true, Repo: repo, BinDir: binDir,
+	})
+	if err != nil {
 		return err
 	}
-	if l.net, err = topology.New(topology.Options{Purpose: "demo", Nodes: len(workers), ControlPlane: true, NAT: true}); err != nil {
-		return err
-	}
-	if l.dir, err = os.MkdirTemp("", "routing-lab-"); err != nil {
-		return err
-	}
-	stopWhoami, err := l.whoami()
+	defer l.c.Close()
+	stopWhoami, err := l.c.StartWhoami()
 	if err != nil {
 		return err
 	}
 	defer stopWhoami()
-
-	l.progress("starting etcd and kube-apiserver (built from Go modules) on 203.0.113.100:6443")
-	l.cp, err = controlplane.Start(ctx, controlplane.Options{BinDir: binDir, NetNS: l.net.ControlPlane,
-		Address: l.net.ControlPlaneAddr.String(), CRDDir: filepath.Join(repo, "manifests", "crds")})
-	if err != nil {
-		return err
-	}
-	fmt.Printf("  API server ready in %s; CRDs installed\n", l.cp.Ready.Round(time.Millisecond))
-	l.client, l.kube = versioned.NewForConfigOrDie(l.cp.Config), kubernetes.NewForConfigOrDie(l.cp.Config)
-	if err := l.kubectl("apply", "-f", filepath.Join(repo, "manifests", "rbac.yaml")); err != nil {
-		return err
-	}
-	for _, w := range workers {
-		node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: w.name, Labels: map[string]string{"doks.digitalocean.com/node-pool": w.pool}}}
-		if _, err := l.kube.CoreV1().Nodes().Create(ctx, node, metav1.CreateOptions{}); err != nil {
-			return err
-		}
+	fmt.Printf("  nodes Ready in %s\n", time.Since(begin).Round(100*time.Millisecond))
+	l.kubectl("get", "nodes", "-L", "doks.digitalocean.com/node-pool")
+	for i, w := range workers {
+		fmt.Printf("  %s egress IP before any Route: %s\n", w.Name, l.egress(i))
 	}
 
-	l.progress("starting routing-agent on each node, as its service account")
-	for i := range workers {
-		if err := l.startAgent(agent, i); err != nil {
-			return err
-		}
+	l.progress("installing the agent as a user does: image %s loaded into the nodes' containerd,\n"+
+		"      then kubectl apply -k of an overlay of manifests/ that names it", image)
+	if err := l.c.LoadImage(archive); err != nil {
+		return err
 	}
-	for i := range workers {
-		fmt.Printf("  %s (%s, public %s, VPC %s): ready\n", workers[i].name, workers[i].pool, l.net.NodePublics[i], l.net.NodeVPCs[i])
+	begin = time.Now()
+	if err := l.c.Install(cluster.InstallOptions{Image: image}); err != nil {
+		return err
 	}
-	for i := range workers {
-		fmt.Printf("  %s egress IP before any Route: %s\n", workers[i].name, l.egress(i))
+	overlay, _ := os.ReadFile(filepath.Join(l.c.Dir, "install", "kustomization.yaml"))
+	fmt.Printf("  $ cat kustomization.yaml\n%s  $ kubectl apply --server-side -k .\n", indent(string(overlay), "    "))
+	if err := l.c.WaitRollout(ctx, 2*time.Minute); err != nil {
+		return err
 	}
+	fmt.Printf("  every agent pod Ready %s after the apply\n", time.Since(begin).Round(100*time.Millisecond))
+	l.kubectl("get", "pods", "-n", cluster.AgentNamespace, "-o", "wide")
 
 	for n, ex := range examples {
 		l.progress("%s: %s", ex.file, ex.what)
@@ -135,19 +116,19 @@ func demo(ctx context.Context, repo, agent, binDir string) (err error) {
 	if err := l.settle(); err != nil {
 		return err
 	}
-	for i := range workers {
-		out, _ := l.net.Exec(l.net.Nodes[i], "ip", "rule")
-		fmt.Printf("  %s: ip rule\n%s", workers[i].name, indent(out, "    "))
+	for i, w := range workers {
+		out, _ := l.c.Exec(i, "ip", "rule")
+		fmt.Printf("  %s: ip rule\n%s", w.Name, indent(out, "    "))
 	}
 	return nil
 }
 
-// failover kills gateway 10.114.0.4 while the default route goes through
-// both gateways, and brings it back.
-func (l *lab) failover() error {
+// failover silences gateway 10.114.0.4 while the default route goes
+// through both gateways, and brings it back.
+func (l *demoLab) failover() error {
 	l.progress("failover: gateway 10.114.0.4 silently drops everything, then recovers")
 	fmt.Printf("  egress from worker-pool-x over 12 connections: %s\n", l.egressMix(0, 12))
-	if err := l.net.SilenceGateway(1, true); err != nil {
+	if err := l.c.Net.SilenceGateway(1, true); err != nil {
 		return err
 	}
 	took, err := l.waitGateways(0, "10.114.0.3")
@@ -155,10 +136,10 @@ func (l *lab) failover() error {
 		return err
 	}
 	fmt.Printf("  10.114.0.4 left worker-pool-x's route %s after it died (probes every 500ms, 3 misses)\n", took.Round(time.Millisecond))
-	l.run("    ", l.net.Nodes[0], "ip", "route", "show", "table", "all", "default", "proto", "245")
+	l.run("    ", 0, "ip", "route", "show", "table", "all", "default", "proto", "245")
 	fmt.Printf("  egress over 12 connections: %s\n", l.egressMix(0, 12))
 	l.kubectl("get", "noderouting", "worker-pool-x", "-o", "jsonpath={range .status.gateways[*]}  {.address} {.health} {.reason}{\"\\n\"}{end}")
-	if err := l.net.SilenceGateway(1, false); err != nil {
+	if err := l.c.Net.SilenceGateway(1, false); err != nil {
 		return err
 	}
 	took, err = l.waitGateways(0, "10.114.0.3,10.114.0.4")
@@ -169,10 +150,10 @@ func (l *lab) failover() error {
 	return nil
 }
 
-func (l *lab) waitGateways(i int, want string) (time.Duration, error) {
+func (l *demoLab) waitGateways(i int, want string) (time.Duration, error) {
 	begin := time.Now()
 	for time.Since(begin) < 20*time.Second {
-		out, _ := l.net.Exec(l.net.Nodes[i], "ip", "route", "show", "table", "all", "default", "proto", "245")
+		out, _ := l.c.Net.Exec(l.c.Nodes[i].NS, "ip", "route", "show", "table", "all", "default", "proto", "245")
 		var got []string
 		for _, gw := range []string{"10.114.0.3", "10.114.0.4"} {
 			if strings.Contains(out, "via "+gw+" ") {
@@ -188,14 +169,13 @@ func (l *lab) waitGateways(i int, want string) (time.Duration, error) {
 		case <-time.After(5 * time.Millisecond):
 		}
 	}
-	return 0, fmt.Errorf("the default route of %s never had gateways %s", workers[i].name, want)
+	return 0, fmt.Errorf("the default route of %s never had gateways %s", workers[i].Name, want)
 }
 
 // showNode prints what a user checks on a node.
-func (l *lab) showNode(i int) {
-	ns := l.net.Nodes[i]
-	fmt.Printf("  --- %s\n", workers[i].name)
-	rules, _ := l.net.Exec(ns, "ip", "rule")
+func (l *demoLab) showNode(i int) {
+	fmt.Printf("  --- %s\n", workers[i].Name)
+	rules, _ := l.c.Exec(i, "ip", "rule")
 	var band []string
 	for _, r := range strings.Split(rules, "\n") {
 		if strings.Contains(r, "proto 245") {
@@ -216,15 +196,15 @@ func (l *lab) showNode(i int) {
 			}
 		}
 		for t := range tables {
-			l.run("      ", ns, "ip", "route", "show", "table", t)
+			l.run("      ", i, "ip", "route", "show", "table", t)
 		}
-		l.run("      ", ns, "ip", "route", "get", "1.2.3.4")
+		l.run("      ", i, "ip", "route", "get", "1.2.3.4")
 	}
 	fmt.Printf("    egress IP seen by 198.51.100.10: %s\n", l.egress(i))
 }
 
-func (l *lab) run(prefix, ns string, args ...string) {
-	out, err := l.net.Exec(ns, args...)
+func (l *demoLab) run(prefix string, i int, args ...string) {
+	out, err := l.c.Exec(i, args...)
 	fmt.Printf("%s$ %s\n%s", prefix, strings.Join(args, " "), indent(out, prefix+"  "))
 	if err != nil {
 		fmt.Printf("%s  (%v)\n", prefix, err)
@@ -232,10 +212,10 @@ func (l *lab) run(prefix, ns string, args ...string) {
 }
 
 // settle waits until every agent's NodeRouting reflects the current Routes.
-func (l *lab) settle() error {
+func (l *demoLab) settle() error {
 	deadline := time.Now().Add(20 * time.Second)
 	for time.Now().Before(deadline) {
-		routes, err := l.client.NetworkingV1alpha1().Routes().List(l.ctx, metav1.ListOptions{})
+		routes, err := l.c.Client.NetworkingV1alpha1().Routes().List(l.ctx, metav1.ListOptions{})
 		if err != nil {
 			return err
 		}
@@ -245,7 +225,7 @@ func (l *lab) settle() error {
 		}
 		ok := true
 		for _, w := range workers {
-			nr, err := l.client.NetworkingV1alpha1().NodeRoutings().Get(l.ctx, w.name, metav1.GetOptions{})
+			nr, err := l.c.Client.NetworkingV1alpha1().NodeRoutings().Get(l.ctx, w.Name, metav1.GetOptions{})
 			if err != nil {
 				ok = false
 				break
@@ -269,9 +249,9 @@ func (l *lab) settle() error {
 	return fmt.Errorf("the nodes did not report the current Routes within 20s")
 }
 
-func (l *lab) kubectl(args ...string) error {
+func (l *demoLab) kubectl(args ...string) error {
 	fmt.Printf("  $ kubectl %s\n", strings.Join(args, " "))
-	out, err := l.cp.Kubectl(args...).CombinedOutput()
+	out, err := l.c.Kubectl(args...).CombinedOutput()
 	fmt.Print(indent(string(out), "    "))
 	if err != nil {
 		return fmt.Errorf("kubectl %s: %w", strings.Join(args, " "), err)
@@ -279,80 +259,25 @@ func (l *lab) kubectl(args ...string) error {
 	return nil
 }
 
-func (l *lab) startAgent(bin string, i int) error {
-	kubeconfig, _, err := l.cp.KubeconfigFor("system:serviceaccount:routing-agent:routing-agent", "system:serviceaccounts", "system:authenticated")
-	if err != nil {
-		return err
-	}
-	resolv := filepath.Join(l.dir, "resolv.conf")
-	if err := os.WriteFile(resolv, []byte("nameserver 198.51.100.53\n"), 0o644); err != nil {
-		return err
-	}
-	logFile, err := os.Create(filepath.Join(l.dir, workers[i].name+".log"))
-	if err != nil {
-		return err
-	}
-	cmd := exec.Command("ip", "netns", "exec", l.net.Nodes[i], bin, "--kubeconfig", kubeconfig, "--node-name", workers[i].name,
-		"--resolv-conf", resolv, "--http-address", "127.0.0.1:9464")
-	cmd.Stdout, cmd.Stderr = logFile, logFile
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		return err
-	}
-	l.agents = append(l.agents, cmd)
-	client := &http.Client{Timeout: time.Second, Transport: &http.Transport{DialContext: netns.Dialer(l.net.Nodes[i])}}
-	for start := time.Now(); time.Since(start) < 30*time.Second; time.Sleep(100 * time.Millisecond) {
-		if resp, err := client.Get("http://127.0.0.1:9464/readyz"); err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return nil
-			}
-		}
-	}
-	log, _ := os.ReadFile(logFile.Name())
-	return fmt.Errorf("the agent on %s did not become ready:\n%s", workers[i].name, log)
-}
-
-// whoami serves, on the external host, the source address of each request.
-func (l *lab) whoami() (func(), error) {
-	var ln net.Listener
-	if err := netns.Do(l.net.External, func() (err error) {
-		ln, err = net.Listen("tcp", net.JoinHostPort(l.net.ExternalAddr.String(), "80"))
-		return err
-	}); err != nil {
-		return nil, err
-	}
-	server := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		host, _, _ := net.SplitHostPort(r.RemoteAddr)
-		fmt.Fprint(w, host)
-	}), ReadHeaderTimeout: 2 * time.Second}
-	go server.Serve(ln)
-	return func() { server.Close() }, nil
-}
-
 // egress asks the external host which address node i's request came from.
-func (l *lab) egress(i int) string {
-	client := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{DialContext: netns.Dialer(l.net.Nodes[i]), DisableKeepAlives: true}}
-	resp, err := client.Get("http://" + l.net.ExternalAddr.String() + "/")
+func (l *demoLab) egress(i int) string {
+	who, err := l.c.Egress(i)
 	if err != nil {
 		return "unreachable (" + err.Error() + ")"
 	}
-	defer resp.Body.Close()
-	body, _ := io.ReadAll(resp.Body)
-	who := string(body)
 	switch who {
-	case l.net.GatewayUplink[0].String():
+	case l.c.Net.GatewayUplink[0].String():
 		who += " (NAT gateway 10.114.0.3)"
-	case l.net.GatewayUplink[1].String():
+	case l.c.Net.GatewayUplink[1].String():
 		who += " (NAT gateway 10.114.0.4)"
-	case l.net.NodePublics[i].String():
+	case l.c.Nodes[i].Public.String():
 		who += " (the node's own public address)"
 	}
 	return who
 }
 
 // egressMix counts the egress addresses of n new connections.
-func (l *lab) egressMix(i, n int) string {
+func (l *demoLab) egressMix(i, n int) string {
 	count := map[string]int{}
 	for range n {
 		count[l.egress(i)]++
@@ -363,22 +288,6 @@ func (l *lab) egressMix(i, n int) string {
 	}
 	sort.Strings(parts)
 	return strings.Join(parts, ", ")
-}
-
-func (l *lab) teardown() {
-	for _, a := range l.agents {
-		a.Process.Signal(syscall.SIGTERM)
-		a.Wait()
-	}
-	if l.cp != nil {
-		l.cp.Stop()
-	}
-	if l.net != nil {
-		l.net.Close()
-	}
-	if l.dir != "" {
-		os.RemoveAll(l.dir)
-	}
 }
 
 func indent(s, prefix string) string {

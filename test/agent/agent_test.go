@@ -81,7 +81,7 @@ func TestAgent(t *testing.T) {
 			{"link", "set", "side0", "up"},
 			{"link", "set", "side1", "up"},
 		} {
-			if out, err := e.lab.Exec(e.agents[0].ns, append([]string{"ip"}, args...)...); err != nil {
+			if out, err := e.lab.Exec(e.ns(0), append([]string{"ip"}, args...)...); err != nil {
 				t.Fatalf("%v: %s", err, out)
 			}
 		}
@@ -177,7 +177,7 @@ func TestAgent(t *testing.T) {
 			time.Sleep(time.Second)
 		}
 		// Drift is still repaired without the API server.
-		if out, err := e.lab.Exec(e.agents[0].ns, "ip", "route", "del", "198.51.100.64/26", "table", fmt.Sprint(keepTable)); err != nil {
+		if out, err := e.lab.Exec(e.ns(0), "ip", "route", "del", "198.51.100.64/26", "table", fmt.Sprint(keepTable)); err != nil {
 			t.Fatalf("deleting by hand: %v %s", err, out)
 		}
 		e.eventually(10*time.Second, "hand-deleted route restored during the outage", func() (bool, string) {

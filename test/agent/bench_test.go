@@ -26,7 +26,7 @@ func BenchmarkAgent(b *testing.B) {
 	ctx := context.Background()
 
 	// The kernel tells when a route lands: subscribe inside the node.
-	ns, err := vnetns.GetFromName(e.agents[0].ns)
+	ns, err := vnetns.GetFromName(e.ns(0))
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -62,7 +62,7 @@ func BenchmarkAgent(b *testing.B) {
 	b.ReportMetric(float64(p99.Microseconds())/1000, "p99-ms")
 
 	idle := func(label string) {
-		pid := e.agents[0].cmd.Process.Pid // ip netns exec execs the agent in place
+		pid := e.c.Nodes[0].Agent.PID() // ip netns exec execs the agent in place
 		cpu0, req0 := cpuTicks(b, pid), e.metric(0, "routing_agent_api_requests_total")
 		window := time.Minute
 		time.Sleep(window)

@@ -33,8 +33,11 @@ func TestDefaultOverrideThroughNAT(t *testing.T) {
 			}
 		}
 	}
-	whoami := startWhoami(t, e.lab)
-	defer whoami.Close()
+	stopWhoami, err := e.c.StartWhoami()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stopWhoami()
 
 	if got := e.egress(0); got != e.lab.NodePublic.String() {
 		t.Fatalf("before the override the external host saw %s, want the node's %s", got, e.lab.NodePublic)
@@ -82,39 +85,18 @@ func TestDefaultOverrideThroughNAT(t *testing.T) {
 	}
 	resp.Body.Close()
 	for _, dst := range []string{"169.254.169.254", "198.51.100.53", e.lab.ControlPlaneAddr.String()} {
-		if out, _ := e.lab.Exec(e.agents[0].ns, "ip", "route", "get", dst); !strings.Contains(out, "dev pub0") {
+		if out, _ := e.lab.Exec(e.ns(0), "ip", "route", "get", dst); !strings.Contains(out, "dev pub0") {
 			t.Errorf("ip route get %s: %s, want the node's own path (pub0)", dst, out)
 		}
 	}
 }
 
-// startWhoami serves, on the external host, the source address of each
-// request, as a service that allow-lists egress IPs would see it.
-func startWhoami(t *testing.T, lab *topology.Lab) *http.Server {
-	var ln net.Listener
-	if err := netns.Do(lab.External, func() (err error) {
-		ln, err = net.Listen("tcp", net.JoinHostPort(lab.ExternalAddr.String(), "80"))
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	server := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		host, _, _ := net.SplitHostPort(r.RemoteAddr)
-		io.WriteString(w, host)
-	}), ReadHeaderTimeout: 2 * time.Second}
-	go server.Serve(ln)
-	return server
-}
-
 // egress asks the external host which address node i's request came from.
 func (e *env) egress(i int) string {
 	e.t.Helper()
-	client := &http.Client{Timeout: 3 * time.Second, Transport: &http.Transport{DialContext: netns.Dialer(e.agents[i].ns), DisableKeepAlives: true}}
-	resp, err := client.Get("http://" + e.lab.ExternalAddr.String() + "/")
+	who, err := e.c.Egress(i)
 	if err != nil {
 		e.t.Fatalf("request to the external host: %v", err)
 	}
-	defer resp.Body.Close()
-	body, _ := io.ReadAll(resp.Body)
-	return string(body)
+	return who
 }

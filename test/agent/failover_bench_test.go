@@ -59,7 +59,7 @@ func BenchmarkFailover(b *testing.B) {
 		}
 		e.applyRoute(newRoute("wide", dsts, []string{"10.114.0.3", "10.114.0.4"}))
 		e.waitNexthops("172.31.255.0/24", "10.114.0.3,10.114.0.4", 30*time.Second)
-		ns, err := vnetns.GetFromName(e.agents[0].ns)
+		ns, err := vnetns.GetFromName(e.ns(0))
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -110,7 +110,7 @@ func BenchmarkFailover(b *testing.B) {
 			nr := e.nodeRouting(0)
 			return nr != nil && nr.Status.Summary.GatewaysUp == 16, fmt.Sprintf("%+v", nr)
 		})
-		pid := e.agents[0].cmd.Process.Pid
+		pid := e.c.Nodes[0].Agent.PID()
 		rx0 := gatewayRx(b, e)
 		cpu0 := cpuTicks(b, pid)
 		window := 30 * time.Second

@@ -2,108 +2,30 @@ package agent_test
 
 import (
 	"fmt"
-	"net"
-	"net/netip"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
 
-	"github.com/routing-agent/routing-agent/pkg/lab/netns"
+	"github.com/routing-agent/routing-agent/pkg/lab/cluster"
 	"github.com/routing-agent/routing-agent/pkg/lab/topology"
 )
 
-// traffic is steady UDP from the node to the external host: flows fixed
-// source ports, each sending at a fixed rate, counted on both ends.
-type traffic struct {
-	flows    []*net.UDPConn
-	ports    []int
-	sent     []atomic.Int64
-	received map[int]*atomic.Int64
-	stop     chan struct{}
-	wg       sync.WaitGroup
-	rx       *net.UDPConn
-}
-
-func startTraffic(t testing.TB, lab *topology.Lab, node string, flows int, every time.Duration) *traffic {
-	dst := netip.AddrPortFrom(lab.ExternalAddr, 9100)
-	tr := &traffic{sent: make([]atomic.Int64, flows), received: map[int]*atomic.Int64{}, stop: make(chan struct{})}
-	rx, err := topology.ListenUDP(lab.External, dst)
+// startTraffic sends steady UDP from node ns to the external host
+// (cluster.StartTraffic), or fails the test.
+func startTraffic(t testing.TB, lab *topology.Lab, ns string, flows int, every time.Duration) *cluster.Traffic {
+	t.Helper()
+	tr, err := cluster.StartTraffic(lab, ns, 9100, flows, every)
 	if err != nil {
 		t.Fatal(err)
 	}
-	tr.rx = rx
-	for i := range flows {
-		port := 20000 + i
-		tr.ports = append(tr.ports, port)
-		tr.received[port] = &atomic.Int64{}
-		var conn *net.UDPConn
-		if err := netns.Do(node, func() (err error) {
-			conn, err = net.DialUDP("udp", &net.UDPAddr{Port: port}, net.UDPAddrFromAddrPort(dst))
-			return err
-		}); err != nil {
-			t.Fatal(err)
-		}
-		tr.flows = append(tr.flows, conn)
-	}
-	tr.wg.Add(1)
-	go func() {
-		defer tr.wg.Done()
-		buf := make([]byte, 64)
-		for {
-			_, from, err := rx.ReadFromUDPAddrPort(buf)
-			if err != nil {
-				return
-			}
-			if c, ok := tr.received[int(from.Port())]; ok {
-				c.Add(1)
-			}
-		}
-	}()
-	tr.wg.Add(1)
-	go func() {
-		defer tr.wg.Done()
-		tick := time.NewTicker(every)
-		defer tick.Stop()
-		for {
-			select {
-			case <-tr.stop:
-				return
-			case <-tick.C:
-				for i, c := range tr.flows {
-					if _, err := c.Write([]byte("x")); err == nil {
-						tr.sent[i].Add(1)
-					}
-				}
-			}
-		}
-	}()
 	return tr
-}
-
-// finish stops sending, lets the last datagrams land and returns the loss
-// of each flow by source port.
-func (tr *traffic) finish() map[int]int64 {
-	close(tr.stop)
-	time.Sleep(300 * time.Millisecond)
-	tr.rx.Close()
-	for _, c := range tr.flows {
-		c.Close()
-	}
-	tr.wg.Wait()
-	loss := map[int]int64{}
-	for i, port := range tr.ports {
-		loss[port] = tr.sent[i].Load() - tr.received[port].Load()
-	}
-	return loss
 }
 
 // flowGateway says which gateway the kernel hashes a flow to.
 func (e *env) flowGateway(port int) string {
 	// The source address is part of the L4 hash: give the one the socket has.
-	out, err := e.lab.Exec(e.agents[0].ns, "ip", "route", "get", e.lab.ExternalAddr.String(), "from", e.lab.NodeVPC.String(),
+	out, err := e.lab.Exec(e.ns(0), "ip", "route", "get", e.lab.ExternalAddr.String(), "from", e.lab.NodeVPC.String(),
 		"ipproto", "udp", "sport", fmt.Sprint(port), "dport", "9100")
 	if err != nil {
 		e.t.Fatalf("ip route get: %v %s", err, out)
@@ -119,7 +41,7 @@ func (e *env) flowGateway(port int) string {
 
 // nexthops lists the gateways of the agent's route to dst on node 0.
 func (e *env) nexthops(dst string) string {
-	out, err := e.lab.Exec(e.agents[0].ns, "ip", "route", "show", "table", "all", dst, "proto", "245")
+	out, err := e.lab.Exec(e.ns(0), "ip", "route", "show", "table", "all", dst, "proto", "245")
 	if err != nil {
 		e.t.Fatal(err)
 	}
@@ -178,9 +100,9 @@ func TestFailover(t *testing.T) {
 	} {
 		t.Run(kill.name, func(t *testing.T) {
 			e.t = t
-			tr := startTraffic(t, e.lab, e.agents[0].ns, 16, 10*time.Millisecond)
+			tr := startTraffic(t, e.lab, e.ns(0), 16, 10*time.Millisecond)
 			survivors := map[int]bool{}
-			for _, port := range tr.ports {
+			for _, port := range tr.Ports {
 				survivors[port] = e.flowGateway(port) == "10.114.0.3"
 			}
 			time.Sleep(300 * time.Millisecond)
@@ -191,7 +113,7 @@ func TestFailover(t *testing.T) {
 			kill.up()
 			back := e.waitNexthops(failoverDst, "10.114.0.3,10.114.0.4", 15*time.Second)
 			t.Logf("%s: gateway 10.114.0.4 back in the route after %s", kill.name, back.Round(time.Millisecond))
-			loss := tr.finish()
+			_, loss := tr.Finish()
 			n := 0
 			for port, lost := range loss {
 				if survivors[port] {
@@ -211,14 +133,15 @@ func TestFailover(t *testing.T) {
 
 	t.Run("agent restart loses no packet", func(t *testing.T) {
 		e.t = t
-		tr := startTraffic(t, e.lab, e.agents[0].ns, 16, 10*time.Millisecond)
+		tr := startTraffic(t, e.lab, e.ns(0), 16, 10*time.Millisecond)
 		time.Sleep(300 * time.Millisecond)
 		e.stopAgent(0, syscall.SIGTERM) // as in a rolling update
 		time.Sleep(time.Second)
 		e.startAgent(0)
 		e.waitReady(0)
 		time.Sleep(500 * time.Millisecond)
-		for port, lost := range tr.finish() {
+		_, loss := tr.Finish()
+		for port, lost := range loss {
 			if lost != 0 {
 				t.Errorf("flow %d lost %d datagrams across the agent's restart", port, lost)
 			}
@@ -240,7 +163,7 @@ func TestFailover(t *testing.T) {
 		if got := e.nexthops(failoverDst); got != "10.114.0.3,10.114.0.4" {
 			t.Errorf("with every gateway dead the route holds %q; want both kept (fail closed)", got)
 		}
-		if out, _ := e.lab.Exec(e.agents[0].ns, "ip", "route", "get", e.lab.ExternalAddr.String()); !strings.Contains(out, "dev vpc0") {
+		if out, _ := e.lab.Exec(e.ns(0), "ip", "route", "get", e.lab.ExternalAddr.String()); !strings.Contains(out, "dev vpc0") {
 			t.Errorf("traffic leaks out of the node's own default route: %s", out)
 		}
 		e.eventually(10*time.Second, "GatewayDown and AllGatewaysDown Events", func() (bool, string) {

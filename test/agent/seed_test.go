@@ -10,6 +10,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	v1alpha1 "github.com/routing-agent/routing-agent/apis/networking/v1alpha1"
+	"github.com/routing-agent/routing-agent/pkg/lab/cluster"
 	"github.com/routing-agent/routing-agent/pkg/lab/topology"
 )
 
@@ -17,9 +18,10 @@ import (
 // with kubectl, verbatim, to two nodes — worker-pool-x in pool worker-pool,
 // worker-pool-y in another — and checks which node's kernel gets the route.
 func TestSeedExamplesThroughAgents(t *testing.T) {
-	e := newEnvNodes(t, topology.Options{Purpose: "seed", Nodes: 2},
-		[]string{"worker-pool-x", "worker-pool-y"},
-		[]map[string]string{{"doks.digitalocean.com/node-pool": "worker-pool"}, {"doks.digitalocean.com/node-pool": "other-pool"}}, "5s")
+	e := newEnvNodes(t, topology.Options{Purpose: "seed", Nodes: 2}, []cluster.NodeSpec{
+		{Name: "worker-pool-x", Labels: map[string]string{"doks.digitalocean.com/node-pool": "worker-pool"}},
+		{Name: "worker-pool-y", Labels: map[string]string{"doks.digitalocean.com/node-pool": "other-pool"}},
+	}, "5s")
 	for _, tc := range []struct {
 		file    string
 		dst     string
@@ -45,7 +47,7 @@ func TestSeedExamplesThroughAgents(t *testing.T) {
 				t.Fatal(err)
 			}
 			for i, selected := range tc.on {
-				e.eventually(5*time.Second, tc.file+" on "+e.agents[i].node, func() (bool, string) {
+				e.eventually(5*time.Second, tc.file+" on "+e.name(i), func() (bool, string) {
 					out := e.routesOn(i)
 					has := strings.HasPrefix(out, tc.dst+" ") && strings.Contains(out, tc.gateway)
 					return has == selected && (selected || out == ""), out

@@ -10,6 +10,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/routing-agent/routing-agent/pkg/lab/netns"
 )
 
 // cgroupMount is where the machine's cgroup hierarchies are mounted.
@@ -165,7 +167,7 @@ func removeCgroup(path string, timeout time.Duration) error {
 // RemoveStale kills and removes what killed runs left: cgroup roots named
 // like netns.Name ("ra-<purpose>-<pid>") whose creating process is gone.
 // Their shims and containers outlive a killed test, being children of init.
-func RemoveStale(prefix string) error {
+func RemoveStale() error {
 	entries, err := os.ReadDir(trackingHierarchy())
 	if err != nil {
 		return err
@@ -173,11 +175,7 @@ func RemoveStale(prefix string) error {
 	var errs []error
 	for _, e := range entries {
 		name := e.Name()
-		if !e.IsDir() || !strings.HasPrefix(name, prefix) {
-			continue
-		}
-		pid, err := strconv.Atoi(name[strings.LastIndex(name, "-")+1:])
-		if err != nil || pid == os.Getpid() || syscall.Kill(pid, 0) == nil {
+		if !e.IsDir() || !netns.Stale(name) {
 			continue
 		}
 		if err := killCgroup("/"+name, 10*time.Second); err != nil {

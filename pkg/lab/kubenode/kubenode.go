@@ -99,7 +99,7 @@ var kernelTunables = map[string]string{
 // Start brings the node up: mount namespace, containerd, kubelet. It
 // returns once containerd answers and the kubelet runs; the Node object
 // appears shortly after. On error nothing is left running.
-func Start(ctx context.Context, opts Options) (n *Node, err error) {
+func Start(ctx context.Context, opts Options) (_ *Node, err error) {
 	if opts.Dir == "" || opts.NetNS == "" || opts.Name == "" || opts.CgroupRoot == "" || opts.Kubeconfig == "" {
 		return nil, errors.New("kubenode: Dir, NetNS, Name, CgroupRoot and Kubeconfig are required")
 	}
@@ -113,7 +113,7 @@ func Start(ctx context.Context, opts Options) (n *Node, err error) {
 	}
 	// Several daemons write into it, each from a goroutine of os/exec.
 	opts.Output = &lockedWriter{w: opts.Output}
-	n = &Node{opts: opts, socket: filepath.Join(opts.Dir, "containerd.sock")}
+	n := &Node{opts: opts, socket: filepath.Join(opts.Dir, "containerd.sock")}
 	defer func() {
 		if err != nil {
 			n.Stop()
@@ -295,10 +295,10 @@ func (n *Node) StopKubelet() {
 	}
 }
 
-// PodLogs returns what a pod's containers wrote (the kubelet's log files),
-// for diagnostics when a test fails.
+// PodLogs returns what the containers of the pods of namespace whose name
+// starts with pod wrote (the kubelet's log files), for diagnostics.
 func (n *Node) PodLogs(namespace, pod string) string {
-	dirs, _ := filepath.Glob(filepath.Join(n.opts.Dir, "pods", namespace+"_"+pod+"_*", "*"))
+	dirs, _ := filepath.Glob(filepath.Join(n.opts.Dir, "pods", namespace+"_"+pod+"*", "*"))
 	var b strings.Builder
 	for _, dir := range dirs {
 		files, _ := filepath.Glob(filepath.Join(dir, "*.log"))

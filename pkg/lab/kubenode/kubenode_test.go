@@ -36,7 +36,7 @@ func TestNodeRunsHostNetworkPodsInItsNamespace(t *testing.T) {
 	if err := netns.RemoveStale(); err != nil {
 		t.Fatal(err)
 	}
-	if err := kubenode.RemoveStale(netns.Prefix); err != nil {
+	if err := kubenode.RemoveStale(); err != nil {
 		t.Fatal(err)
 	}
 	ctx := context.Background()

@@ -48,23 +48,24 @@ func RemoveStale() error {
 		return err
 	}
 	for _, e := range entries {
-		name := e.Name()
-		if !strings.HasPrefix(name, Prefix) {
+		if !Stale(e.Name()) {
 			continue
 		}
-		pid, err := strconv.Atoi(name[strings.LastIndex(name, "-")+1:])
-		if err != nil || pid == os.Getpid() || alive(pid) {
-			continue
-		}
-		if err := Delete(name); err != nil {
+		if err := Delete(e.Name()); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-func alive(pid int) bool {
-	return syscall.Kill(pid, 0) == nil
+// Stale says whether name is one Name gave out (ra-<purpose>-<pid>, or
+// anything of the lab named the same way) to a process that is gone.
+func Stale(name string) bool {
+	if !strings.HasPrefix(name, Prefix) {
+		return false
+	}
+	pid, err := strconv.Atoi(name[strings.LastIndex(name, "-")+1:])
+	return err == nil && pid != os.Getpid() && syscall.Kill(pid, 0) != nil
 }
 
 func ip(args ...string) error {

@@ -629,6 +629,65 @@ func (l *Lab) GatewayForwarded(i int) (uint64, error) {
 	return links[0].Stats64.RX.Packets, nil
 }
 
+// CountExternalTraffic starts counting, on gateway i, the packets it
+// receives from the VPC for the external host's network (198.51.100.0/24):
+// traffic sent through the gateway, as opposed to the probes, ARP and
+// neighbour discovery addressed to it. An nftables counter ahead of every
+// other hook, so it counts packets the gateway then drops too
+// (SilenceGateway); ExternalPackets reads it.
+func (l *Lab) CountExternalTraffic(i int) error {
+	if i < 0 || i >= len(l.Gateways) {
+		return fmt.Errorf("topology: no gateway %d", i)
+	}
+	external := netip.PrefixFrom(l.ExternalAddr, 24).Masked()
+	for _, rule := range []string{
+		"add table inet lab-count",
+		"add chain inet lab-count pre { type filter hook prerouting priority -400 ; }",
+		"add rule inet lab-count pre iifname " + VPCIf + " ip daddr " + external.String() + " counter",
+	} {
+		if out, err := l.Exec(l.Gateways[i], append([]string{"nft"}, strings.Fields(rule)...)...); err != nil {
+			return fmt.Errorf("topology: counting on gateway %d: %w: %s", i, err, out)
+		}
+	}
+	return nil
+}
+
+// ExternalPackets returns what CountExternalTraffic has counted on gateway i.
+func (l *Lab) ExternalPackets(i int) (uint64, error) {
+	if i < 0 || i >= len(l.Gateways) {
+		return 0, fmt.Errorf("topology: no gateway %d", i)
+	}
+	out, err := l.Exec(l.Gateways[i], "nft", "-j", "list", "chain", "inet", "lab-count", "pre")
+	if err != nil {
+		return 0, err
+	}
+	var listing struct {
+		Nftables []struct {
+			Rule *struct {
+				Expr []struct {
+					Counter *struct {
+						Packets uint64 `json:"packets"`
+					} `json:"counter"`
+				} `json:"expr"`
+			} `json:"rule"`
+		} `json:"nftables"`
+	}
+	if err := json.Unmarshal([]byte(out), &listing); err != nil {
+		return 0, fmt.Errorf("topology: parsing the counter of gateway %d: %w", i, err)
+	}
+	for _, item := range listing.Nftables {
+		if item.Rule == nil {
+			continue
+		}
+		for _, e := range item.Rule.Expr {
+			if e.Counter != nil {
+				return e.Counter.Packets, nil
+			}
+		}
+	}
+	return 0, fmt.Errorf("topology: gateway %d counts nothing (CountExternalTraffic first)", i)
+}
+
 // ListenUDP opens a UDP socket bound to addr inside namespace ns; it stays
 // in that namespace for its life and can be read from any goroutine.
 func ListenUDP(ns string, addr netip.AddrPort) (*net.UDPConn, error) {

@@ -1,0 +1,699 @@
+// Package install_test installs the agent as users do — the image built
+// without Docker, `kubectl apply -k` of manifests/ with an image override —
+// onto lab nodes that run real kubelets, containerd and runc, and proves
+// with packets what a user relies on: the seed's default override through
+// NAT gateways, failover, rolling updates under traffic (also with a dead
+// gateway) and the startup taint.
+package install_test
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink/nl"
+	vnetns "github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+	authenticationv1 "k8s.io/api/authentication/v1"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/wait"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+
+	"github.com/routing-agent/routing-agent/pkg/agent"
+	"github.com/routing-agent/routing-agent/pkg/lab/cluster"
+	"github.com/routing-agent/routing-agent/pkg/lab/topology"
+)
+
+const (
+	gw3, gw4 = "10.114.0.3", "10.114.0.4"
+	// The announcement's default override names its Route "basic".
+	overrideRoute = "basic"
+)
+
+func repoRoot() string {
+	_, file, _, _ := runtime.Caller(0)
+	return filepath.Join(filepath.Dir(file), "..", "..")
+}
+
+// lab is the installed cluster and what the test asks of it.
+type lab struct {
+	t   *testing.T
+	c   *cluster.Cluster
+	ctx context.Context
+	// images are the agent image references loaded on the nodes, in order.
+	images []string
+}
+
+// TestInstallFromManifests is the user's path end to end. Its subtests
+// run in order on one cluster.
+func TestInstallFromManifests(t *testing.T) {
+	ctx := context.Background()
+	c, err := cluster.New(ctx, cluster.Options{
+		Topology:      topology.Options{Purpose: "install", Nodes: 2, NAT: true},
+		Kubelets:      true,
+		StartupTaints: []corev1.Taint{{Key: agent.DefaultStartupTaint, Effect: corev1.TaintEffectNoSchedule}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := &lab{t: t, c: c, ctx: ctx}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("agent pods:\n%s", c.AgentPodReport(ctx))
+		}
+		if err := c.Close(); err != nil {
+			t.Error(err)
+		}
+	})
+	// The gateways refuse anything for the control plane: an agent whose
+	// API connection took the override would lose it, and this test.
+	for _, gw := range c.Net.Gateways {
+		if out, err := c.Net.Exec(gw, "nft", "add table ip guard ; add chain ip guard forwarded { type filter hook forward priority 0 ; } ; add rule ip guard forwarded ip daddr "+c.Net.ControlPlaneAddr.String()+" drop"); err != nil {
+			t.Fatalf("%v: %s", err, out)
+		}
+	}
+	for i := range c.Net.Gateways {
+		if err := c.Net.CountExternalTraffic(i); err != nil {
+			t.Fatal(err)
+		}
+	}
+	stopWhoami, err := c.StartWhoami()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stopWhoami()
+
+	// A workload that arrives before the agent: the startup taint keeps it
+	// off both nodes.
+	workload := l.createWorkload()
+	l.eventually(30*time.Second, "the workload pod unschedulable while the nodes carry the startup taint", func() (bool, string) {
+		pod, err := c.Kube.CoreV1().Pods("default").Get(ctx, workload, metav1.GetOptions{})
+		if err != nil {
+			return false, err.Error()
+		}
+		for _, cond := range pod.Status.Conditions {
+			if cond.Type == corev1.PodScheduled && cond.Status == corev1.ConditionFalse && cond.Reason == corev1.PodReasonUnschedulable {
+				return strings.Contains(cond.Message, "untolerated taint"), cond.Message
+			}
+		}
+		return false, fmt.Sprintf("%+v", pod.Status)
+	})
+
+	t.Run("install: kubectl apply -k with an image override", func(t *testing.T) {
+		l.t = t
+		ref := l.loadImage("lab-1")
+		begin := time.Now()
+		if err := c.Install(cluster.InstallOptions{Image: ref, Components: []string{"startup-taint"}}); err != nil {
+			t.Fatal(err)
+		}
+		for i, r := range l.waitAgentsReady(begin) {
+			t.Logf("%s: agent pod seen %s after kubectl apply; its first apply done %s after that (/readyz)",
+				c.Nodes[i].Name, r.created.Round(time.Millisecond), (r.ready - r.created).Round(time.Millisecond))
+		}
+		if err := c.WaitRollout(l.ctx, time.Minute); err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("kubectl apply to every agent pod Ready: %s", time.Since(begin).Round(time.Millisecond))
+		for i := range c.Nodes {
+			pod, err := c.AgentPod(ctx, i)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := pod.Spec.Containers[0].Image; got != ref {
+				t.Errorf("agent pod %s runs %s, want %s", pod.Name, got, ref)
+			}
+			if pod.Status.PodIP != c.Nodes[i].VPC.String() {
+				t.Errorf("agent pod %s has IP %s, want the node's %s (host network)", pod.Name, pod.Status.PodIP, c.Nodes[i].VPC)
+			}
+		}
+		// Metrics and probes on the InternalIP only, not the public address.
+		if code, _, err := c.AgentGet(0, "/metrics"); err != nil || code != 200 {
+			t.Errorf("metrics on the node's InternalIP: %d %v", code, err)
+		}
+		if l.listens(0, c.Nodes[0].Public.String()+":9464") || l.listens(0, "0.0.0.0:9464") {
+			t.Error("the agent serves HTTP on the node's public address")
+		}
+	})
+
+	t.Run("startup taint removed after the first apply; the workload runs", func(t *testing.T) {
+		l.t = t
+		for i := range c.Nodes {
+			l.eventually(30*time.Second, c.Nodes[i].Name+" without the startup taint", func() (bool, string) {
+				node, err := c.Kube.CoreV1().Nodes().Get(ctx, c.Nodes[i].Name, metav1.GetOptions{})
+				if err != nil {
+					return false, err.Error()
+				}
+				for _, taint := range node.Spec.Taints {
+					if taint.Key == agent.DefaultStartupTaint {
+						return false, fmt.Sprint(node.Spec.Taints)
+					}
+				}
+				return true, ""
+			})
+		}
+		l.eventually(time.Minute, "the workload pod running", func() (bool, string) {
+			pod, err := c.Kube.CoreV1().Pods("default").Get(ctx, workload, metav1.GetOptions{})
+			return err == nil && pod.Status.Phase == corev1.PodRunning, fmt.Sprintf("%+v %v", pod.Status, err)
+		})
+		l.checkTaintPolicy()
+	})
+
+	t.Run("the seed's default override through the NAT gateways", func(t *testing.T) {
+		l.t = t
+		if out, err := c.Kubectl("apply", "-f", filepath.Join(repoRoot(), "test", "testdata", "seed", "03-default-override.yaml")).CombinedOutput(); err != nil {
+			t.Fatalf("kubectl apply: %v: %s", err, out)
+		}
+		for i := range c.Nodes {
+			l.waitNexthops(i, gw3+","+gw4, 15*time.Second)
+			seen := map[string]int{}
+			for range 16 {
+				who, err := c.Egress(i)
+				if err != nil {
+					t.Fatalf("%s: request to the external host: %v", c.Nodes[i].Name, err)
+				}
+				seen[who]++
+			}
+			t.Logf("%s: egress over 16 connections: %v", c.Nodes[i].Name, seen)
+			for who := range seen {
+				if who != c.Net.GatewayUplink[0].String() && who != c.Net.GatewayUplink[1].String() {
+					t.Errorf("%s: the external host saw %s, not a NAT gateway", c.Nodes[i].Name, who)
+				}
+			}
+			if len(seen) != 2 {
+				t.Errorf("%s: connections used %d gateways, want both", c.Nodes[i].Name, len(seen))
+			}
+		}
+		// The agents still reach the API server under the override (the
+		// gateways drop control-plane traffic): they report it.
+		l.eventually(15*time.Second, "NodeRoutings report the override Applied with both gateways Up", func() (bool, string) {
+			for _, n := range c.Nodes {
+				nr, err := c.Client.NetworkingV1alpha1().NodeRoutings().Get(ctx, n.Name, metav1.GetOptions{})
+				if err != nil || len(nr.Status.Routes) != 1 || nr.Status.Routes[0].Phase != "Applied" || nr.Status.Summary.GatewaysUp != 2 {
+					return false, fmt.Sprintf("%s: %v %+v", n.Name, err, nr)
+				}
+			}
+			return true, ""
+		})
+	})
+
+	t.Run("failover under traffic", func(t *testing.T) {
+		l.t = t
+		tr := l.traffic(0, 9100)
+		onSurvivor := map[int]bool{}
+		for _, port := range tr.Ports {
+			onSurvivor[port] = l.flowGateway(0, port, 9100) == gw3
+		}
+		time.Sleep(300 * time.Millisecond)
+		if err := c.Net.SilenceGateway(1, true); err != nil {
+			t.Fatal(err)
+		}
+		took := l.waitNexthops(0, gw3, 10*time.Second)
+		t.Logf("gateway %s silenced: out of worker-0's route after %s", gw4, took.Round(time.Millisecond))
+		if took > 3*time.Second {
+			t.Errorf("failover took %s, the product promises 3 s", took)
+		}
+		time.Sleep(300 * time.Millisecond)
+		if err := c.Net.SilenceGateway(1, false); err != nil {
+			t.Fatal(err)
+		}
+		back := l.waitNexthops(0, gw3+","+gw4, 10*time.Second)
+		t.Logf("gateway %s answers again: back after %s", gw4, back.Round(time.Millisecond))
+		_, lost := tr.Finish()
+		survivors := 0
+		for port, n := range lost {
+			if onSurvivor[port] {
+				survivors++
+				if n != 0 {
+					t.Errorf("flow %d on the surviving gateway lost %d datagrams", port, n)
+				}
+			}
+		}
+		if survivors == 0 {
+			t.Fatal("no flow hashed to the surviving gateway: the test proves nothing")
+		}
+		waitBothUp(l)
+	})
+
+	t.Run("rolling update under traffic: no loss, no kernel write", func(t *testing.T) {
+		l.t = t
+		ref := l.loadImage("lab-2")
+		watch := l.watchKernel()
+		var flows []*cluster.Traffic
+		for i := range c.Nodes {
+			flows = append(flows, l.traffic(i, uint16(9200+i)))
+		}
+		time.Sleep(500 * time.Millisecond)
+		old := l.agentPods()
+		begin := time.Now()
+		l.install(ref)
+		l.waitReplaced(old, ref)
+		t.Logf("rolling update of 2 nodes: %s", time.Since(begin).Round(time.Millisecond))
+		time.Sleep(time.Second)
+		for i, tr := range flows {
+			sent, lost := tr.Finish()
+			var total, dropped int64
+			for port := range sent {
+				total += sent[port]
+				dropped += lost[port]
+			}
+			t.Logf("%s: %d datagrams over %d flows across the update, %d lost", c.Nodes[i].Name, total, len(sent), dropped)
+			if dropped != 0 {
+				t.Errorf("%s lost %d of %d datagrams across the rolling update: %v", c.Nodes[i].Name, dropped, total, lost)
+			}
+		}
+		if changes := watch(); len(changes) != 0 {
+			t.Errorf("routes or rules changed during the rolling update (nothing did):\n%s", strings.Join(changes, "\n"))
+		}
+		l.checkNoWrites()
+	})
+
+	t.Run("rolling update with a dead gateway: nothing sent to it", func(t *testing.T) {
+		l.t = t
+		if err := c.Net.SilenceGateway(1, true); err != nil {
+			t.Fatal(err)
+		}
+		defer c.Net.SilenceGateway(1, false)
+		for i := range c.Nodes {
+			l.waitNexthops(i, gw3, 10*time.Second)
+		}
+		l.eventually(10*time.Second, "NodeRoutings report the dead gateway", func() (bool, string) {
+			for _, n := range c.Nodes {
+				nr, err := c.Client.NetworkingV1alpha1().NodeRoutings().Get(ctx, n.Name, metav1.GetOptions{})
+				if err != nil || nr.Status.Summary.GatewaysDown != 1 {
+					return false, fmt.Sprintf("%s: %v %+v", n.Name, err, nr)
+				}
+			}
+			return true, ""
+		})
+		ref := l.loadImage("lab-3")
+		watch := l.watchKernel()
+		var flows []*cluster.Traffic
+		for i := range c.Nodes {
+			flows = append(flows, l.traffic(i, uint16(9300+i)))
+		}
+		time.Sleep(500 * time.Millisecond)
+		before, err := c.Net.ExternalPackets(1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		old := l.agentPods()
+		l.install(ref)
+		l.waitReplaced(old, ref)
+		// Past the new agents' first probes: a dead gateway put back into
+		// use would have drawn traffic by now.
+		time.Sleep(2 * time.Second)
+		after, err := c.Net.ExternalPackets(1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i, tr := range flows {
+			_, lost := tr.Finish()
+			for port, n := range lost {
+				if n != 0 {
+					t.Errorf("%s: flow %d lost %d datagrams (every flow has the live gateway)", c.Nodes[i].Name, port, n)
+				}
+			}
+		}
+		t.Logf("packets for the external host reaching the dead gateway %s across the update: %d", gw4, after-before)
+		if after != before {
+			t.Errorf("%d packets went to the dead gateway across the rolling update", after-before)
+		}
+		if changes := watch(); len(changes) != 0 {
+			t.Errorf("routes or rules changed during the rolling update:\n%s", strings.Join(changes, "\n"))
+		}
+		l.checkNoWrites()
+		for i := range c.Nodes {
+			if got := l.nexthops(i); got != gw3 {
+				t.Errorf("%s: after the update the route holds %q, want only %s", c.Nodes[i].Name, got, gw3)
+			}
+		}
+	})
+}
+
+// loadImage builds the agent image under a new tag, loads it on every node
+// and returns its reference: a new tag is what changes the DaemonSet.
+func (l *lab) loadImage(tag string) string {
+	l.t.Helper()
+	ref := "localhost/routing-agent:" + tag
+	archive, err := l.c.BuildAgentImage(ref)
+	if err != nil {
+		l.t.Fatal(err)
+	}
+	if err := l.c.LoadImage(archive); err != nil {
+		l.t.Fatal(err)
+	}
+	l.images = append(l.images, ref)
+	return ref
+}
+
+// install applies the manifests again with the image ref, as a user
+// upgrading does.
+func (l *lab) install(ref string) {
+	l.t.Helper()
+	if err := l.c.Install(cluster.InstallOptions{Image: ref, Components: []string{"startup-taint"}}); err != nil {
+		l.t.Fatal(err)
+	}
+}
+
+// startup is when, after some moment, a node's agent pod was first seen
+// in the API and when its agent first said ready (/readyz: caches synced
+// and the first apply done).
+type startup struct{ created, ready time.Duration }
+
+// waitAgentsReady polls every node for its agent pod and the agent's
+// /readyz, every 20 ms, and returns when each happened after since.
+func (l *lab) waitAgentsReady(since time.Time) []startup {
+	l.t.Helper()
+	times := make([]startup, len(l.c.Nodes))
+	var wg sync.WaitGroup
+	for i := range l.c.Nodes {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			deadline := time.Now().Add(time.Minute)
+			for time.Now().Before(deadline) {
+				if times[i].created == 0 {
+					if _, err := l.c.AgentPod(l.ctx, i); err == nil {
+						times[i].created = time.Since(since)
+					}
+				}
+				if code, _, err := l.c.AgentGet(i, "/readyz"); err == nil && code == 200 {
+					times[i].ready = time.Since(since)
+					return
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
+		}()
+	}
+	wg.Wait()
+	for i, r := range times {
+		if r.ready == 0 {
+			l.t.Fatalf("the agent on %s never became ready", l.c.Nodes[i].Name)
+		}
+	}
+	return times
+}
+
+func (l *lab) agentPods() map[string]bool {
+	l.t.Helper()
+	pods, err := l.c.Kube.CoreV1().Pods(cluster.AgentNamespace).List(l.ctx, metav1.ListOptions{})
+	if err != nil {
+		l.t.Fatal(err)
+	}
+	names := map[string]bool{}
+	for _, p := range pods.Items {
+		names[p.Name] = true
+	}
+	return names
+}
+
+// waitReplaced waits until the rollout to ref is complete: no pod of old
+// is left and every node runs a Ready pod of ref.
+func (l *lab) waitReplaced(old map[string]bool, ref string) {
+	l.t.Helper()
+	l.eventually(2*time.Minute, "every agent pod replaced by one running "+ref, func() (bool, string) {
+		pods, err := l.c.Kube.CoreV1().Pods(cluster.AgentNamespace).List(l.ctx, metav1.ListOptions{})
+		if err != nil {
+			return false, err.Error()
+		}
+		ready := 0
+		var state []string
+		for _, p := range pods.Items {
+			state = append(state, fmt.Sprintf("%s %s %s", p.Name, p.Spec.Containers[0].Image, p.Status.Phase))
+			if old[p.Name] {
+				return false, strings.Join(state, "\n")
+			}
+			if p.Spec.Containers[0].Image == ref && podReady(&p) {
+				ready++
+			}
+		}
+		return ready == len(l.c.Nodes), strings.Join(state, "\n")
+	})
+	if err := l.c.WaitRollout(l.ctx, time.Minute); err != nil {
+		l.t.Fatal(err)
+	}
+}
+
+func podReady(p *corev1.Pod) bool {
+	for _, c := range p.Status.Conditions {
+		if c.Type == corev1.PodReady {
+			return c.Status == corev1.ConditionTrue
+		}
+	}
+	return false
+}
+
+// checkNoWrites: the current agents, new since the last rollout, found
+// the kernel right and wrote nothing to it.
+func (l *lab) checkNoWrites() {
+	l.t.Helper()
+	for i, n := range l.c.Nodes {
+		_, body, err := l.c.AgentGet(i, "/metrics")
+		if err != nil {
+			l.t.Fatal(err)
+		}
+		for _, line := range strings.Split(body, "\n") {
+			if strings.HasPrefix(line, "routing_agent_netlink_writes_total{") && !strings.HasSuffix(line, " 0") {
+				l.t.Errorf("%s: the new agent wrote to the kernel: %s", n.Name, line)
+			}
+		}
+	}
+}
+
+// watchKernel records every route and rule change on every node until the
+// returned function is called, which returns them. (It listens to the
+// kernel's route and rule notification groups: a change undone at once is
+// caught too, which comparing dumps would miss.)
+func (l *lab) watchKernel() func() []string {
+	l.t.Helper()
+	var mu sync.Mutex
+	var changes []string
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	for _, n := range l.c.Nodes {
+		target, err := vnetns.GetFromName(n.NS)
+		if err != nil {
+			l.t.Fatal(err)
+		}
+		sock, err := nl.SubscribeAt(target, vnetns.None(), unix.NETLINK_ROUTE,
+			unix.RTNLGRP_IPV4_ROUTE, unix.RTNLGRP_IPV6_ROUTE, unix.RTNLGRP_IPV4_RULE, unix.RTNLGRP_IPV6_RULE)
+		target.Close()
+		if err != nil {
+			l.t.Fatal(err)
+		}
+		if err := sock.SetReceiveTimeout(&unix.Timeval{Usec: 100000}); err != nil {
+			l.t.Fatal(err)
+		}
+		wg.Add(1)
+		go func(name string) {
+			defer wg.Done()
+			defer sock.Close()
+			for {
+				select {
+				case <-done:
+					return
+				default:
+				}
+				msgs, _, err := sock.Receive()
+				if err != nil {
+					continue // the receive timeout
+				}
+				for _, m := range msgs {
+					kind := map[uint16]string{unix.RTM_NEWROUTE: "new route", unix.RTM_DELROUTE: "deleted route",
+						unix.RTM_NEWRULE: "new rule", unix.RTM_DELRULE: "deleted rule"}[m.Header.Type]
+					if kind == "" {
+						continue
+					}
+					rt := nl.DeserializeRtMsg(m.Data)
+					mu.Lock()
+					changes = append(changes, fmt.Sprintf("%s: %s, table %d, protocol %d", name, kind, rt.Table, rt.Protocol))
+					mu.Unlock()
+				}
+			}
+		}(n.Name)
+	}
+	return func() []string {
+		close(done)
+		wg.Wait()
+		mu.Lock()
+		defer mu.Unlock()
+		return changes
+	}
+}
+
+// traffic starts 16 UDP flows from node i to the external host's port.
+func (l *lab) traffic(i int, port uint16) *cluster.Traffic {
+	l.t.Helper()
+	tr, err := cluster.StartTraffic(l.c.Net, l.c.Nodes[i].NS, port, 16, 10*time.Millisecond)
+	if err != nil {
+		l.t.Fatal(err)
+	}
+	return tr
+}
+
+// flowGateway says which gateway node i's kernel hashes a UDP flow to.
+func (l *lab) flowGateway(i, sport, dport int) string {
+	l.t.Helper()
+	out, err := l.c.Net.Exec(l.c.Nodes[i].NS, "ip", "route", "get", l.c.Net.ExternalAddr.String(), "from", l.c.Nodes[i].VPC.String(),
+		"ipproto", "udp", "sport", fmt.Sprint(sport), "dport", fmt.Sprint(dport))
+	if err != nil {
+		l.t.Fatal(err)
+	}
+	for _, gw := range []string{gw3, gw4} {
+		if strings.Contains(out, "via "+gw+" ") {
+			return gw
+		}
+	}
+	l.t.Fatalf("flow %d does not go through a gateway: %s", sport, out)
+	return ""
+}
+
+// nexthops lists the gateways of node i's default override route.
+func (l *lab) nexthops(i int) string {
+	l.t.Helper()
+	out, err := l.c.Net.Exec(l.c.Nodes[i].NS, "ip", "route", "show", "table", "all", "default", "proto", "245")
+	if err != nil {
+		l.t.Fatal(err)
+	}
+	var gws []string
+	for _, gw := range []string{gw3, gw4} {
+		if strings.Contains(out, "via "+gw+" ") {
+			gws = append(gws, gw)
+		}
+	}
+	return strings.Join(gws, ",")
+}
+
+func (l *lab) waitNexthops(i int, want string, limit time.Duration) time.Duration {
+	l.t.Helper()
+	begin := time.Now()
+	for time.Since(begin) < limit {
+		if l.nexthops(i) == want {
+			return time.Since(begin)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	l.t.Fatalf("%s: gateways %q, want %q after %s", l.c.Nodes[i].Name, l.nexthops(i), want, limit)
+	return 0
+}
+
+// waitBothUp waits until both gateways are back in every node's route and
+// reported Up.
+func waitBothUp(l *lab) {
+	for i := range l.c.Nodes {
+		l.waitNexthops(i, gw3+","+gw4, 15*time.Second)
+	}
+}
+
+// listens says whether something in node i listens on address (ss).
+func (l *lab) listens(i int, address string) bool {
+	l.t.Helper()
+	out, err := l.c.Net.Exec(l.c.Nodes[i].NS, "ss", "-Htln")
+	if err != nil {
+		l.t.Fatal(err)
+	}
+	for _, line := range strings.Split(out, "\n") {
+		if f := strings.Fields(line); len(f) >= 4 && f[3] == address {
+			return true
+		}
+	}
+	return false
+}
+
+// createWorkload creates a plain pod (the sandbox image, which every node
+// has) that tolerates nothing, and returns its name.
+func (l *lab) createWorkload() string {
+	l.t.Helper()
+	l.eventually(time.Minute, "the default service account", func() (bool, string) {
+		_, err := l.c.Kube.CoreV1().ServiceAccounts("default").Get(l.ctx, "default", metav1.GetOptions{})
+		return err == nil, fmt.Sprint(err)
+	})
+	pod := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "workload", Namespace: "default"},
+		Spec: corev1.PodSpec{Containers: []corev1.Container{{
+			Name: "app", Image: "registry.k8s.io/pause:3.10", ImagePullPolicy: corev1.PullNever,
+		}}},
+	}
+	if _, err := l.c.Kube.CoreV1().Pods("default").Create(l.ctx, pod, metav1.CreateOptions{}); err != nil {
+		l.t.Fatal(err)
+	}
+	return pod.Name
+}
+
+// checkTaintPolicy proves the startup taint's permission is as narrow as
+// the admission policy makes it: with the token the kubelet would mount
+// into worker-0's agent pod, the agent may not touch worker-1, nor change
+// anything of worker-0 but its startup taint.
+func (l *lab) checkTaintPolicy() {
+	l.t.Helper()
+	pod, err := l.c.AgentPod(l.ctx, 0)
+	if err != nil {
+		l.t.Fatal(err)
+	}
+	token, err := l.c.Kube.CoreV1().ServiceAccounts(cluster.AgentNamespace).CreateToken(l.ctx, "routing-agent", &authenticationv1.TokenRequest{
+		Spec: authenticationv1.TokenRequestSpec{
+			BoundObjectRef: &authenticationv1.BoundObjectReference{Kind: "Pod", APIVersion: "v1", Name: pod.Name, UID: pod.UID},
+		},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		l.t.Fatal(err)
+	}
+	cfg := rest.AnonymousClientConfig(l.c.CP.Config)
+	cfg.BearerToken = token.Status.Token
+	asAgent := kubernetes.NewForConfigOrDie(cfg)
+	taint := fmt.Sprintf(`{"spec":{"taints":[{"key":%q,"effect":"NoSchedule"}]}}`, agent.DefaultStartupTaint)
+	for _, tc := range []struct {
+		what, node, patch string
+	}{
+		{"taint another node", l.c.Nodes[1].Name, taint},
+		{"label its own node", l.c.Nodes[0].Name, `{"metadata":{"labels":{"pool":"elsewhere"}}}`},
+		{"add a taint to its own node", l.c.Nodes[0].Name, taint},
+		{"cordon its own node", l.c.Nodes[0].Name, `{"spec":{"unschedulable":true}}`},
+	} {
+		_, err := asAgent.CoreV1().Nodes().Patch(l.ctx, tc.node, types.MergePatchType, []byte(tc.patch), metav1.PatchOptions{})
+		if !apierrors.IsForbidden(err) && !apierrors.IsInvalid(err) {
+			l.t.Errorf("the agent's token may %s (%s): err = %v", tc.what, tc.node, err)
+		} else {
+			l.t.Logf("the agent may not %s: %v", tc.what, err)
+		}
+	}
+	// What it may do, it can: an unchanged patch of its own Node passes.
+	if _, err := asAgent.CoreV1().Nodes().Patch(l.ctx, l.c.Nodes[0].Name, types.MergePatchType, []byte(`{}`), metav1.PatchOptions{}); err != nil {
+		l.t.Errorf("the agent's token cannot patch its own Node: %v", err)
+	}
+}
+
+func (l *lab) eventually(timeout time.Duration, what string, cond func() (bool, string)) {
+	l.t.Helper()
+	var detail string
+	err := wait.PollUntilContextTimeout(l.ctx, 50*time.Millisecond, timeout, true, func(context.Context) (bool, error) {
+		var ok bool
+		ok, detail = cond()
+		return ok, nil
+	})
+	if err != nil {
+		l.t.Fatalf("%s: not within %s:\n%s", what, timeout, detail)
+	}
+}
+
+func TestMain(m *testing.M) {
+	if os.Geteuid() != 0 {
+		fmt.Fprintln(os.Stderr, "test/install runs kubelets and containerd in network namespaces: run it as root (make test does)")
+		os.Exit(1)
+	}
+	if err := cluster.RemoveStale(); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	os.Exit(m.Run())
+}
