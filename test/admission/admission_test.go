@@ -310,23 +310,3 @@ func repoRoot() string {
 	_, file, _, _ := runtime.Caller(0)
 	return filepath.Join(filepath.Dir(file), "..", "..")
 }
-
-// TestInstallManifests: the install manifests (kubectl apply -k manifests/)
-// are accepted by the API server, checked with a server-side dry run once
-// the namespace they live in exists.
-func TestInstallManifests(t *testing.T) {
-	root := repoRoot()
-	if out, err := kubectl(t, nil, "apply", "-f", filepath.Join(root, "manifests", "rbac.yaml")); err != nil {
-		t.Fatalf("kubectl apply rbac.yaml: %v\n%s", err, out)
-	}
-	out, err := kubectl(t, nil, "apply", "-k", filepath.Join(root, "manifests"), "--dry-run=server")
-	if err != nil {
-		t.Fatalf("kubectl apply -k manifests --dry-run=server: %v\n%s", err, out)
-	}
-	t.Logf("%s", out)
-	for _, want := range []string{"daemonset.apps/routing-agent", "customresourcedefinition.apiextensions.k8s.io/routes.networking.doks.digitalocean.com", "clusterrole.rbac.authorization.k8s.io/routing-agent"} {
-		if !strings.Contains(out, want) {
-			t.Errorf("dry run does not mention %s", want)
-		}
-	}
-}

@@ -24,34 +24,20 @@ func startTraffic(t testing.TB, lab *topology.Lab, ns string, flows int, every t
 
 // flowGateway says which gateway the kernel hashes a flow to.
 func (e *env) flowGateway(port int) string {
-	// The source address is part of the L4 hash: give the one the socket has.
-	out, err := e.lab.Exec(e.ns(0), "ip", "route", "get", e.lab.ExternalAddr.String(), "from", e.lab.NodeVPC.String(),
-		"ipproto", "udp", "sport", fmt.Sprint(port), "dport", "9100")
+	gw, err := e.c.FlowGateway(0, port, 9100)
 	if err != nil {
-		e.t.Fatalf("ip route get: %v %s", err, out)
+		e.t.Fatal(err)
 	}
-	for _, gw := range []string{"10.114.0.3", "10.114.0.4"} {
-		if strings.Contains(out, "via "+gw+" ") {
-			return gw
-		}
-	}
-	e.t.Fatalf("flow %d does not go through a gateway: %s", port, out)
-	return ""
+	return gw
 }
 
 // nexthops lists the gateways of the agent's route to dst on node 0.
 func (e *env) nexthops(dst string) string {
-	out, err := e.lab.Exec(e.ns(0), "ip", "route", "show", "table", "all", dst, "proto", "245")
+	gws, err := e.c.Nexthops(0, dst)
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	var gws []string
-	for _, gw := range []string{"10.114.0.3", "10.114.0.4"} {
-		if strings.Contains(out, "via "+gw+" ") {
-			gws = append(gws, gw)
-		}
-	}
-	return strings.Join(gws, ",")
+	return gws
 }
 
 // waitNexthops polls until the route's gateways are want and says when.

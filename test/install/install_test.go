@@ -241,7 +241,7 @@ func TestInstallFromManifests(t *testing.T) {
 		if survivors == 0 {
 			t.Fatal("no flow hashed to the surviving gateway: the test proves nothing")
 		}
-		waitBothUp(l)
+		l.waitBothUp()
 	})
 
 	t.Run("rolling update under traffic: no loss, no kernel write", func(t *testing.T) {
@@ -544,34 +544,21 @@ func (l *lab) traffic(i int, port uint16) *cluster.Traffic {
 // flowGateway says which gateway node i's kernel hashes a UDP flow to.
 func (l *lab) flowGateway(i, sport, dport int) string {
 	l.t.Helper()
-	out, err := l.c.Net.Exec(l.c.Nodes[i].NS, "ip", "route", "get", l.c.Net.ExternalAddr.String(), "from", l.c.Nodes[i].VPC.String(),
-		"ipproto", "udp", "sport", fmt.Sprint(sport), "dport", fmt.Sprint(dport))
+	gw, err := l.c.FlowGateway(i, sport, dport)
 	if err != nil {
 		l.t.Fatal(err)
 	}
-	for _, gw := range []string{gw3, gw4} {
-		if strings.Contains(out, "via "+gw+" ") {
-			return gw
-		}
-	}
-	l.t.Fatalf("flow %d does not go through a gateway: %s", sport, out)
-	return ""
+	return gw
 }
 
 // nexthops lists the gateways of node i's default override route.
 func (l *lab) nexthops(i int) string {
 	l.t.Helper()
-	out, err := l.c.Net.Exec(l.c.Nodes[i].NS, "ip", "route", "show", "table", "all", "default", "proto", "245")
+	gws, err := l.c.Nexthops(i, "default")
 	if err != nil {
 		l.t.Fatal(err)
 	}
-	var gws []string
-	for _, gw := range []string{gw3, gw4} {
-		if strings.Contains(out, "via "+gw+" ") {
-			gws = append(gws, gw)
-		}
-	}
-	return strings.Join(gws, ",")
+	return gws
 }
 
 func (l *lab) waitNexthops(i int, want string, limit time.Duration) time.Duration {
@@ -587,9 +574,8 @@ func (l *lab) waitNexthops(i int, want string, limit time.Duration) time.Duratio
 	return 0
 }
 
-// waitBothUp waits until both gateways are back in every node's route and
-// reported Up.
-func waitBothUp(l *lab) {
+// waitBothUp waits until both gateways are back in every node's route.
+func (l *lab) waitBothUp() {
 	for i := range l.c.Nodes {
 		l.waitNexthops(i, gw3+","+gw4, 15*time.Second)
 	}

@@ -10,6 +10,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/routing-agent/routing-agent/pkg/lab/daemon"
 	"github.com/routing-agent/routing-agent/pkg/lab/netns"
 )
 
@@ -19,10 +20,9 @@ const AgentHTTP = "127.0.0.1:9464"
 
 // AgentProcess is the routing-agent binary running in a node's namespace.
 type AgentProcess struct {
-	cmd  *exec.Cmd
+	*daemon.Process
 	log  *os.File
 	path string
-	done chan struct{}
 }
 
 // StartAgent runs the agent on node i as its service account, with the
@@ -45,47 +45,28 @@ func (c *Cluster) StartAgent(i int, args ...string) error {
 	if err := os.WriteFile(resolv, []byte(c.opts.ResolvConf), 0o644); err != nil {
 		return err
 	}
-	a := &AgentProcess{path: filepath.Join(c.Dir, n.Name+"-agent.log"), done: make(chan struct{})}
+	a := &AgentProcess{path: filepath.Join(c.Dir, n.Name+"-agent.log")}
 	// Appended to across restarts, so a test sees the whole story.
 	if a.log, err = os.OpenFile(a.path, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644); err != nil {
 		return err
 	}
-	a.cmd = exec.Command("ip", append([]string{"netns", "exec", n.NS, bin,
+	// ip netns exec runs the agent in place: its PID is the agent's.
+	cmd := exec.Command("ip", append([]string{"netns", "exec", n.NS, bin,
 		"--kubeconfig", kubeconfig, "--node-name", n.Name,
 		"--resolv-conf", resolv, "--http-address", AgentHTTP}, args...)...)
-	a.cmd.Stdout, a.cmd.Stderr = a.log, a.log
-	a.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := a.cmd.Start(); err != nil {
+	cmd.Stdout, cmd.Stderr = a.log, a.log
+	if a.Process, err = daemon.Start("routing-agent on "+n.Name, cmd, false); err != nil {
 		a.log.Close()
-		return fmt.Errorf("cluster: starting the agent on %s: %w", n.Name, err)
+		return err
 	}
-	go func() { a.cmd.Wait(); close(a.done) }()
 	n.Agent = a
 	return nil
-}
-
-// Running says whether the process has not exited.
-func (a *AgentProcess) Running() bool {
-	select {
-	case <-a.done:
-		return false
-	default:
-		return true
-	}
 }
 
 // Signal sends sig to the agent and waits up to 10 s for it to exit, then
 // kills it.
 func (a *AgentProcess) Signal(sig syscall.Signal) {
-	if a.Running() {
-		a.cmd.Process.Signal(sig)
-		select {
-		case <-a.done:
-		case <-time.After(10 * time.Second):
-			a.cmd.Process.Kill()
-			<-a.done
-		}
-	}
+	a.Process.Signal(sig, 10*time.Second)
 	a.log.Close()
 }
 
@@ -117,6 +98,3 @@ func (c *Cluster) AgentGet(i int, path string) (int, string, error) {
 	body, _ := io.ReadAll(resp.Body)
 	return resp.StatusCode, string(body), nil
 }
-
-// PID is the agent's process id (ip netns exec runs it in place).
-func (a *AgentProcess) PID() int { return a.cmd.Process.Pid }

@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -141,4 +142,38 @@ func (tr *Traffic) Finish() (sent, lost map[int]int64) {
 		lost[port] = sent[port] - tr.received[port].Load()
 	}
 	return sent, lost
+}
+
+// Nexthops lists, comma-separated and in the lab's gateway order, the
+// gateways of the agent's routes to dst on node i (dst as ip route shows
+// it: "default", "198.51.100.0/24").
+func (c *Cluster) Nexthops(i int, dst string) (string, error) {
+	out, err := c.Net.Exec(c.Nodes[i].NS, "ip", "route", "show", "table", "all", dst, "proto", "245")
+	if err != nil {
+		return "", err
+	}
+	var gws []string
+	for _, gw := range c.Net.GatewayVPC {
+		if strings.Contains(out, "via "+gw.String()+" ") {
+			gws = append(gws, gw.String())
+		}
+	}
+	return strings.Join(gws, ","), nil
+}
+
+// FlowGateway says which gateway node i's kernel hashes a UDP flow from
+// the node's VPC address and sport to the external host's dport to.
+func (c *Cluster) FlowGateway(i, sport, dport int) (string, error) {
+	// The source address is part of the L4 hash: give the one the socket gets.
+	out, err := c.Net.Exec(c.Nodes[i].NS, "ip", "route", "get", c.Net.ExternalAddr.String(), "from", c.Nodes[i].VPC.String(),
+		"ipproto", "udp", "sport", fmt.Sprint(sport), "dport", fmt.Sprint(dport))
+	if err != nil {
+		return "", err
+	}
+	for _, gw := range c.Net.GatewayVPC {
+		if strings.Contains(out, "via "+gw.String()+" ") {
+			return gw.String(), nil
+		}
+	}
+	return "", fmt.Errorf("cluster: flow %d of %s does not go through a gateway: %s", sport, c.Nodes[i].Name, out)
 }

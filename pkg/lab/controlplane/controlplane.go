@@ -18,13 +18,13 @@ import (
 	"path/filepath"
 	"strconv"
 	"sync"
-	"syscall"
 	"time"
 
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
 
+	"github.com/routing-agent/routing-agent/pkg/lab/daemon"
 	"github.com/routing-agent/routing-agent/pkg/lab/netns"
 )
 
@@ -78,11 +78,11 @@ type ControlPlane struct {
 	opts      Options
 	pki       *pki
 	apiArgs   []string
-	etcd      *process
-	apiserver *process
+	etcd      *daemon.Process
+	apiserver *daemon.Process
 	// controllers are kube-controller-manager and kube-scheduler, with
 	// Options.Controllers.
-	controllers []*process
+	controllers []*daemon.Process
 	output      io.Writer
 	logFile     *os.File
 	stopOnce    sync.Once
@@ -271,7 +271,7 @@ func (cp *ControlPlane) startControllers() error {
 // waits until it is ready. Start calls it; tests call it again after
 // StopAPIServer to end a simulated outage.
 func (cp *ControlPlane) StartAPIServer(ctx context.Context) error {
-	if cp.apiserver != nil && cp.apiserver.running() {
+	if cp.apiserver != nil && cp.apiserver.Running() {
 		return errors.New("controlplane: kube-apiserver is already running")
 	}
 	begin := time.Now()
@@ -291,7 +291,7 @@ func (cp *ControlPlane) StartAPIServer(ctx context.Context) error {
 // server outage.
 func (cp *ControlPlane) StopAPIServer() {
 	if cp.apiserver != nil {
-		cp.apiserver.stop(10 * time.Second)
+		cp.apiserver.Stop(10 * time.Second)
 	}
 }
 
@@ -300,11 +300,11 @@ func (cp *ControlPlane) StopAPIServer() {
 func (cp *ControlPlane) Stop() {
 	cp.stopOnce.Do(func() {
 		for _, p := range cp.controllers {
-			p.stop(10 * time.Second)
+			p.Stop(10 * time.Second)
 		}
 		cp.StopAPIServer()
 		if cp.etcd != nil {
-			cp.etcd.stop(10 * time.Second)
+			cp.etcd.Stop(10 * time.Second)
 		}
 		if cp.logFile != nil {
 			cp.logFile.Close()
@@ -420,16 +420,9 @@ func writeKubeconfig(path, server string, caPEM, certPEM, keyPEM []byte) error {
 	return clientcmd.WriteToFile(*cfg, path)
 }
 
-// process is one child; it is killed with the test binary if that dies
-// (Pdeathsig), so a crashed test leaves no control plane behind.
-type process struct {
-	name string
-	cmd  *exec.Cmd
-	done chan struct{}
-	err  error
-}
-
-func (cp *ControlPlane) spawn(name string, args ...string) (*process, error) {
+// spawn starts a control plane binary, inside the control plane's
+// namespace when it has one (ip netns exec forks: signals go to the group).
+func (cp *ControlPlane) spawn(name string, args ...string) (*daemon.Process, error) {
 	bin := filepath.Join(cp.opts.BinDir, name)
 	if cp.opts.NetNS != "" {
 		args = append([]string{"netns", "exec", cp.opts.NetNS, bin}, args...)
@@ -437,39 +430,7 @@ func (cp *ControlPlane) spawn(name string, args ...string) (*process, error) {
 	}
 	cmd := exec.Command(bin, args...)
 	cmd.Stdout, cmd.Stderr = cp.output, cp.output
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("starting %s: %w", name, err)
-	}
-	p := &process{name: name, cmd: cmd, done: make(chan struct{})}
-	go func() {
-		p.err = cmd.Wait()
-		close(p.done)
-	}()
-	return p, nil
-}
-
-func (p *process) running() bool {
-	select {
-	case <-p.done:
-		return false
-	default:
-		return true
-	}
-}
-
-// stop sends SIGTERM to the process group, then SIGKILL after grace.
-func (p *process) stop(grace time.Duration) {
-	if !p.running() {
-		return
-	}
-	_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGTERM)
-	select {
-	case <-p.done:
-	case <-time.After(grace):
-		_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
-		<-p.done
-	}
+	return daemon.Start(name, cmd, true)
 }
 
 func freePort() (int, error) {
@@ -492,9 +453,9 @@ func run(name string, args ...string) error {
 // with Options.Controllers, kube-controller-manager and kube-scheduler.
 func (cp *ControlPlane) PIDs() []int {
 	var pids []int
-	for _, p := range append([]*process{cp.etcd, cp.apiserver}, cp.controllers...) {
-		if p != nil && p.running() {
-			pids = append(pids, p.cmd.Process.Pid)
+	for _, p := range append([]*daemon.Process{cp.etcd, cp.apiserver}, cp.controllers...) {
+		if p != nil && p.Running() {
+			pids = append(pids, p.PID())
 		}
 	}
 	return pids

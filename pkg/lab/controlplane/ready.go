@@ -8,11 +8,13 @@ import (
 
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
+
+	"github.com/routing-agent/routing-agent/pkg/lab/daemon"
 )
 
 // waitReady polls /readyz until the API server says ok, the process dies, or
 // the timeout passes.
-func waitReady(ctx context.Context, cfg *rest.Config, p *process, timeout time.Duration) error {
+func waitReady(ctx context.Context, cfg *rest.Config, p *daemon.Process, timeout time.Duration) error {
 	client, err := kubernetes.NewForConfig(cfg)
 	if err != nil {
 		return err
@@ -29,10 +31,10 @@ func waitReady(ctx context.Context, cfg *rest.Config, p *process, timeout time.D
 			return nil
 		}
 		select {
-		case <-p.done:
-			return fmt.Errorf("%s exited before it was ready: %v", p.name, p.err)
+		case <-p.Done():
+			return fmt.Errorf("%s exited before it was ready: %v", p.Name, p.Err())
 		case <-ctx.Done():
-			return fmt.Errorf("%s not ready after %s: %v", p.name, timeout, last)
+			return fmt.Errorf("%s not ready after %s: %v", p.Name, timeout, last)
 		case <-tick.C:
 		}
 	}

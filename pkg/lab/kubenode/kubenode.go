@@ -32,11 +32,12 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	"sigs.k8s.io/yaml"
+
+	"github.com/routing-agent/routing-agent/pkg/lab/daemon"
 )
 
 // SandboxImage is the pod sandbox image the nodes' containerd is configured
@@ -76,10 +77,9 @@ type Options struct {
 // Node is a running containerd + kubelet.
 type Node struct {
 	opts       Options
-	holder     *exec.Cmd
-	holderDone chan struct{}
-	containerd *process
-	kubelet    *process
+	holder     *daemon.Process
+	containerd *daemon.Process
+	kubelet    *daemon.Process
 	socket     string
 	stopOnce   sync.Once
 	stopErr    error
@@ -177,11 +177,6 @@ func (n *Node) startHolder() error {
 	if err != nil {
 		return err
 	}
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("kubenode: starting the mount namespace holder: %w", err)
-	}
-	n.holder, n.holderDone = cmd, make(chan struct{})
 	line := make(chan string, 1)
 	go func() {
 		s := bufio.NewScanner(stdout)
@@ -189,7 +184,9 @@ func (n *Node) startHolder() error {
 		line <- s.Text()
 		io.Copy(io.Discard, stdout)
 	}()
-	go func() { cmd.Wait(); close(n.holderDone) }()
+	if n.holder, err = daemon.Start("mount namespace holder", cmd, false); err != nil {
+		return fmt.Errorf("kubenode: %w", err)
+	}
 	select {
 	case got := <-line:
 		if got != "ready" {
@@ -204,25 +201,19 @@ func (n *Node) startHolder() error {
 // Command returns a command that runs inside the node: its network and
 // mount namespaces (what `ssh node` would give).
 func (n *Node) Command(name string, args ...string) *exec.Cmd {
-	pid := strconv.Itoa(n.holder.Process.Pid)
+	pid := strconv.Itoa(n.holder.PID())
 	return exec.Command("nsenter", append([]string{"--target", pid, "--mount", "--net", "--", name}, args...)...)
 }
 
 // spawn runs a daemon of the node inside its namespaces and its system
 // cgroup, joined before the daemon's first instruction, so that whatever
 // it starts is found by Stop.
-func (n *Node) spawn(name string, args ...string) (*process, error) {
+func (n *Node) spawn(name string, args ...string) (*daemon.Process, error) {
 	procs := filepath.Join(trackingHierarchy(), n.systemCgroup(), "cgroup.procs")
 	cmd := n.Command("sh", append([]string{"-c", `echo $$ > "$0" && exec "$@"`, procs}, args...)...)
 	cmd.Env = append(os.Environ(), "TMPDIR="+filepath.Join(n.opts.Dir, "tmp"))
 	cmd.Stdout, cmd.Stderr = n.opts.Output, n.opts.Output
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("kubenode: starting %s: %w", name, err)
-	}
-	p := &process{name: name, cmd: cmd, done: make(chan struct{})}
-	go func() { p.err = cmd.Wait(); close(p.done) }()
-	return p, nil
+	return daemon.Start(name, cmd, false)
 }
 
 func (n *Node) waitContainerd(ctx context.Context, timeout time.Duration) error {
@@ -231,8 +222,8 @@ func (n *Node) waitContainerd(ctx context.Context, timeout time.Duration) error 
 		if err := n.ctr("version").Run(); err == nil {
 			return nil
 		}
-		if !n.containerd.running() {
-			return fmt.Errorf("kubenode: containerd of %s exited: %v", n.opts.Name, n.containerd.err)
+		if !n.containerd.Running() {
+			return fmt.Errorf("kubenode: containerd of %s exited: %v", n.opts.Name, n.containerd.Err())
 		}
 		if time.Now().After(deadline) {
 			return fmt.Errorf("kubenode: containerd of %s did not answer within %s", n.opts.Name, timeout)
@@ -261,7 +252,7 @@ func (n *Node) ImportImage(archive string) error {
 // StartKubelet starts the kubelet (Start does; tests call it again after
 // StopKubelet, as after a kubelet restart).
 func (n *Node) StartKubelet() error {
-	if n.kubelet != nil && n.kubelet.running() {
+	if n.kubelet != nil && n.kubelet.Running() {
 		return errors.New("kubenode: the kubelet is already running")
 	}
 	args := []string{
@@ -291,7 +282,7 @@ func (n *Node) StartKubelet() error {
 // StopKubelet stops the kubelet; pods keep running, as on a real node.
 func (n *Node) StopKubelet() {
 	if n.kubelet != nil {
-		n.kubelet.stop(10 * time.Second)
+		n.kubelet.Stop(10 * time.Second)
 	}
 }
 
@@ -322,13 +313,13 @@ func (n *Node) Stop() error {
 		if err := killCgroup(n.opts.CgroupRoot, 10*time.Second); err != nil {
 			errs = append(errs, err)
 		}
-		for _, p := range []*process{n.kubelet, n.containerd} {
+		for _, p := range []*daemon.Process{n.kubelet, n.containerd} {
 			if p != nil {
-				<-p.done
+				<-p.Done()
 			}
 		}
 		if n.holder != nil {
-			<-n.holderDone
+			<-n.holder.Done()
 		}
 		if err := removeCgroup(n.opts.CgroupRoot, 10*time.Second); err != nil {
 			errs = append(errs, err)
@@ -491,36 +482,6 @@ func (l *lockedWriter) Write(p []byte) (int, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.w.Write(p)
-}
-
-// process is one daemon of the node.
-type process struct {
-	name string
-	cmd  *exec.Cmd
-	done chan struct{}
-	err  error
-}
-
-func (p *process) running() bool {
-	select {
-	case <-p.done:
-		return false
-	default:
-		return true
-	}
-}
-
-func (p *process) stop(grace time.Duration) {
-	if !p.running() {
-		return
-	}
-	_ = p.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-p.done:
-	case <-time.After(grace):
-		_ = p.cmd.Process.Kill()
-		<-p.done
-	}
 }
 
 func sortedKeys[V any](m map[string]V) []string {
