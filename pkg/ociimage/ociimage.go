@@ -16,6 +16,7 @@ import (
 	"os"
 	"path"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"time"
@@ -58,9 +59,12 @@ type Spec struct {
 	// Created is the config's creation time; zero means the Unix epoch, so
 	// that the digest depends on the files alone.
 	Created time.Time
+	// Architecture the files are built for, as GOARCH names it; default
+	// the machine's.
+	Architecture string
 }
 
-// Build returns a linux/amd64 image of spec's files in one layer, with
+// Build returns a linux image of spec's files in one layer, with
 // root-owned entries and fixed times.
 func Build(spec Spec) (v1.Image, error) {
 	if len(spec.Files) == 0 {
@@ -94,7 +98,10 @@ func Build(spec Spec) (v1.Image, error) {
 		return nil, err
 	}
 	cfg = cfg.DeepCopy()
-	cfg.OS, cfg.Architecture = "linux", "amd64"
+	cfg.OS, cfg.Architecture = "linux", spec.Architecture
+	if cfg.Architecture == "" {
+		cfg.Architecture = runtime.GOARCH
+	}
 	cfg.Created = v1.Time{Time: created}
 	cfg.Config.Entrypoint = spec.Entrypoint
 	cfg.Config.Labels = spec.Labels

@@ -176,6 +176,21 @@ func TestAgent(t *testing.T) {
 			}
 			time.Sleep(time.Second)
 		}
+		// An agent started during the outage cannot sync its caches: it
+		// touches nothing, not even the ECMP sysctls, and is not ready.
+		e.stopAgent(1, syscall.SIGTERM)
+		e.setSysctl(1, "net/ipv4/fib_multipath_hash_policy", "0")
+		e.startAgent(1)
+		time.Sleep(3 * time.Second)
+		if got := e.sysctl(1, "net/ipv4/fib_multipath_hash_policy"); got != "0" {
+			t.Errorf("an agent whose caches never synced set fib_multipath_hash_policy to %s", got)
+		}
+		if got := e.kernel(1); got != before[1] {
+			t.Errorf("an agent whose caches never synced changed the kernel:\n%s\nwas\n%s", got, before[1])
+		}
+		if code, _, err := e.get(1, "/readyz"); err != nil || code == 200 {
+			t.Errorf("an agent whose caches never synced says ready: %d %v", code, err)
+		}
 		// Drift is still repaired without the API server.
 		if out, err := e.lab.Exec(e.ns(0), "ip", "route", "del", "198.51.100.64/26", "table", fmt.Sprint(keepTable)); err != nil {
 			t.Fatalf("deleting by hand: %v %s", err, out)
@@ -197,6 +212,9 @@ func TestAgent(t *testing.T) {
 			return ok, fmt.Sprintf("%+v %+v\nworker-0 log:\n%s", s0, s1, tail(e.logs(0), 30))
 		})
 		t.Logf("after the API server came back, a new Route reached both nodes in %s", time.Since(begin).Round(time.Second))
+		if got := e.sysctl(1, "net/ipv4/fib_multipath_hash_policy"); got != "1" {
+			t.Errorf("once synced, the agent left fib_multipath_hash_policy at %s", got)
+		}
 		for i := range 2 {
 			if code, _, err := e.get(i, "/healthz"); err != nil || code != 200 {
 				t.Errorf("worker-%d /healthz: %d %v", i, code, err)

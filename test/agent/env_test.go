@@ -26,6 +26,7 @@ import (
 	"github.com/routing-agent/routing-agent/generated/clientset/versioned"
 	"github.com/routing-agent/routing-agent/pkg/lab/cluster"
 	"github.com/routing-agent/routing-agent/pkg/lab/controlplane"
+	"github.com/routing-agent/routing-agent/pkg/lab/netns"
 	"github.com/routing-agent/routing-agent/pkg/lab/topology"
 )
 
@@ -253,6 +254,27 @@ func (e *env) setPool(i int, pool string) {
 	e.t.Helper()
 	patch := fmt.Sprintf(`{"metadata":{"labels":{"pool":%q}}}`, pool)
 	if _, err := e.kube.CoreV1().Nodes().Patch(context.Background(), e.name(i), "application/merge-patch+json", []byte(patch), metav1.PatchOptions{}); err != nil {
+		e.t.Fatal(err)
+	}
+}
+
+// sysctl reads a sysctl (as "net/ipv4/...") in node i's namespace.
+func (e *env) sysctl(i int, name string) string {
+	e.t.Helper()
+	var value []byte
+	if err := netns.Do(e.ns(i), func() (err error) {
+		value, err = os.ReadFile("/proc/sys/" + name)
+		return err
+	}); err != nil {
+		e.t.Fatal(err)
+	}
+	return strings.TrimSpace(string(value))
+}
+
+// setSysctl writes a sysctl in node i's namespace.
+func (e *env) setSysctl(i int, name, value string) {
+	e.t.Helper()
+	if err := netns.Do(e.ns(i), func() error { return os.WriteFile("/proc/sys/"+name, []byte(value), 0o644) }); err != nil {
 		e.t.Fatal(err)
 	}
 }

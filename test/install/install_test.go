@@ -31,6 +31,7 @@ import (
 
 	"github.com/routing-agent/routing-agent/pkg/agent"
 	"github.com/routing-agent/routing-agent/pkg/lab/cluster"
+	"github.com/routing-agent/routing-agent/pkg/lab/netns"
 	"github.com/routing-agent/routing-agent/pkg/lab/topology"
 )
 
@@ -136,6 +137,22 @@ func TestInstallFromManifests(t *testing.T) {
 				t.Errorf("agent pod %s has IP %s, want the node's %s (host network)", pod.Name, pod.Status.PodIP, c.Nodes[i].VPC)
 			}
 		}
+		// The ECMP sysctls, through the host's /proc/sys/net mounted at
+		// /host/proc/sys/net: a new namespace starts with them at 0.
+		for i, n := range c.Nodes {
+			for _, name := range []string{"ipv4/fib_multipath_hash_policy", "ipv6/fib_multipath_hash_policy", "ipv4/fib_multipath_use_neigh"} {
+				var value []byte
+				if err := netns.Do(n.NS, func() (err error) {
+					value, err = os.ReadFile("/proc/sys/net/" + name)
+					return err
+				}); err != nil {
+					t.Fatal(err)
+				}
+				if strings.TrimSpace(string(value)) != "1" {
+					t.Errorf("%s: net.%s = %s, want 1 (set by the agent pod)", c.Nodes[i].Name, strings.ReplaceAll(name, "/", "."), value)
+				}
+			}
+		}
 		// Metrics and probes on the InternalIP only, not the public address.
 		if code, _, err := c.AgentGet(0, "/metrics"); err != nil || code != 200 {
 			t.Errorf("metrics on the node's InternalIP: %d %v", code, err)
@@ -218,10 +235,9 @@ func TestInstallFromManifests(t *testing.T) {
 			t.Fatal(err)
 		}
 		took := l.waitNexthops(0, gw3, 10*time.Second)
+		// How fast is measured by BenchmarkFailover (test/agent); here,
+		// that it happens under the kubelet, and what it costs the flows.
 		t.Logf("gateway %s silenced: out of worker-0's route after %s", gw4, took.Round(time.Millisecond))
-		if took > 3*time.Second {
-			t.Errorf("failover took %s, the product promises 3 s", took)
-		}
 		time.Sleep(300 * time.Millisecond)
 		if err := c.Net.SilenceGateway(1, false); err != nil {
 			t.Fatal(err)
@@ -641,13 +657,17 @@ func (l *lab) checkTaintPolicy() {
 	for _, tc := range []struct {
 		what, node, patch string
 	}{
+		// Only the node check can refuse this one: nothing changes.
+		{"patch another node", l.c.Nodes[1].Name, `{}`},
 		{"taint another node", l.c.Nodes[1].Name, taint},
 		{"label its own node", l.c.Nodes[0].Name, `{"metadata":{"labels":{"pool":"elsewhere"}}}`},
 		{"add a taint to its own node", l.c.Nodes[0].Name, taint},
 		{"cordon its own node", l.c.Nodes[0].Name, `{"spec":{"unschedulable":true}}`},
+		{"give its own node a finalizer", l.c.Nodes[0].Name, `{"metadata":{"finalizers":["example.com/hold"]}}`},
+		{"give its own node an owner", l.c.Nodes[0].Name, `{"metadata":{"ownerReferences":[{"apiVersion":"v1","kind":"Namespace","name":"default","uid":"00000000-0000-0000-0000-000000000000"}]}}`},
 	} {
 		_, err := asAgent.CoreV1().Nodes().Patch(l.ctx, tc.node, types.MergePatchType, []byte(tc.patch), metav1.PatchOptions{})
-		if !apierrors.IsForbidden(err) && !apierrors.IsInvalid(err) {
+		if !apierrors.IsForbidden(err) {
 			l.t.Errorf("the agent's token may %s (%s): err = %v", tc.what, tc.node, err)
 		} else {
 			l.t.Logf("the agent may not %s: %v", tc.what, err)

@@ -17,11 +17,12 @@ import (
 const ImageName = "ghcr.io/routing-agent/routing-agent"
 
 // BuildAgentBinary builds the routing-agent of repo into out as the image
-// carries it: static (no libc in the image), without local paths.
+// carries it: static (no libc in the image), without local paths, for
+// $GOARCH (default the machine's).
 func BuildAgentBinary(repo, out string) error {
 	cmd := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-o", out, "./cmd/routing-agent")
 	cmd.Dir = repo
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux")
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return fmt.Errorf("go build ./cmd/routing-agent: %v\n%s", err, out)
 	}
@@ -33,8 +34,9 @@ func BuildAgentBinary(repo, out string) error {
 // brings the cluster's), user database or writable path.
 func AgentImage(binary string) (v1.Image, error) {
 	return ociimage.Build(ociimage.Spec{
-		Files:      []ociimage.File{{Path: "/routing-agent", Source: binary}},
-		Entrypoint: []string{"/routing-agent"},
+		Files:        []ociimage.File{{Path: "/routing-agent", Source: binary}},
+		Entrypoint:   []string{"/routing-agent"},
+		Architecture: os.Getenv("GOARCH"), // what BuildAgentBinary built for
 		Labels: map[string]string{
 			"org.opencontainers.image.title":  "routing-agent",
 			"org.opencontainers.image.source": "https://github.com/routing-agent/routing-agent",

@@ -29,9 +29,9 @@ import (
 	"os/exec"
 	"path/filepath"
 	"sort"
-	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -78,6 +78,7 @@ type Options struct {
 type Node struct {
 	opts       Options
 	holder     *daemon.Process
+	mountNS    *os.File
 	containerd *daemon.Process
 	kubelet    *daemon.Process
 	socket     string
@@ -157,7 +158,9 @@ func (n *Node) Name() string { return n.opts.Name }
 // other process of the node joins its namespaces.
 func (n *Node) startHolder() error {
 	var script strings.Builder
-	script.WriteString("set -e\n")
+	// Into the node's cgroup first, so Stop finds it; any failure stops
+	// the script before "ready".
+	fmt.Fprintf(&script, "set -e\necho $$ > %s\n", filepath.Join(trackingHierarchy(), n.systemCgroup(), "cgroup.procs"))
 	// -n: no /run/mount/utab bookkeeping, which would write to the
 	// machine's /run before the node's own is mounted.
 	for _, dir := range []string{"/run", "/var/lib", "/var/log"} {
@@ -171,7 +174,7 @@ func (n *Node) startHolder() error {
 
 	cmd := exec.Command("nsenter", "--net="+filepath.Join("/run/netns", n.opts.NetNS), "--",
 		"unshare", "--mount", "--propagation", "slave", "--",
-		"sh", "-c", "echo $$ > "+filepath.Join(trackingHierarchy(), n.systemCgroup(), "cgroup.procs")+"\n"+script.String())
+		"sh", "-c", script.String())
 	cmd.Stderr = n.opts.Output
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
@@ -192,17 +195,33 @@ func (n *Node) startHolder() error {
 		if got != "ready" {
 			return fmt.Errorf("kubenode: setting up the mount namespace of %s failed (see the node's output)", n.opts.Name)
 		}
-		return nil
 	case <-time.After(10 * time.Second):
 		return fmt.Errorf("kubenode: the mount namespace of %s did not come up", n.opts.Name)
 	}
+	// Hold the mount namespace by a file rather than by the holder's pid,
+	// which, were the holder to die, could be reused by a process in the
+	// machine's own namespaces. The holder is a live child of ours here
+	// (not yet reaped), so the pid is still its own while we open it.
+	mnt, err := os.Open(fmt.Sprintf("/proc/%d/ns/mnt", n.holder.PID()))
+	if err != nil {
+		return fmt.Errorf("kubenode: %w", err)
+	}
+	if !n.holder.Running() {
+		mnt.Close()
+		return fmt.Errorf("kubenode: the mount namespace holder of %s exited", n.opts.Name)
+	}
+	n.mountNS = mnt
+	return nil
 }
 
 // Command returns a command that runs inside the node: its network and
-// mount namespaces (what `ssh node` would give).
+// mount namespaces (what `ssh node` would give). The namespaces are named
+// by files (the mount namespace passed as the command's fd 3), never by a
+// pid, so a command can only ever land in the node.
 func (n *Node) Command(name string, args ...string) *exec.Cmd {
-	pid := strconv.Itoa(n.holder.PID())
-	return exec.Command("nsenter", append([]string{"--target", pid, "--mount", "--net", "--", name}, args...)...)
+	cmd := exec.Command("nsenter", append([]string{"--mount=/proc/self/fd/3", "--net=" + filepath.Join("/run/netns", n.opts.NetNS), "--", name}, args...)...)
+	cmd.ExtraFiles = []*os.File{n.mountNS}
+	return cmd
 }
 
 // spawn runs a daemon of the node inside its namespaces and its system
@@ -312,6 +331,12 @@ func (n *Node) Stop() error {
 		n.StopKubelet()
 		if err := killCgroup(n.opts.CgroupRoot, 10*time.Second); err != nil {
 			errs = append(errs, err)
+		}
+		if n.holder != nil { // in the cgroup unless its setup failed
+			n.holder.Signal(syscall.SIGKILL, time.Second)
+		}
+		if n.mountNS != nil {
+			n.mountNS.Close() // the last hold on the node's mounts
 		}
 		for _, p := range []*daemon.Process{n.kubelet, n.containerd} {
 			if p != nil {

@@ -205,8 +205,10 @@ func TestNodeRunsHostNetworkPodsInItsNamespace(t *testing.T) {
 	if _, err := os.Stat(nodeDir); !os.IsNotExist(err) {
 		t.Errorf("%s survives Stop", nodeDir)
 	}
-	if _, err := os.Stat(filepath.Join("/sys/fs/cgroup/pids", cgroupRoot)); !os.IsNotExist(err) {
-		t.Errorf("cgroup %s survives Stop", cgroupRoot)
+	for _, hierarchy := range []string{"/sys/fs/cgroup", "/sys/fs/cgroup/pids", "/sys/fs/cgroup/memory"} {
+		if _, err := os.Stat(filepath.Join(hierarchy, cgroupRoot)); !os.IsNotExist(err) {
+			t.Errorf("cgroup %s survives Stop in %s", cgroupRoot, hierarchy)
+		}
 	}
 }
 
