@@ -177,6 +177,8 @@ func New(ctx context.Context, opts Options) (_ *Cluster, err error) {
 	c.CP, err = controlplane.Start(ctx, controlplane.Options{
 		BinDir: opts.BinDir, NetNS: c.Net.ControlPlane, Address: c.Net.ControlPlaneAddr.String(),
 		CRDDir: crdDir, Controllers: opts.Kubelets, Output: c.log,
+		// Inside the cluster's directory: what a killed run leaves goes with it.
+		ParentDir: c.Dir,
 	})
 	if err != nil {
 		return nil, err

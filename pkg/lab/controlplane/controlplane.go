@@ -57,6 +57,9 @@ type Options struct {
 	Controllers bool
 	// Output receives the processes' logs; default a file in the work dir.
 	Output io.Writer
+	// ParentDir is where the work directory is made; default the system's
+	// temporary directory.
+	ParentDir string
 }
 
 // ControlPlane is a running etcd and kube-apiserver.
@@ -114,7 +117,7 @@ func Start(ctx context.Context, opts Options) (cp *ControlPlane, err error) {
 		return nil, fmt.Errorf("controlplane: Address %q is not an IP address", opts.Address)
 	}
 
-	dir, err := os.MkdirTemp("", "routing-agent-controlplane-")
+	dir, err := os.MkdirTemp(opts.ParentDir, "routing-agent-controlplane-")
 	if err != nil {
 		return nil, err
 	}
