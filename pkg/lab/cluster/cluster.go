@@ -63,8 +63,8 @@ type Options struct {
 	Nodes []NodeSpec
 	// Kubelets makes the workers real kubelets (see the package comment).
 	Kubelets bool
-	// StartupTaints makes the kubelets register their Nodes with the
-	// agent's startup taint (agent.DefaultStartupTaint, NoSchedule).
+	// StartupTaints are taints the kubelets register their Nodes with,
+	// such as the agent's startup taint (agent.DefaultStartupTaint).
 	StartupTaints []corev1.Taint
 	// Repo is the routing-agent repository (manifests/, the agent's
 	// source); default: the one this package was built from.
