@@ -264,10 +264,7 @@ func TestInstallFromManifests(t *testing.T) {
 		l.t = t
 		ref := l.loadImage("lab-2")
 		watch := l.watchKernel()
-		var flows []*cluster.Traffic
-		for i := range c.Nodes {
-			flows = append(flows, l.traffic(i, uint16(9200+i)))
-		}
+		flows := l.trafficFromEveryNode(9200)
 		time.Sleep(500 * time.Millisecond)
 		old := l.agentPods()
 		begin := time.Now()
@@ -313,10 +310,7 @@ func TestInstallFromManifests(t *testing.T) {
 		})
 		ref := l.loadImage("lab-3")
 		watch := l.watchKernel()
-		var flows []*cluster.Traffic
-		for i := range c.Nodes {
-			flows = append(flows, l.traffic(i, uint16(9300+i)))
-		}
+		flows := l.trafficFromEveryNode(9300)
 		time.Sleep(500 * time.Millisecond)
 		before, err := c.Net.ExternalPackets(1)
 		if err != nil {
@@ -555,6 +549,17 @@ func (l *lab) traffic(i int, port uint16) *cluster.Traffic {
 		l.t.Fatal(err)
 	}
 	return tr
+}
+
+// trafficFromEveryNode starts 16 UDP flows from every node, node i's to
+// the external host's port base+i.
+func (l *lab) trafficFromEveryNode(base uint16) []*cluster.Traffic {
+	l.t.Helper()
+	var flows []*cluster.Traffic
+	for i := range l.c.Nodes {
+		flows = append(flows, l.traffic(i, base+uint16(i)))
+	}
+	return flows
 }
 
 // flowGateway says which gateway node i's kernel hashes a UDP flow to.

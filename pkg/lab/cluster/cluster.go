@@ -103,8 +103,9 @@ type Cluster struct {
 
 // Node is one worker.
 type Node struct {
-	Index int
-	Name  string
+	Index  int
+	Name   string
+	Labels map[string]string
 	// NS is the node's network namespace.
 	NS string
 	// Public and VPC are the node's addresses; VPC is its InternalIP.
@@ -166,7 +167,7 @@ func New(ctx context.Context, opts Options) (_ *Cluster, err error) {
 		if i < len(opts.Nodes) {
 			spec = opts.Nodes[i]
 		}
-		c.Nodes = append(c.Nodes, &Node{Index: i, Name: spec.Name, NS: ns, Public: c.Net.NodePublics[i], VPC: c.Net.NodeVPCs[i]})
+		c.Nodes = append(c.Nodes, &Node{Index: i, Name: spec.Name, Labels: spec.Labels, NS: ns, Public: c.Net.NodePublics[i], VPC: c.Net.NodeVPCs[i]})
 	}
 
 	// With kubelets, the CRDs come with the install, as for a user.
@@ -208,19 +209,12 @@ func (c *Cluster) registerNodes(ctx context.Context) error {
 		return fmt.Errorf("cluster: kubectl apply rbac.yaml: %v: %s", err, out)
 	}
 	for _, n := range c.Nodes {
-		node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: n.Name, Labels: c.specOf(n).Labels}}
+		node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: n.Name, Labels: n.Labels}}
 		if _, err := c.Kube.CoreV1().Nodes().Create(ctx, node, metav1.CreateOptions{}); err != nil {
 			return fmt.Errorf("cluster: creating Node %s: %w", n.Name, err)
 		}
 	}
 	return nil
-}
-
-func (c *Cluster) specOf(n *Node) NodeSpec {
-	if n.Index < len(c.opts.Nodes) {
-		return c.opts.Nodes[n.Index]
-	}
-	return NodeSpec{Name: n.Name, Labels: map[string]string{"pool": "egress"}}
 }
 
 // Close stops agents, kubelets and the control plane, deletes the

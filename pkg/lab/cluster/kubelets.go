@@ -32,7 +32,6 @@ func (c *Cluster) startKubelets(ctx context.Context) error {
 		return err
 	}
 	for _, n := range c.Nodes {
-		spec := c.specOf(n)
 		kubeconfig, _, err := c.CP.KubeconfigFor("system:node:"+n.Name, "system:nodes")
 		if err != nil {
 			return err
@@ -42,7 +41,7 @@ func (c *Cluster) startKubelets(ctx context.Context) error {
 			NetNS:        n.NS,
 			Name:         n.Name,
 			NodeIP:       n.VPC,
-			Labels:       spec.Labels,
+			Labels:       n.Labels,
 			Taints:       c.opts.StartupTaints,
 			PodCIDR:      netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 244, byte(n.Index), 0}), 24),
 			Kubeconfig:   kubeconfig,

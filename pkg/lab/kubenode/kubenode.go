@@ -24,10 +24,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -167,7 +169,7 @@ func (n *Node) startHolder() error {
 		fmt.Fprintf(&script, "mount -n -t tmpfs -o mode=0755 tmpfs %s\n", dir)
 	}
 	fmt.Fprintf(&script, "mount -n --bind %s /etc/resolv.conf\n", filepath.Join(n.opts.Dir, "resolv.conf"))
-	for _, name := range sortedKeys(kernelTunables) {
+	for _, name := range slices.Sorted(maps.Keys(kernelTunables)) {
 		fmt.Fprintf(&script, "mount -n --bind %s /proc/sys/%s\n", filepath.Join(n.opts.Dir, "sysctl", strings.ReplaceAll(name, "/", ".")), name)
 	}
 	script.WriteString("echo ready\nexec sleep infinity\n")
@@ -285,7 +287,7 @@ func (n *Node) StartKubelet() error {
 	}
 	if len(n.opts.Labels) > 0 {
 		var labels []string
-		for _, k := range sortedKeys(n.opts.Labels) {
+		for _, k := range slices.Sorted(maps.Keys(n.opts.Labels)) {
 			labels = append(labels, k+"="+n.opts.Labels[k])
 		}
 		args = append(args, "--node-labels="+strings.Join(labels, ","))
@@ -507,13 +509,4 @@ func (l *lockedWriter) Write(p []byte) (int, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.w.Write(p)
-}
-
-func sortedKeys[V any](m map[string]V) []string {
-	keys := make([]string, 0, len(m))
-	for k := range m {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	return keys
 }
