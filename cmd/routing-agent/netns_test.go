@@ -100,7 +100,7 @@ func TestPlanAndCleanupInNamespace(t *testing.T) {
 	if err != nil {
 		t.Fatalf("cleanup: %v\n%s", err, out)
 	}
-	if !strings.Contains(out, "removed 6 rules and 1 routes") || !strings.Contains(out, "lookup 777") {
+	if !strings.Contains(out, "removed 6 rules and 2 routes") || !strings.Contains(out, "lookup 777") {
 		t.Errorf("cleanup said:\n%s", out)
 	}
 	rules, _ := lab.Exec(lab.Node, "ip", "rule")

@@ -32,8 +32,12 @@ import (
 func ForKind(kind schema.GroupVersionKind) interface{} {
 	switch kind {
 	// Group=networking.doks.digitalocean.com, Version=v1alpha1
+	case v1alpha1.SchemeGroupVersion.WithKind("DestinationState"):
+		return &networkingv1alpha1.DestinationStateApplyConfiguration{}
 	case v1alpha1.SchemeGroupVersion.WithKind("GatewayState"):
 		return &networkingv1alpha1.GatewayStateApplyConfiguration{}
+	case v1alpha1.SchemeGroupVersion.WithKind("KernelLayout"):
+		return &networkingv1alpha1.KernelLayoutApplyConfiguration{}
 	case v1alpha1.SchemeGroupVersion.WithKind("NodeRouting"):
 		return &networkingv1alpha1.NodeRoutingApplyConfiguration{}
 	case v1alpha1.SchemeGroupVersion.WithKind("NodeRoutingStatus"):

@@ -82,6 +82,7 @@ type Agent struct {
 	prober  *prober.Prober
 
 	routeFactory informers.SharedInformerFactory
+	selfFactory  informers.SharedInformerFactory // this node's NodeRouting
 	nodeFactory  kubeinformers.SharedInformerFactory
 	epFactory    kubeinformers.SharedInformerFactory
 	routes       listers.RouteLister
@@ -100,6 +101,9 @@ type Agent struct {
 	// knownGateways are those the NodeRouting of the previous agent on
 	// this node listed; nil when there was none.
 	knownGateways map[netip.Addr]bool
+	// previousLayout is where the previous agent wrote, when that was not
+	// where this one writes; cleared once its leftovers are removed.
+	previousLayout *v1alpha1.KernelLayout
 
 	// Only the reconcile goroutine touches these.
 	last   *planner.Plan
@@ -154,6 +158,15 @@ func New(opts Options, client versioned.Interface, kube kubernetes.Interface, ha
 	sliceInformer := a.epFactory.Discovery().V1().EndpointSlices()
 	a.slices = sliceInformer.Lister()
 
+	// Its own NodeRouting only, to notice it being deleted (by a user, or
+	// garbage-collected with a Node re-registered under the same name):
+	// the writer then creates it again, tables and all.
+	a.selfFactory = informers.NewSharedInformerFactoryWithOptions(client, 0,
+		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.FieldSelector = "metadata.name=" + opts.NodeName }))
+	_, _ = a.selfFactory.Networking().V1alpha1().NodeRoutings().Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
+		DeleteFunc: func(any) { a.statusWriter.forget() },
+	})
+
 	_, _ = routeInformer.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(obj any) { a.routeChanged(obj) },
 		UpdateFunc: func(old, obj any) { a.routeChanged(obj) },
@@ -201,6 +214,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.routeFactory.Start(ctx.Done())
 	a.nodeFactory.Start(ctx.Done())
 	a.epFactory.Start(ctx.Done())
+	a.selfFactory.Start(ctx.Done())
 	a.log.Info("waiting for informer caches", "node", a.opts.NodeName)
 	if !cache.WaitForCacheSync(ctx.Done(), a.synced...) {
 		return errors.New("informer caches did not sync before shutdown")

@@ -12,6 +12,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 
+	v1alpha1 "github.com/routing-agent/routing-agent/apis/networking/v1alpha1"
 	"github.com/routing-agent/routing-agent/pkg/nodefacts"
 	"github.com/routing-agent/routing-agent/pkg/planner"
 	"github.com/routing-agent/routing-agent/pkg/prober"
@@ -53,6 +54,10 @@ func (a *Agent) reconcile() error {
 		plan = a.carryOverGatewayHealth(input, plan)
 	}
 	rep, applyErr := a.applier.Apply(plan)
+	plan.Results = withRejections(plan.Results, rep.Rejected)
+	if applyErr == nil && a.previousLayout != nil {
+		a.removePreviousLayout()
+	}
 	a.metrics.reconcileDuration.Observe(time.Since(begin).Seconds())
 	a.countWrites()
 	if applyErr == nil {
@@ -92,6 +97,24 @@ func (a *Agent) reconcile() error {
 	a.last = &plan
 	a.statusWriter.offer(node, a.buildStatus(plan, gateways, rep, applyErr, selectorErrs))
 	return applyErr
+}
+
+// removePreviousLayout removes, once this agent's own rules are in place,
+// what an agent with another band, protocol or table range left on this
+// node (its layout is in the NodeRouting it wrote).
+func (a *Agent) removePreviousLayout() {
+	old := a.opts.Planner
+	l := a.previousLayout
+	old.Protocol, old.PriorityBase, old.TableMin, old.TableMax = uint8(l.Protocol), int(l.PriorityBase), uint32(l.TableMin), uint32(l.TableMax)
+	rep, err := a.applier.RemoveLayout(old)
+	if err != nil {
+		a.log.Error(err, "removing what the previous agent left in its kernel layout; trying again next reconcile", "protocol", l.Protocol, "priorityBase", l.PriorityBase, "tables", fmt.Sprintf("%d-%d", l.TableMin, l.TableMax))
+		return
+	}
+	if rep.Changes > 0 {
+		a.log.Info("removed what the previous agent left in its kernel layout", "protocol", l.Protocol, "priorityBase", l.PriorityBase, "tables", fmt.Sprintf("%d-%d", l.TableMin, l.TableMax), "deletes", rep.Changes)
+	}
+	a.previousLayout = nil
 }
 
 // carryOverGatewayHealth, on the first reconcile of this process, starts
@@ -232,6 +255,15 @@ func (a *Agent) loadTables(ctx context.Context) {
 			a.knownGateways[addr] = true
 		}
 	}
+	if l := nr.Status.Kernel; l != nil && !sameLayout(*l, a.opts.Planner) {
+		a.previousLayout = l
+	}
+}
+
+// sameLayout reports whether l is where cfg writes.
+func sameLayout(l v1alpha1.KernelLayout, cfg planner.Config) bool {
+	return l.Protocol == int32(cfg.Protocol) && l.PriorityBase == int32(cfg.PriorityBase) &&
+		l.TableMin == int64(cfg.TableMin) && l.TableMax == int64(cfg.TableMax)
 }
 
 // emitEvents records an Event on each Route whose fate on this node
@@ -257,8 +289,8 @@ func (a *Agent) emitEvents(plan planner.Plan, selectorErrs map[string]error) {
 			continue
 		}
 		switch {
-		case r.Phase == planner.Applied && r.Reason == planner.ReasonAllGatewaysDown:
-			a.recorder.Eventf(route, corev1.EventTypeWarning, r.Reason, "node %s: %s", node, r.Message)
+		case r.Phase == planner.Applied && inTrouble(r.Reason):
+			a.recorder.Eventf(route, corev1.EventTypeWarning, r.Reason, "node %s: %s", node, bounded(r.Message))
 		case r.Phase == planner.Applied:
 			// Only a recovery is news: an Event for every Route on every
 			// node that applies it would be a million Events for a
@@ -267,9 +299,11 @@ func (a *Agent) emitEvents(plan planner.Plan, selectorErrs map[string]error) {
 				a.recorder.Eventf(route, corev1.EventTypeNormal, "Applied", "node %s: applied in table %d (was %s: %s)", node, r.Table, before.Phase, before.Reason)
 			} else if had && before.Reason == planner.ReasonAllGatewaysDown {
 				a.recorder.Eventf(route, corev1.EventTypeNormal, "GatewaysBack", "node %s: a gateway answers again; traffic flows", node)
+			} else if had && inTrouble(before.Reason) {
+				a.recorder.Eventf(route, corev1.EventTypeNormal, "Applied", "node %s: every destination in effect (was %s)", node, before.Reason)
 			}
 		default:
-			a.recorder.Eventf(route, corev1.EventTypeWarning, string(r.Phase), "node %s: not applied (%s): %s", node, r.Reason, r.Message)
+			a.recorder.Eventf(route, corev1.EventTypeWarning, string(r.Phase), "node %s: not applied (%s): %s", node, r.Reason, bounded(r.Message))
 		}
 	}
 	for name, err := range selectorErrs {
@@ -284,4 +318,13 @@ func (a *Agent) emitEvents(plan planner.Plan, selectorErrs map[string]error) {
 	for name := range selectorErrs {
 		a.status.selectorErrs[name] = true
 	}
+}
+
+// inTrouble: reasons of a Route that is installed but not wholly in effect.
+func inTrouble(reason string) bool {
+	switch reason {
+	case planner.ReasonAllGatewaysDown, planner.ReasonKernelRejected, planner.ReasonDestinationsNotApplied, planner.ReasonDestinationShadowed:
+		return true
+	}
+	return false
 }

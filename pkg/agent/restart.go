@@ -31,7 +31,7 @@ func gatewaysOutOfUse(plan planner.Plan, kernel *applier.State, known map[netip.
 	down, up := map[netip.Addr]bool{}, map[netip.Addr]bool{}
 	var whole [][]netip.Addr // routes installed with every planned gateway
 	for _, want := range plan.Routes {
-		if want.Throw {
+		if want.Throw || want.Backstop {
 			continue
 		}
 		have, ok := kernel.Route(want.Table, want.Dst)

@@ -3,11 +3,13 @@ package agent
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"net/netip"
 	"slices"
 	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -49,10 +51,16 @@ func (a *Agent) buildStatus(plan planner.Plan, gateways map[netip.Addr]prober.St
 	for _, r := range plan.Results {
 		state := apply.RouteState().WithName(r.Name).WithPhase(v1alpha1.RoutePhase(r.Phase)).WithObservedGeneration(r.Generation)
 		if r.Reason != "" && r.Reason != planner.ReasonApplied {
-			state.WithReason(r.Reason).WithMessage(r.Message)
+			state.WithReason(r.Reason).WithMessage(bounded(r.Message))
 		}
 		if r.Table != 0 {
 			state.WithTable(int32(r.Table))
+		}
+		if n := len(r.NotApplied); n > 0 {
+			state.WithNotAppliedCount(int32(n))
+			for _, d := range r.NotApplied[:min(n, v1alpha1.MaxReportedDestinations)] {
+				state.WithNotAppliedDestinations(apply.DestinationState().WithDestination(d.Destination.String()).WithReason(d.Reason).WithMessage(bounded(d.Message)))
+			}
 		}
 		switch r.Phase {
 		case planner.Applied:
@@ -89,10 +97,13 @@ func (a *Agent) buildStatus(plan planner.Plan, gateways map[netip.Addr]prober.St
 	}
 	status.WithForeignRules(rep.Foreign...)
 	status.WithSummary(summary).WithLastApplyTime(*st.lastApply)
+	cfg := a.opts.Planner
+	status.WithKernel(apply.KernelLayout().WithProtocol(int32(cfg.Protocol)).WithPriorityBase(int32(cfg.PriorityBase)).
+		WithTableMin(int64(cfg.TableMin)).WithTableMax(int64(cfg.TableMax)))
 
 	condStatus, reason, message := metav1.ConditionTrue, "Applied", "the kernel matches the plan"
 	if applyErr != nil {
-		condStatus, reason, message = metav1.ConditionFalse, "ApplyFailed", applyErr.Error()
+		condStatus, reason, message = metav1.ConditionFalse, "ApplyFailed", bounded(applyErr.Error())
 	}
 	if st.condition == nil || *st.condition.Status != condStatus || *st.condition.Message != message {
 		st.condition = metav1apply.Condition().WithType("Applied").WithStatus(condStatus).WithReason(reason).WithMessage(message).WithLastTransitionTime(now)
@@ -112,6 +123,9 @@ type statusWriter struct {
 	node    *corev1.Node
 	latest  *apply.NodeRoutingStatusApplyConfiguration
 	notify  chan struct{}
+	// forgotten is set when the NodeRouting was deleted.
+	forgotten bool
+	// Only run touches these.
 	created bool
 	written []byte
 }
@@ -131,6 +145,18 @@ func (w *statusWriter) offer(node *corev1.Node, status *apply.NodeRoutingStatusA
 	}
 }
 
+// forget makes the writer create the NodeRouting again and write the
+// latest status into it: the object was deleted.
+func (w *statusWriter) forget() {
+	w.mu.Lock()
+	w.forgotten = true
+	w.mu.Unlock()
+	select {
+	case w.notify <- struct{}{}:
+	default:
+	}
+}
+
 func (w *statusWriter) run(ctx context.Context) {
 	backoff := time.Second
 	for {
@@ -141,7 +167,13 @@ func (w *statusWriter) run(ctx context.Context) {
 		}
 		w.mu.Lock()
 		node, status := w.node, w.latest
+		if w.forgotten {
+			w.created, w.written, w.forgotten = false, nil, false
+		}
 		w.mu.Unlock()
+		if status == nil {
+			continue // nothing offered yet
+		}
 		if err := w.write(ctx, node, status); err != nil {
 			w.a.log.Error(err, "writing NodeRouting; retrying", "node", w.a.opts.NodeName, "in", backoff)
 			select {
@@ -189,4 +221,47 @@ func (w *statusWriter) write(ctx context.Context, node *corev1.Node, status *app
 	w.a.metrics.statusWrites.Inc()
 	w.written = content
 	return nil
+}
+
+// maxMessage bounds every message the agent writes into a NodeRouting: one
+// refused 4,096-destination Route must not make a status larger than the
+// API server stores (and every later write fail with it).
+const maxMessage = 1024
+
+// bounded cuts s to maxMessage bytes, on a rune boundary, saying so.
+func bounded(s string) string {
+	if len(s) <= maxMessage {
+		return s
+	}
+	const more = " ... (cut)"
+	cut := maxMessage - len(more)
+	for cut > 0 && !utf8.RuneStart(s[cut]) {
+		cut--
+	}
+	return s[:cut] + more
+}
+
+// withRejections puts the routes the kernel refused on the Routes they
+// belong to: reason KernelRejected, and each refused destination among
+// NotApplied. Those destinations fail closed behind their backstops; the
+// Route's other destinations work.
+func withRejections(results []planner.Result, rejected map[uint32][]applier.Rejection) []planner.Result {
+	if len(rejected) == 0 {
+		return results
+	}
+	out := slices.Clone(results)
+	for i, r := range out {
+		refused := rejected[r.Table]
+		if r.Phase != planner.Applied || len(refused) == 0 {
+			continue
+		}
+		r.NotApplied = slices.Clone(r.NotApplied)
+		for _, rej := range refused {
+			r.NotApplied = append(r.NotApplied, planner.DestinationIssue{Destination: rej.Route.Dst, Reason: planner.ReasonKernelRejected, Message: bounded(rej.Err.Error())})
+		}
+		r.Reason = planner.ReasonKernelRejected
+		r.Message = fmt.Sprintf("the kernel refused %d of this Route's routes (first: %v); their destinations fail closed (unreachable) until it accepts them", len(refused), refused[0].Err)
+		out[i] = r
+	}
+	return out
 }

@@ -7,8 +7,10 @@
 package applier
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"net/netip"
 	"slices"
@@ -55,40 +57,98 @@ type Report struct {
 	// Foreign are rules inside the band the agent did not create; they are
 	// left alone.
 	Foreign []string
+	// Rejected holds, by table, the routes the kernel refused to install.
+	// Their destinations fail closed behind their backstops; they are the
+	// Route's problem, reported on it, not the node's.
+	Rejected map[uint32][]Rejection
+}
+
+// Rejection is one route the kernel refused.
+type Rejection struct {
+	Route planner.Route
+	Err   error
 }
 
 // Apply makes the kernel match plan. It keeps going past a failed write so
-// one bad route cannot hold back the others, and returns every error.
+// one bad route cannot hold back the others. Routes the kernel refuses to
+// install are in the Report; every other failure is in the error.
+//
+// The order never lets a Route's traffic through main's default route:
+//
+//  1. tables are filled (live routes and their backstops) before a rule
+//     points at them;
+//  2. missing rules are added;
+//  3. only then throw routes, which hand a more specific prefix from one
+//     Route's table on to the rules after it: the table that holds it is
+//     reachable by now;
+//  4. throws nobody wants go before the rules of the tables they hand
+//     over to;
+//  5. stale and doubled rules go;
+//  6. last, the routes of tables no rule leads to any more (live ones
+//     before their backstops).
 func (a *Applier) Apply(plan planner.Plan) (Report, error) {
 	actual, err := a.Read()
 	if err != nil {
 		return Report{}, err
 	}
+	return a.applyTo(plan, actual)
+}
+
+func (a *Applier) applyTo(plan planner.Plan, actual *State) (Report, error) {
 	rep := Report{Foreign: actual.Foreign}
 	var errs []error
-	do := func(what string, op func() error, counter *atomic.Int64) {
+	do := func(what string, op func() error, counter *atomic.Int64) error {
 		if err := op(); err != nil {
-			errs = append(errs, fmt.Errorf("%s: %w", what, err))
-			return
+			return fmt.Errorf("%s: %w", what, err)
 		}
 		counter.Add(1)
 		rep.Changes++
 		a.log.Info("kernel change", "op", what)
+		return nil
 	}
-
-	// 1. Routes: fill and repair tables before any rule points at them.
-	wanted := map[routeKey]bool{}
-	for _, r := range plan.Routes {
-		key := routeKey{r.Table, r.Dst}
-		wanted[key] = true
-		if have, ok := actual.Routes[key]; ok && sameRoute(have, r) {
-			continue
+	// A table some of whose backstops the kernel refused gets no rule
+	// leading to it: it could empty, and its traffic would fall through
+	// to main. (An unreachable route has no device or gateway to refuse;
+	// this does not happen short of memory exhaustion.)
+	unguarded := map[uint32]bool{}
+	replace := func(r planner.Route) {
+		if have, ok := actual.Routes[keyOf(r)]; ok && sameRoute(have, r) {
+			return
 		}
 		nl := a.toNetlinkRoute(r)
-		do(r.Batch(a.cfg.Protocol), func() error { return a.h.RouteReplace(nl) }, &a.Writes.RouteReplace)
+		if err := do(r.Batch(a.cfg.Protocol), func() error { return a.h.RouteReplace(nl) }, &a.Writes.RouteReplace); err != nil {
+			if rep.Rejected == nil {
+				rep.Rejected = map[uint32][]Rejection{}
+			}
+			rep.Rejected[r.Table] = append(rep.Rejected[r.Table], Rejection{Route: r, Err: err})
+			if r.Backstop {
+				unguarded[r.Table] = true
+			}
+		}
+	}
+	remove := func(key routeKey) {
+		nl := a.toNetlinkRoute(actual.Routes[key])
+		nl.Priority = actual.metrics[key]
+		what := fmt.Sprintf("route del %s table %d", key.Dst, key.Table)
+		if key.Backstop {
+			what = fmt.Sprintf("route del unreachable %s table %d metric %d", key.Dst, key.Table, uint32(planner.BackstopMetric))
+		}
+		if err := do(what, func() error { return a.h.RouteDel(nl) }, &a.Writes.RouteDelete); err != nil {
+			errs = append(errs, err)
+		}
 	}
 
-	// 2. Rules: add what is missing, then remove what is stale or doubled.
+	wanted := map[routeKey]bool{}
+	for _, r := range plan.Routes {
+		wanted[keyOf(r)] = true
+	}
+	// 1. Fill and repair tables.
+	for _, r := range plan.Routes {
+		if !r.Throw {
+			replace(r)
+		}
+	}
+	// 2. Add missing rules.
 	wantedRules := map[string]bool{}
 	for _, r := range plan.Rules {
 		key := a.ruleKey(r)
@@ -96,9 +156,35 @@ func (a *Applier) Apply(plan planner.Plan) (Report, error) {
 		if len(actual.Rules[key]) > 0 {
 			continue
 		}
+		if r.Table != planner.MainTable && unguarded[r.Table] {
+			errs = append(errs, fmt.Errorf("%s: not added: table %d lacks backstops the kernel refused", key, r.Table))
+			continue
+		}
 		nl := a.toNetlinkRule(r)
-		do(key, func() error { return a.h.RuleAdd(nl) }, &a.Writes.RuleAdd)
+		if err := do(key, func() error { return a.h.RuleAdd(nl) }, &a.Writes.RuleAdd); err != nil {
+			errs = append(errs, err)
+		}
 	}
+	// 3. Throws, now that the tables they hand over to are reachable.
+	for _, r := range plan.Routes {
+		if r.Throw {
+			replace(r)
+		}
+	}
+	stale := func(throw bool) []routeKey {
+		var out []routeKey
+		for _, key := range sortedRouteKeys(actual.Routes) {
+			if !wanted[key] && actual.Routes[key].Throw == throw {
+				out = append(out, key)
+			}
+		}
+		return out
+	}
+	// 4. Throws nobody wants, before the rules of the tables they hand over to.
+	for _, key := range stale(true) {
+		remove(key)
+	}
+	// 5. Stale and doubled rules.
 	for _, key := range sortedKeys(actual.Rules) {
 		have := actual.Rules[key]
 		extra := have
@@ -107,20 +193,29 @@ func (a *Applier) Apply(plan planner.Plan) (Report, error) {
 		}
 		for _, r := range extra {
 			nl := a.toNetlinkRule(r)
-			do(strings.Replace(key, "rule add", "rule del", 1), func() error { return a.h.RuleDel(nl) }, &a.Writes.RuleDelete)
+			if err := do(strings.Replace(key, "rule add", "rule del", 1), func() error { return a.h.RuleDel(nl) }, &a.Writes.RuleDelete); err != nil {
+				errs = append(errs, err)
+			}
 		}
 	}
-
-	// 3. Routes nobody wants any more, now that no rule of ours leads to
-	// a table that is being emptied.
-	for _, key := range sortedRouteKeys(actual.Routes) {
-		if wanted[key] {
-			continue
-		}
-		nl := a.toNetlinkRoute(actual.Routes[key])
-		do(fmt.Sprintf("route del %s table %d", key.Dst, key.Table), func() error { return a.h.RouteDel(nl) }, &a.Writes.RouteDelete)
+	// 6. Routes nobody wants any more, live before backstop
+	// (sortedRouteKeys).
+	for _, key := range stale(false) {
+		remove(key)
 	}
 	return rep, errors.Join(errs...)
+}
+
+// Err returns the refusals of rep as one error, for callers that treat
+// them like any other failure.
+func (rep Report) Err() error {
+	var errs []error
+	for _, table := range slices.Sorted(maps.Keys(rep.Rejected)) {
+		for _, r := range rep.Rejected[table] {
+			errs = append(errs, r.Err)
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // Cleanup removes everything the agent owns, and nothing else.
@@ -128,8 +223,39 @@ func (a *Applier) Cleanup() (Report, error) {
 	return a.Apply(planner.Plan{})
 }
 
+// RemoveLayout removes what an agent running with the table range, band
+// and protocol of old left in the kernel, except what this Applier owns
+// itself: after --priority-base, --protocol or the table range change, the
+// previous agent's rules and routes would otherwise stay for good. Call it
+// once the current plan is applied, so the new rules are in place before
+// the old ones go; like Apply, it removes rules before the routes of their
+// tables.
+func (a *Applier) RemoveLayout(old planner.Config) (Report, error) {
+	prev := &Applier{h: a.h, cfg: old, log: a.log}
+	st, err := prev.Read()
+	if err != nil {
+		return Report{}, err
+	}
+	ours := old.Protocol == a.cfg.Protocol
+	for key, rules := range st.Rules {
+		if ours && rules[0].Priority >= a.cfg.PriorityBase && rules[0].Priority < a.cfg.PriorityBase+planner.BandWidth {
+			delete(st.Rules, key)
+		}
+	}
+	for key := range st.Routes {
+		if ours && key.Table >= a.cfg.TableMin && key.Table <= a.cfg.TableMax {
+			delete(st.Routes, key)
+		}
+	}
+	rep, err := prev.applyTo(planner.Plan{}, st)
+	a.Writes.RuleDelete.Add(prev.Writes.RuleDelete.Load())
+	a.Writes.RouteDelete.Add(prev.Writes.RouteDelete.Load())
+	rep.Foreign = nil // the old band's strangers are not this band's
+	return rep, err
+}
+
 func sameRoute(have, want planner.Route) bool {
-	if have.Throw != want.Throw || len(have.Nexthops) != len(want.Nexthops) {
+	if have.Throw != want.Throw || have.Backstop != want.Backstop || len(have.Nexthops) != len(want.Nexthops) {
 		return false
 	}
 	for i := range have.Nexthops {
@@ -150,6 +276,8 @@ func (a *Applier) toNetlinkRoute(r planner.Route) *netlink.Route {
 	switch {
 	case r.Throw:
 		nl.Type = unix.RTN_THROW
+	case r.Backstop:
+		nl.Type, nl.Priority = unix.RTN_UNREACHABLE, int(planner.BackstopMetric)
 	case len(r.Nexthops) == 1:
 		nl.Gw, nl.LinkIndex = net.IP(r.Nexthops[0].Gateway.AsSlice()), r.Nexthops[0].LinkIndex
 	default:
@@ -201,10 +329,18 @@ func sortedRouteKeys(m map[routeKey]planner.Route) []routeKey {
 		keys = append(keys, k)
 	}
 	slices.SortFunc(keys, func(a, b routeKey) int {
-		if a.Table != b.Table {
-			return int(a.Table) - int(b.Table)
-		}
-		return a.Dst.Addr().Compare(b.Dst.Addr())
+		return cmp.Or(cmp.Compare(a.Table, b.Table), a.Dst.Addr().Compare(b.Dst.Addr()), cmp.Compare(a.Dst.Bits(), b.Dst.Bits()), compareBool(a.Backstop, b.Backstop))
 	})
 	return keys
+}
+
+// compareBool orders false before true.
+func compareBool(a, b bool) int {
+	switch {
+	case a == b:
+		return 0
+	case b:
+		return -1
+	}
+	return 1
 }

@@ -257,6 +257,8 @@ func TestSeedExamples(t *testing.T) {
 			} else {
 				want = fmt.Sprintf("%s proto 245 \n\tnexthop via 10.114.0.3 dev vpc0 weight 1 \n\tnexthop via 10.114.0.4 dev vpc0 weight 1 \n", dst)
 			}
+			// Behind the live route, the backstop no link change flushes.
+			want += fmt.Sprintf("unreachable %s proto 245 metric 4294967295 \n", dst)
 			if got := e.ip("route", "show", "table", fmt.Sprint(table)); got != want {
 				t.Errorf("ip route show table %d =\n%q\nwant\n%q", table, got, want)
 			}
@@ -506,8 +508,8 @@ func TestIdempotenceAndDrift(t *testing.T) {
 	if n := restarted.Writes.RouteReplace.Load() + restarted.Writes.RuleAdd.Load(); n != 0 {
 		t.Errorf("restart rewrote %d routes or rules of the surviving Route", n)
 	}
-	if restarted.Writes.RuleDelete.Load() != 1 || restarted.Writes.RouteDelete.Load() != 1 {
-		t.Errorf("collecting gone: %d rule and %d route deletes, want 1 and 1", restarted.Writes.RuleDelete.Load(), restarted.Writes.RouteDelete.Load())
+	if restarted.Writes.RuleDelete.Load() != 1 || restarted.Writes.RouteDelete.Load() != 2 {
+		t.Errorf("collecting gone: %d rule and %d route deletes, want 1 and 2 (its route and backstop)", restarted.Writes.RuleDelete.Load(), restarted.Writes.RouteDelete.Load())
 	}
 	if strings.Contains(e.ip("route", "show", "table", "all", "proto", "245"), "192.0.2.128/25") {
 		t.Error("the deleted Route's route is still installed")
@@ -539,5 +541,184 @@ func TestEnsureSysctls(t *testing.T) {
 	}
 	if got, _ := e.lab.Exec(e.lab.Node, "sysctl", "-n", "net.ipv4.fib_multipath_hash_policy", "net.ipv6.fib_multipath_hash_policy", "net.ipv4.fib_multipath_use_neigh"); got != "1\n1\n1\n" {
 		t.Errorf("sysctls in the node namespace: %q", got)
+	}
+}
+
+// A kernel booted with ipv6.disable=1 has no /proc/sys/net/ipv6: the IPv4
+// settings are still made, the IPv6 one is skipped without an error.
+func TestEnsureSysctlsWithoutIPv6(t *testing.T) {
+	root := t.TempDir()
+	if err := os.MkdirAll(filepath.Join(root, "net", "ipv4"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{"fib_multipath_hash_policy", "fib_multipath_use_neigh"} {
+		if err := os.WriteFile(filepath.Join(root, "net", "ipv4", name), []byte("0\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	changed, err := applier.EnsureSysctls(root, applier.ECMPSysctls)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []string{"net/ipv4/fib_multipath_hash_policy", "net/ipv4/fib_multipath_use_neigh"}; !slices.Equal(changed, want) {
+		t.Errorf("changed %v, want %v", changed, want)
+	}
+	// With net/ipv6 present but a file missing, that is still an error.
+	if err := os.MkdirAll(filepath.Join(root, "net", "ipv6"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := applier.EnsureSysctls(root, applier.ECMPSysctls); err == nil {
+		t.Error("a missing net.ipv6 sysctl on a kernel with IPv6 was not reported")
+	}
+}
+
+// TestFailClosedWhenTheLinkGoes: the node's own interface towards the
+// gateways goes down (a NIC reset, a netplan apply). The kernel flushes
+// every route through it; what stays in the Route's table is the backstop,
+// so the default override fails closed instead of leaking out of the
+// node's uplink. An apply while the link is down has its routes refused by
+// the kernel: reported as the Route's, not as a failed apply. When the link
+// comes back the next apply restores the live routes.
+func TestFailClosedWhenTheLinkGoes(t *testing.T) {
+	e := newEnv(t, "linkdown")
+	if err := e.lab.CountUplinkTraffic(0); err != nil {
+		t.Fatal(err)
+	}
+	plan, _ := e.apply(route("default", 0, []string{"0.0.0.0/0", "::/0"}, "10.114.0.3", "10.114.0.4", "fd00:114::3", "fd00:114::4"))
+	table := tableOf(t, plan, "default")
+	external := netip.AddrPortFrom(e.lab.ExternalAddr, 9000)
+	if got := e.sendFlows(external, e.lab.External, 8); got != 8 {
+		t.Fatalf("%d of 8 flows arrived through the gateways before the link went down", got)
+	}
+
+	e.ip("link", "set", topology.VPCIf, "down")
+	want := "unreachable default proto 245 metric 4294967295 \n"
+	if got := e.ip("route", "show", "table", fmt.Sprint(table)); got != want {
+		t.Errorf("with vpc0 down, table %d =\n%q\nwant only the backstop\n%q", table, got, want)
+	}
+	if got := e.ip("-6", "route", "show", "table", fmt.Sprint(table)); !strings.HasPrefix(got, "unreachable default") || strings.Contains(got, "via") {
+		t.Errorf("with vpc0 down, IPv6 table %d =\n%s", table, got)
+	}
+	for _, dst := range []string{"198.51.100.10", "2001:db8:100::10"} {
+		if out, err := e.lab.Exec(e.lab.Node, "ip", "route", "get", dst); err == nil || !strings.Contains(out, "No route to host") {
+			t.Errorf("ip route get %s with vpc0 down: %q, %v; want No route to host (the backstop)", dst, out, err)
+		}
+	}
+	// IPv4 only: an unbound IPv6 socket whose route lookup fails is looked
+	// up again by the kernel with a source address it picks, here the
+	// public one, which the symmetric-reply rule (from <public address>
+	// lookup main) sends out of the uplink. Connection marks in place of
+	// that rule are what close it; until then the README says so.
+	sendOnly := func() {
+		for i := range 8 {
+			// Refused by the kernel (no route to host): that is the point.
+			_ = topology.SendUDP(e.lab.Node, external, []byte(fmt.Sprintf("leak? %d", i)))
+		}
+	}
+	sendOnly()
+
+	// An apply now: the kernel refuses every gateway route (no connected
+	// network on a down link); the refusals are the Route's.
+	rep, err := e.ap.Apply(e.plan(route("default", 0, []string{"0.0.0.0/0", "::/0"}, "10.114.0.3", "10.114.0.4", "fd00:114::3", "fd00:114::4")))
+	if err != nil {
+		t.Errorf("apply with the link down failed as a whole: %v", err)
+	}
+	if n := len(rep.Rejected[table]); n != 2 {
+		t.Errorf("kernel refusals for table %d: %d (%v), want 2 (the v4 and v6 default routes)", table, n, rep.Err())
+	}
+	sendOnly()
+	if n, err := e.lab.UplinkPackets(0); err != nil || n != 0 {
+		t.Errorf("%d packets for the external host left through the node's own uplink (%v)", n, err)
+	}
+
+	e.ip("link", "set", topology.VPCIf, "up")
+	if err := waitFor(5*time.Second, func() bool {
+		rep, err := e.ap.Apply(e.plan(route("default", 0, []string{"0.0.0.0/0", "::/0"}, "10.114.0.3", "10.114.0.4", "fd00:114::3", "fd00:114::4")))
+		return err == nil && len(rep.Rejected) == 0
+	}); err != nil {
+		t.Fatalf("routes not restored after the link came back: %v", err)
+	}
+	if got := e.sendFlows(external, e.lab.External, 8); got != 8 {
+		t.Errorf("%d of 8 flows arrived after the link came back", got)
+	}
+	if n, err := e.lab.UplinkPackets(0); err != nil || n != 0 {
+		t.Errorf("%d packets for the external host left through the node's own uplink (%v)", n, err)
+	}
+}
+
+// waitFor polls cond until it holds or timeout passes.
+func waitFor(timeout time.Duration, cond func() bool) error {
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("not within %s", timeout)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return nil
+}
+
+// TestRemoveLayout: an agent restarted with another band, protocol or
+// table range removes what its predecessor left, after its own rules are
+// in, and never what it owns itself.
+func TestRemoveLayout(t *testing.T) {
+	e := newEnv(t, "layout")
+	r := route("nat", 0, []string{"0.0.0.0/0"}, "10.114.0.3")
+	external := netip.AddrPortFrom(e.lab.ExternalAddr, 9000)
+	if _, err := e.ap.Apply(e.plan(r)); err != nil {
+		t.Fatal(err)
+	}
+	old := e.cfg
+	for _, tc := range []struct {
+		name                        string
+		change                      func(*planner.Config)
+		wantRuleDels, wantRouteDels int64
+	}{
+		// Same protocol and tables: the routes are the new agent's too;
+		// only the old band's seven rules go.
+		{"band", func(c *planner.Config) { c.PriorityBase = 20000 }, 7, 0},
+		// Everything moves: the old rules and the route and its backstop.
+		{"protocol and tables", func(c *planner.Config) { c.Protocol, c.TableMin, c.TableMax = 246, 50000, 59999 }, 7, 2},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e.t = t
+			cfg := old
+			tc.change(&cfg)
+			e.cfg = cfg
+			moved := applier.New(e.h, cfg, logr.Discard())
+			if _, err := moved.Apply(e.plan(r)); err != nil {
+				t.Fatal(err)
+			}
+			rep, err := moved.RemoveLayout(old)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if moved.Writes.RuleDelete.Load() != tc.wantRuleDels || moved.Writes.RouteDelete.Load() != tc.wantRouteDels || rep.Changes != int(tc.wantRuleDels+tc.wantRouteDels) {
+				t.Errorf("removing the old layout: %d rule and %d route deletes, want %d and %d", moved.Writes.RuleDelete.Load(), moved.Writes.RouteDelete.Load(), tc.wantRuleDels, tc.wantRouteDels)
+			}
+			if st, err := applier.New(e.h, old, logr.Discard()).Read(); err != nil {
+				t.Fatal(err)
+			} else if len(st.Rules) != 0 {
+				t.Errorf("the old band still holds rules: %v", st.Rules)
+			}
+			after, err := moved.Read()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if want := e.plan(r); len(after.Rules) != len(want.Rules) || len(after.Routes) != len(want.Routes) {
+				t.Errorf("the new layout lost something: %d rules and %d routes, want %d and %d", len(after.Rules), len(after.Routes), len(want.Rules), len(want.Routes))
+			}
+			if got := e.sendFlows(external, e.lab.External, 4); got != 4 {
+				t.Errorf("%d of 4 flows arrived through the moved layout", got)
+			}
+			// The next move starts from the first layout again.
+			if _, err := moved.Cleanup(); err != nil {
+				t.Fatal(err)
+			}
+			e.cfg = old
+			if _, err := e.ap.Apply(e.plan(r)); err != nil {
+				t.Fatal(err)
+			}
+		})
 	}
 }

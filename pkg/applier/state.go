@@ -20,23 +20,34 @@ type State struct {
 	// Rules are the agent's rules, keyed by ruleKey; more than one rule
 	// under a key are duplicates.
 	Rules map[string][]planner.Rule
-	// Routes are the agent's routes, by table and destination.
+	// Routes are the agent's routes, by table, destination and kind.
 	Routes map[routeKey]planner.Route
+	// metrics are the installed routes' metrics, which deleting one names
+	// so that it removes that route and not its backstop (or the reverse).
+	metrics map[routeKey]int
 	// Foreign rules in the band, as `ip rule` would show them.
 	Foreign []string
 }
 
+// routeKey identifies one of the agent's routes: a destination of a table
+// has a live (or throw) route and, behind it, a backstop.
 type routeKey struct {
-	Table uint32
-	Dst   netip.Prefix
+	Table    uint32
+	Dst      netip.Prefix
+	Backstop bool
 }
+
+func keyOf(r planner.Route) routeKey { return routeKey{r.Table, r.Dst, r.Backstop} }
 
 // Read lists the kernel's rules and routes and keeps what the agent owns:
 // its protocol number, inside its rule band or table range.
 func (a *Applier) Read() (*State, error) {
-	st := &State{Rules: map[string][]planner.Rule{}, Routes: map[routeKey]planner.Route{}}
+	st := &State{Rules: map[string][]planner.Rule{}, Routes: map[routeKey]planner.Route{}, metrics: map[routeKey]int{}}
 	for _, family := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
 		rules, err := nlutil.RetryDump(func() ([]netlink.Rule, error) { return a.h.RuleList(family) })
+		if family == netlink.FAMILY_V6 && nlutil.NoIPv6(err) {
+			break // booted with ipv6.disable=1: nothing of IPv6 to own
+		}
 		if err != nil {
 			return nil, fmt.Errorf("listing ip rules: %w", err)
 		}
@@ -65,7 +76,8 @@ func (a *Applier) Read() (*State, error) {
 				continue
 			}
 			pr := a.fromNetlinkRoute(r, family)
-			st.Routes[routeKey{pr.Table, pr.Dst}] = pr
+			st.Routes[keyOf(pr)] = pr
+			st.metrics[keyOf(pr)] = r.Priority
 		}
 	}
 	slices.Sort(st.Foreign)
@@ -101,7 +113,8 @@ func fromNetlinkRule(r netlink.Rule, ipv6 bool) (planner.Rule, bool) {
 }
 
 func (a *Applier) fromNetlinkRoute(r netlink.Route, family int) planner.Route {
-	pr := planner.Route{Table: uint32(r.Table), Dst: nlutil.Prefix(r.Dst, family == netlink.FAMILY_V6), Throw: r.Type == unix.RTN_THROW}
+	pr := planner.Route{Table: uint32(r.Table), Dst: nlutil.Prefix(r.Dst, family == netlink.FAMILY_V6), Throw: r.Type == unix.RTN_THROW,
+		Backstop: r.Type == unix.RTN_UNREACHABLE && uint32(r.Priority) == planner.BackstopMetric}
 	add := func(gw net.IP, link int) {
 		pr.Nexthops = append(pr.Nexthops, planner.Nexthop{Gateway: nlutil.Addr(gw), LinkIndex: link})
 	}
@@ -129,18 +142,19 @@ func describeForeign(r planner.Rule, protocol uint8, plain bool) string {
 	return text
 }
 
-// Route returns the agent's installed route for dst in table, if any.
+// Route returns the agent's installed live (or throw) route for dst in
+// table, if any.
 func (s *State) Route(table uint32, dst netip.Prefix) (planner.Route, bool) {
-	r, ok := s.Routes[routeKey{table, dst}]
+	r, ok := s.Routes[routeKey{table, dst, false}]
 	return r, ok
 }
 
 // NewState returns a State holding routes, for tests of code that reads
 // one.
 func NewState(routes ...planner.Route) *State {
-	st := &State{Rules: map[string][]planner.Rule{}, Routes: map[routeKey]planner.Route{}}
+	st := &State{Rules: map[string][]planner.Rule{}, Routes: map[routeKey]planner.Route{}, metrics: map[routeKey]int{}}
 	for _, r := range routes {
-		st.Routes[routeKey{r.Table, r.Dst}] = r
+		st.Routes[keyOf(r)] = r
 	}
 	return st
 }

@@ -1,7 +1,9 @@
 package applier
 
 import (
+	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -19,9 +21,16 @@ var ECMPSysctls = map[string]string{
 
 // EnsureSysctls writes each value under root (normally /proc/sys) whose
 // current content differs, and returns the names it changed. The network
-// namespace is the calling thread's, as for any /proc/sys/net access.
+// namespace is the calling thread's, as for any /proc/sys/net access. A
+// kernel booted with ipv6.disable=1 has no net/ipv6 at all: its IPv6
+// settings are skipped, not an error.
 func EnsureSysctls(root string, values map[string]string) (changed []string, err error) {
+	_, v6err := os.Stat(filepath.Join(root, "net", "ipv6"))
+	noIPv6 := errors.Is(v6err, fs.ErrNotExist)
 	for _, name := range sortedKeys(values) {
+		if noIPv6 && strings.HasPrefix(name, "net/ipv6/") {
+			continue
+		}
 		path := filepath.Join(root, name)
 		current, err := os.ReadFile(path)
 		if err != nil {

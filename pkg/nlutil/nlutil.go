@@ -8,6 +8,7 @@ import (
 	"net/netip"
 
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 )
 
 // dumpAttempts bounds retries of a dump the kernel interrupted because the
@@ -25,6 +26,12 @@ func RetryDump[T any](dump func() ([]T, error)) ([]T, error) {
 		}
 	}
 	return nil, err
+}
+
+// NoIPv6 reports whether err says the kernel has no IPv6 at all (booted
+// with ipv6.disable=1): a node without IPv6, not a failure.
+func NoIPv6(err error) bool {
+	return errors.Is(err, unix.EAFNOSUPPORT)
 }
 
 // Prefix converts a netlink destination to a netip.Prefix; nil, as the

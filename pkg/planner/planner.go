@@ -31,7 +31,24 @@ type candidate struct {
 	index        int // position in Input.Routes
 	destinations []netip.Prefix
 	nexthops     []Nexthop // all gateways, with their links
-	result       Result
+	// shadowedBy maps a destination to the main-table route that wins over
+	// it; conflicts maps one to the older Route that owns it.
+	shadowedBy map[netip.Prefix]netip.Prefix
+	conflicts  map[netip.Prefix]string
+	result     Result
+}
+
+// installed are the destinations that go into the Route's table: all but
+// those an older Route owns. Shadowed ones stay: they do nothing while the
+// main-table route is there, and fail closed the moment it goes.
+func (c *candidate) installed() []netip.Prefix {
+	out := make([]netip.Prefix, 0, len(c.destinations))
+	for _, d := range c.destinations {
+		if _, lost := c.conflicts[d]; !lost {
+			out = append(out, d)
+		}
+	}
+	return out
 }
 
 // Compute returns the plan for in. It is deterministic: the same input gives
@@ -55,6 +72,9 @@ func Compute(in Input) Plan {
 		checkOnNode(c, in.Node)
 	}
 	resolveConflicts(byAge)
+	for _, c := range byAge {
+		c.judgeDestinations()
+	}
 	assignTables(byAge, in.Config, in.Tables)
 
 	var plan Plan
@@ -97,7 +117,7 @@ func checkOnNode(c *candidate, node Node) {
 
 	for _, g := range c.route.Spec.Gateways {
 		gw, _ := routespec.ParseGateway(g)
-		link, local, ok := connectedLink(node, gw)
+		link, network, local, ok := connectedLink(node, gw)
 		switch {
 		case local:
 			invalid(ReasonGatewayIsLocal, "gateway %s is an address of this node", gw)
@@ -105,26 +125,83 @@ func checkOnNode(c *candidate, node Node) {
 		case !ok:
 			invalid(ReasonGatewayNotConnected, "gateway %s is not on a directly connected network of this node", gw)
 			return
+		case isNetworkOrBroadcast(gw, network):
+			invalid(ReasonGatewayNotUsable, "gateway %s is the network or broadcast address of the connected network %s on %s, not a host that could forward", gw, network, link.Name)
+			return
 		}
 		c.nexthops = append(c.nexthops, Nexthop{Gateway: gw, LinkIndex: link.Index, LinkName: link.Name})
 	}
 	slices.SortFunc(c.nexthops, func(a, b Nexthop) int { return a.Gateway.Compare(b.Gateway) })
 
+	// A main-table route that holds a destination wins over it (lookup main
+	// suppress_prefixlength 0 comes first). That destination is reported,
+	// not a reason to withdraw the rest of the Route.
 	for _, d := range c.destinations {
 		for _, m := range node.MainRoutes {
 			if m.Dst.Bits() > 0 && m.Dst.Bits() <= d.Bits() && m.Dst.Contains(d.Addr()) {
-				invalid(ReasonDestinationShadowed,
-					"destination %s lies inside main-table route %s, which takes precedence over every Route (lookup main suppress_prefixlength 0)", d, m.Dst)
-				return
+				if c.shadowedBy == nil {
+					c.shadowedBy = map[netip.Prefix]netip.Prefix{}
+				}
+				c.shadowedBy[d] = m.Dst
+				break
 			}
 		}
 	}
 	c.result.Phase, c.result.Reason = Applied, ReasonApplied
 }
 
+// isNetworkOrBroadcast: an IPv4 network's own address and its broadcast
+// address are no host's (the kernel refuses the broadcast one as a next
+// hop outright); /31 and /32 networks have neither. IPv6 has no broadcast,
+// and its subnet-router anycast address does reach a router.
+func isNetworkOrBroadcast(gw netip.Addr, network netip.Prefix) bool {
+	if !gw.Is4() || network.Bits() >= 31 {
+		return false
+	}
+	b := network.Masked().Addr().As4()
+	first := uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3])
+	last := first | (uint32(1)<<(32-network.Bits()) - 1)
+	g := gw.As4()
+	v := uint32(g[0])<<24 | uint32(g[1])<<16 | uint32(g[2])<<8 | uint32(g[3])
+	return v == first || v == last
+}
+
+// judgeDestinations settles, once conflicts are known, whether the Route
+// stands and which of its destinations are not in effect.
+func (c *candidate) judgeDestinations() {
+	if c.result.Phase != Applied {
+		return
+	}
+	var issues []DestinationIssue
+	shadowedInstalled := 0
+	for _, d := range c.destinations {
+		if winner, lost := c.conflicts[d]; lost {
+			issues = append(issues, DestinationIssue{Destination: d, Reason: ReasonEqualPrefix,
+				Message: fmt.Sprintf("destination %s is also in Route %q, which is older and wins", d, winner)})
+		} else if m, ok := c.shadowedBy[d]; ok {
+			shadowedInstalled++
+			issues = append(issues, DestinationIssue{Destination: d, Reason: ReasonDestinationShadowed,
+				Message: fmt.Sprintf("destination %s lies inside main-table route %s, which takes precedence over every Route (lookup main suppress_prefixlength 0)", d, m)})
+		}
+	}
+	c.result.NotApplied = issues
+	installed := len(c.destinations) - len(c.conflicts)
+	switch {
+	case installed == 0:
+		c.result.Phase, c.result.Reason, c.result.Message = Conflict, ReasonEqualPrefix, issues[0].Message
+	case shadowedInstalled == installed:
+		i := slices.IndexFunc(issues, func(d DestinationIssue) bool { return d.Reason == ReasonDestinationShadowed })
+		c.result.Reason = ReasonDestinationShadowed
+		c.result.Message = issues[i].Message + "; kept in the Route's table, where it takes over if that route goes"
+	case len(issues) > 0:
+		c.result.Reason = ReasonDestinationsNotApplied
+		c.result.Message = fmt.Sprintf("%d of %d destinations are not in effect here (notAppliedDestinations); the others are", len(issues), len(c.destinations))
+	}
+}
+
 // connectedLink finds the link whose network holds gw, preferring the
-// longest prefix, as the kernel would.
-func connectedLink(node Node, gw netip.Addr) (link Link, local, ok bool) {
+// longest prefix, as the kernel would, and that network.
+func connectedLink(node Node, gw netip.Addr) (link Link, network netip.Prefix, local, ok bool) {
 	links := map[int]Link{}
 	for _, l := range node.Links {
 		links[l.Index] = l
@@ -132,7 +209,7 @@ func connectedLink(node Node, gw netip.Addr) (link Link, local, ok bool) {
 	best := -1
 	for _, a := range node.Addresses {
 		if a.Prefix.Addr() == gw {
-			return Link{}, true, false
+			return Link{}, netip.Prefix{}, true, false
 		}
 		// A link that is down still counts: its gateways are the prober's
 		// to take out of use, and a Route whose gateways are all down must
@@ -142,13 +219,13 @@ func connectedLink(node Node, gw netip.Addr) (link Link, local, ok bool) {
 		if !known || !a.Prefix.Masked().Contains(gw) || a.Prefix.Bits() <= best {
 			continue
 		}
-		best, link, ok = a.Prefix.Bits(), l, true
+		best, link, network, ok = a.Prefix.Bits(), l, a.Prefix.Masked(), true
 	}
-	return link, false, ok
+	return link, network, false, ok
 }
 
-// resolveConflicts marks as Conflict every Route that claims a prefix an
-// older applicable Route already claims.
+// resolveConflicts gives each prefix claimed by several applicable Routes
+// to the oldest; the others lose that destination alone.
 func resolveConflicts(byAge []*candidate) {
 	owner := map[netip.Prefix]string{}
 	for _, c := range byAge {
@@ -157,15 +234,13 @@ func resolveConflicts(byAge []*candidate) {
 		}
 		for _, d := range c.destinations {
 			if winner, taken := owner[d]; taken {
-				c.result.Phase, c.result.Reason = Conflict, ReasonEqualPrefix
-				c.result.Message = fmt.Sprintf("destination %s is also in Route %q, which is older and wins", d, winner)
-				break
+				if c.conflicts == nil {
+					c.conflicts = map[netip.Prefix]string{}
+				}
+				c.conflicts[d] = winner
+				continue
 			}
-		}
-		if c.result.Phase == Applied {
-			for _, d := range c.destinations {
-				owner[d] = c.route.Name
-			}
+			owner[d] = c.route.Name
 		}
 	}
 }
@@ -210,14 +285,16 @@ func tableRoutes(applied []*candidate, down map[netip.Addr]bool) []Route {
 	// supernets; walking up its at most 128 supernets keeps this linear in
 	// the number of destinations.
 	owner := map[netip.Prefix]*candidate{}
+	installed := map[*candidate][]netip.Prefix{}
 	for _, c := range applied {
-		for _, d := range c.destinations {
+		installed[c] = c.installed()
+		for _, d := range installed[c] {
 			owner[d] = c
 		}
 	}
 	throws := map[*candidate]map[netip.Prefix]bool{}
 	for _, c := range applied {
-		for _, e := range c.destinations {
+		for _, e := range installed[c] {
 			for bits := e.Bits() - 1; bits >= 0; bits-- {
 				super, _ := e.Addr().Prefix(bits)
 				if o := owner[super]; o != nil && o != c {
@@ -232,8 +309,10 @@ func tableRoutes(applied []*candidate, down map[netip.Addr]bool) []Route {
 
 	var routes []Route
 	for _, c := range applied {
-		for _, d := range c.destinations {
-			routes = append(routes, Route{Table: c.result.Table, Dst: d, Nexthops: liveNexthops(c, d.Addr().Is6(), down)})
+		for _, d := range installed[c] {
+			routes = append(routes,
+				Route{Table: c.result.Table, Dst: d, Nexthops: liveNexthops(c, d.Addr().Is6(), down)},
+				Route{Table: c.result.Table, Dst: d, Backstop: true})
 		}
 		for e := range throws[c] {
 			routes = append(routes, Route{Table: c.result.Table, Dst: e, Throw: true})
@@ -244,7 +323,7 @@ func tableRoutes(applied []*candidate, down map[netip.Addr]bool) []Route {
 		}
 	}
 	slices.SortFunc(routes, func(a, b Route) int {
-		return cmp.Or(cmp.Compare(a.Table, b.Table), comparePrefix(a.Dst, b.Dst))
+		return cmp.Or(cmp.Compare(a.Table, b.Table), comparePrefix(a.Dst, b.Dst), compareBool(a.Backstop, b.Backstop))
 	})
 	return routes
 }
@@ -336,7 +415,7 @@ func rules(in Input, applied []*candidate, bypass []netip.Prefix) []Rule {
 		gatewayLinks := map[int]bool{}
 		for _, c := range applied {
 			uses := false
-			for _, d := range c.destinations {
+			for _, d := range c.installed() {
 				uses = uses || d.Addr().Is6() == ipv6
 			}
 			if !uses {
@@ -386,6 +465,16 @@ func defaultLink(node Node, ipv6 bool) (int, bool) {
 		}
 	}
 	return link, best >= 0
+}
+
+func compareBool(a, b bool) int {
+	switch {
+	case a == b:
+		return 0
+	case b:
+		return -1
+	}
+	return 1
 }
 
 func comparePrefix(a, b netip.Prefix) int {

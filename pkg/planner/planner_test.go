@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+	"github.com/google/go-cmp/cmp/cmpopts"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	v1alpha1 "github.com/routing-agent/routing-agent/apis/networking/v1alpha1"
@@ -72,7 +73,8 @@ func TestCompute(t *testing.T) {
 ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
 ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
 ip -4 rule add priority 30300 lookup 10001 protocol 245
-ip -4 route replace 0.0.0.0/5 table 10001 proto 245 via 10.114.0.3 dev vpc0`,
+ip -4 route replace 0.0.0.0/5 table 10001 proto 245 via 10.114.0.3 dev vpc0
+ip -4 route replace unreachable 0.0.0.0/5 table 10001 proto 245 metric 4294967295`,
 	}, {
 		name:   "seed ECMP default override: multipath, main untouched, bypass first",
 		routes: []*v1alpha1.Route{route("basic", 0, list("0.0.0.0/0"), list("10.114.0.4", "10.114.0.3"))},
@@ -83,7 +85,8 @@ ip -4 rule add priority 30000 to 10.114.0.4/32 lookup main protocol 245
 ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
 ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
 ip -4 rule add priority 30300 lookup 10001 protocol 245
-ip -4 route replace 0.0.0.0/0 table 10001 proto 245 nexthop via 10.114.0.3 dev vpc0 weight 1 nexthop via 10.114.0.4 dev vpc0 weight 1`,
+ip -4 route replace 0.0.0.0/0 table 10001 proto 245 nexthop via 10.114.0.3 dev vpc0 weight 1 nexthop via 10.114.0.4 dev vpc0 weight 1
+ip -4 route replace unreachable 0.0.0.0/0 table 10001 proto 245 metric 4294967295`,
 	}, {
 		name:   "a dead gateway leaves the nexthops",
 		routes: []*v1alpha1.Route{route("basic", 0, list("0.0.0.0/0"), list("10.114.0.3", "10.114.0.4"))},
@@ -95,7 +98,8 @@ ip -4 rule add priority 30000 to 10.114.0.4/32 lookup main protocol 245
 ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
 ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
 ip -4 rule add priority 30300 lookup 10001 protocol 245
-ip -4 route replace 0.0.0.0/0 table 10001 proto 245 via 10.114.0.3 dev vpc0`,
+ip -4 route replace 0.0.0.0/0 table 10001 proto 245 via 10.114.0.3 dev vpc0
+ip -4 route replace unreachable 0.0.0.0/0 table 10001 proto 245 metric 4294967295`,
 	}, {
 		name:   "all gateways dead: all stay (fail closed)",
 		routes: []*v1alpha1.Route{route("basic", 0, list("0.0.0.0/0"), list("10.114.0.3", "10.114.0.4"))},
@@ -107,7 +111,8 @@ ip -4 rule add priority 30000 to 10.114.0.4/32 lookup main protocol 245
 ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
 ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
 ip -4 rule add priority 30300 lookup 10001 protocol 245
-ip -4 route replace 0.0.0.0/0 table 10001 proto 245 nexthop via 10.114.0.3 dev vpc0 weight 1 nexthop via 10.114.0.4 dev vpc0 weight 1`,
+ip -4 route replace 0.0.0.0/0 table 10001 proto 245 nexthop via 10.114.0.3 dev vpc0 weight 1 nexthop via 10.114.0.4 dev vpc0 weight 1
+ip -4 route replace unreachable 0.0.0.0/0 table 10001 proto 245 metric 4294967295`,
 	}, {
 		name:   "gateway behind the default route's interface: no symmetric rule (single-NIC case)",
 		routes: []*v1alpha1.Route{route("basic", 0, list("0.0.0.0/0"), list("203.0.113.5"))},
@@ -118,7 +123,8 @@ ip -4 rule add priority 30000 to 203.0.113.5/32 lookup main protocol 245
 ip -4 rule add priority 30000 to 203.0.113.100/32 lookup main protocol 245
 ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
 ip -4 rule add priority 30300 lookup 10001 protocol 245
-ip -4 route replace 0.0.0.0/0 table 10001 proto 245 via 203.0.113.5 dev pub0`,
+ip -4 route replace 0.0.0.0/0 table 10001 proto 245 via 203.0.113.5 dev pub0
+ip -4 route replace unreachable 0.0.0.0/0 table 10001 proto 245 metric 4294967295`,
 	}, {
 		name: "longest prefix across Routes: throw routes, in both orders of age",
 		routes: []*v1alpha1.Route{
@@ -134,11 +140,15 @@ ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
 ip -4 rule add priority 30300 lookup 10001 protocol 245
 ip -4 rule add priority 30300 lookup 10002 protocol 245
 ip -4 route replace 10.0.0.0/8 table 10001 proto 245 via 10.114.0.3 dev vpc0
+ip -4 route replace unreachable 10.0.0.0/8 table 10001 proto 245 metric 4294967295
 ip -4 route replace throw 10.1.0.0/16 table 10001 proto 245
 ip -4 route replace throw 10.1.2.0/24 table 10001 proto 245
 ip -4 route replace 198.51.100.0/24 table 10001 proto 245 via 10.114.0.3 dev vpc0
+ip -4 route replace unreachable 198.51.100.0/24 table 10001 proto 245 metric 4294967295
 ip -4 route replace 10.1.0.0/16 table 10002 proto 245 via 10.114.0.4 dev vpc0
-ip -4 route replace 10.1.2.0/24 table 10002 proto 245 via 10.114.0.4 dev vpc0`,
+ip -4 route replace unreachable 10.1.0.0/16 table 10002 proto 245 metric 4294967295
+ip -4 route replace 10.1.2.0/24 table 10002 proto 245 via 10.114.0.4 dev vpc0
+ip -4 route replace unreachable 10.1.2.0/24 table 10002 proto 245 metric 4294967295`,
 	}, {
 		name:   "IPv6 default override with IPv6 gateway, plus normalized duplicates merged",
 		routes: []*v1alpha1.Route{route("v6", 0, list("::/0", "2001:db8:100::1/48", "2001:db8:100::/48"), list("fd00:114::3"))},
@@ -148,22 +158,55 @@ ip -6 rule add priority 30100 from 2001:db8:203::10/128 lookup main protocol 245
 ip -6 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
 ip -6 rule add priority 30300 lookup 10001 protocol 245
 ip -6 route replace ::/0 table 10001 proto 245 via fd00:114::3 dev vpc0
-ip -6 route replace 2001:db8:100::/48 table 10001 proto 245 via fd00:114::3 dev vpc0`,
+ip -6 route replace unreachable ::/0 table 10001 proto 245 metric 4294967295
+ip -6 route replace 2001:db8:100::/48 table 10001 proto 245 via fd00:114::3 dev vpc0
+ip -6 route replace unreachable 2001:db8:100::/48 table 10001 proto 245 metric 4294967295`,
 	}, {
-		name: "invalid and conflicting Routes install nothing, others are untouched",
+		name: "invalid Routes install nothing; a conflicting destination is left out alone, a shadowed one stays inert",
 		routes: []*v1alpha1.Route{
 			route("off-link", 0, list("192.0.2.0/24"), list("10.99.0.1")),
+			route("broadcast-gw", 0, list("198.51.100.80/32"), list("10.114.15.255")),
+			route("network-gw", 0, list("198.51.100.81/32"), list("10.114.0.0")),
 			route("shadowed", 0, list("10.244.1.0/24"), list("10.114.0.3")),
 			route("older", 1, list("1.2.3.4/5"), list("10.114.0.3")),
-			route("younger", 2, list("0.0.0.0/5", "203.0.113.0/25"), list("10.114.0.4")),
+			route("younger", 2, list("0.0.0.0/5", "203.0.113.0/25", "198.18.0.0/15"), list("10.114.0.4")),
 		},
-		tables: map[string]uint32{"older": 10001},
+		tables: map[string]uint32{"older": 10001, "shadowed": 10002, "younger": 10003},
 		want: `ip -4 rule add priority 30000 to 10.114.0.3/32 lookup main protocol 245
+ip -4 rule add priority 30000 to 10.114.0.4/32 lookup main protocol 245
 ` + bypass4 + `
 ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
 ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
 ip -4 rule add priority 30300 lookup 10001 protocol 245
-ip -4 route replace 0.0.0.0/5 table 10001 proto 245 via 10.114.0.3 dev vpc0`,
+ip -4 rule add priority 30300 lookup 10002 protocol 245
+ip -4 rule add priority 30300 lookup 10003 protocol 245
+ip -4 route replace 0.0.0.0/5 table 10001 proto 245 via 10.114.0.3 dev vpc0
+ip -4 route replace unreachable 0.0.0.0/5 table 10001 proto 245 metric 4294967295
+ip -4 route replace 10.244.1.0/24 table 10002 proto 245 via 10.114.0.3 dev vpc0
+ip -4 route replace unreachable 10.244.1.0/24 table 10002 proto 245 metric 4294967295
+ip -4 route replace 198.18.0.0/15 table 10003 proto 245 via 10.114.0.4 dev vpc0
+ip -4 route replace unreachable 198.18.0.0/15 table 10003 proto 245 metric 4294967295
+ip -4 route replace 203.0.113.0/25 table 10003 proto 245 via 10.114.0.4 dev vpc0
+ip -4 route replace unreachable 203.0.113.0/25 table 10003 proto 245 metric 4294967295`,
+	}, {
+		name: "a destination an older Route owns is handed to it by a throw; the rest of the Route applies",
+		routes: []*v1alpha1.Route{
+			route("vpn", 0, list("192.0.2.0/24"), list("10.114.0.3")),
+			route("nat", 1, list("0.0.0.0/0", "192.0.2.0/24"), list("10.114.0.4")),
+		},
+		tables: map[string]uint32{"vpn": 10001, "nat": 10002},
+		want: `ip -4 rule add priority 30000 to 10.114.0.3/32 lookup main protocol 245
+ip -4 rule add priority 30000 to 10.114.0.4/32 lookup main protocol 245
+` + bypass4 + `
+ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
+ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
+ip -4 rule add priority 30300 lookup 10001 protocol 245
+ip -4 rule add priority 30300 lookup 10002 protocol 245
+ip -4 route replace 192.0.2.0/24 table 10001 proto 245 via 10.114.0.3 dev vpc0
+ip -4 route replace unreachable 192.0.2.0/24 table 10001 proto 245 metric 4294967295
+ip -4 route replace 0.0.0.0/0 table 10002 proto 245 via 10.114.0.4 dev vpc0
+ip -4 route replace unreachable 0.0.0.0/0 table 10002 proto 245 metric 4294967295
+ip -4 route replace throw 192.0.2.0/24 table 10002 proto 245`,
 	}, {
 		name:   "no Routes: nothing at all",
 		routes: nil,
@@ -195,6 +238,10 @@ func TestResults(t *testing.T) {
 		route("equal-to-main", 0, list("10.114.0.0/20"), list("10.114.0.3")),
 		route("bad-spec", 0, list("not-a-cidr"), list("10.114.0.3")),
 		route("dead", 3, list("198.51.100.0/24"), list("10.114.0.5", "10.114.0.6")),
+		route("broadcast-gw", 0, list("198.51.100.80/32"), list("10.114.15.255")),
+		route("part-conflict", 4, list("0.0.0.0/0", "0.0.0.0/5", "10.244.9.0/24"), list("10.114.0.3")),
+		route("v6-anycast-gw", 0, list("2001:db8:1::/48"), list("fd00:114::")),
+		route("network-gw", 0, list("198.51.100.81/32"), list("10.114.0.0")),
 	}
 	plan := Compute(Input{Config: DefaultConfig(), Node: testNode(), Routes: routes, Tables: map[string]uint32{"older": 10001, "dead": 10002},
 		Down: map[netip.Addr]bool{netip.MustParseAddr("10.114.0.5"): true, netip.MustParseAddr("10.114.0.6"): true}})
@@ -208,10 +255,14 @@ func TestResults(t *testing.T) {
 		{Invalid, ReasonGatewayNotConnected, "gateway 10.99.0.1 is not on a directly connected network of this node"},
 		{Invalid, ReasonGatewayIsLocal, "gateway 10.114.0.10 is an address of this node"},
 		{Applied, ReasonApplied, ""}, // on a down link: kept (fail closed); the prober takes the gateway out of use
-		{Invalid, ReasonDestinationShadowed, "destination 10.244.1.0/24 lies inside main-table route 10.244.0.0/16"},
-		{Invalid, ReasonDestinationShadowed, "destination 10.114.0.0/20 lies inside main-table route 10.114.0.0/20"},
+		{Applied, ReasonDestinationShadowed, "destination 10.244.1.0/24 lies inside main-table route 10.244.0.0/16"},
+		{Applied, ReasonDestinationShadowed, "destination 10.114.0.0/20 lies inside main-table route 10.114.0.0/20"},
 		{Invalid, ReasonInvalidSpec, `spec.destinations[0]: Invalid value: "not-a-cidr"`},
 		{Applied, ReasonAllGatewaysDown, "every gateway is down"},
+		{Invalid, ReasonGatewayNotUsable, "gateway 10.114.15.255 is the network or broadcast address of the connected network 10.114.0.0/20 on vpc0"},
+		{Applied, ReasonDestinationsNotApplied, "2 of 3 destinations are not in effect here"},
+		{Applied, ReasonApplied, ""}, // IPv6 subnet-router anycast reaches a router
+		{Invalid, ReasonGatewayNotUsable, "gateway 10.114.0.0 is the network or broadcast address"},
 	}
 	if len(plan.Results) != len(routes) {
 		t.Fatalf("%d results for %d routes", len(plan.Results), len(routes))
@@ -225,8 +276,15 @@ func TestResults(t *testing.T) {
 			t.Errorf("result %d: phase %s with table %d", i, r.Phase, r.Table)
 		}
 	}
-	if len(plan.Gateways) != 4 || !plan.Gateways[1].Down || plan.Gateways[0].Down || plan.Gateways[3].Down {
-		t.Errorf("gateways = %+v, want 10.114.0.3 and 10.200.0.1 up, 10.114.0.5 and .6 down", plan.Gateways)
+	wantIssues := []DestinationIssue{
+		{netip.MustParsePrefix("0.0.0.0/5"), ReasonEqualPrefix, `destination 0.0.0.0/5 is also in Route "older", which is older and wins`},
+		{netip.MustParsePrefix("10.244.9.0/24"), ReasonDestinationShadowed, "destination 10.244.9.0/24 lies inside main-table route 10.244.0.0/16, which takes precedence over every Route (lookup main suppress_prefixlength 0)"},
+	}
+	if diff := cmp.Diff(wantIssues, plan.Results[10].NotApplied, cmpopts.EquateComparable(netip.Prefix{})); diff != "" {
+		t.Errorf("part-conflict's destinations not applied (-want +got):\n%s", diff)
+	}
+	if len(plan.Gateways) != 5 || !plan.Gateways[1].Down || plan.Gateways[0].Down || plan.Gateways[3].Down {
+		t.Errorf("gateways = %+v, want 10.114.0.3, 10.200.0.1 and fd00:114:: up, 10.114.0.5 and .6 down", plan.Gateways)
 	}
 }
 

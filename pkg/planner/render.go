@@ -42,11 +42,16 @@ func (r Rule) Batch(protocol uint8) string {
 func (r Route) Batch(protocol uint8) string {
 	var b strings.Builder
 	b.WriteString("route replace ")
-	if r.Throw {
+	switch {
+	case r.Throw:
 		b.WriteString("throw ")
+	case r.Backstop:
+		b.WriteString("unreachable ")
 	}
 	fmt.Fprintf(&b, "%s table %d proto %d", r.Dst, r.Table, protocol)
 	switch {
+	case r.Backstop:
+		fmt.Fprintf(&b, " metric %d", uint32(BackstopMetric))
 	case r.Throw:
 	case len(r.Nexthops) == 1:
 		fmt.Fprintf(&b, " via %s dev %s", r.Nexthops[0].Gateway, r.Nexthops[0].LinkName)

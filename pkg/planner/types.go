@@ -23,6 +23,13 @@ const (
 	BandWidth = 1000
 )
 
+// BackstopMetric is the metric of the backstop route the agent puts behind
+// every destination of a Route: an `unreachable` route no link change can
+// flush, at the worst metric there is, so it is used only when the live
+// route is gone (its interface went down, the kernel refused it) and the
+// destination then fails closed instead of falling through to main.
+const BackstopMetric = 1<<32 - 1
+
 // DefaultProtocol is the routing protocol number the agent stamps on its
 // routes and rules (`proto 245` in ip route, `protocol 245` in ip rule).
 const DefaultProtocol = 245
@@ -118,7 +125,10 @@ type Route struct {
 	Dst   netip.Prefix
 	// Throw routes send the lookup on to the next rule: they hand a more
 	// specific prefix owned by another Route over to that Route's table.
-	Throw    bool
+	Throw bool
+	// Backstop routes are `unreachable` at BackstopMetric, behind the live
+	// route of the same destination.
+	Backstop bool
 	Nexthops []Nexthop
 }
 
@@ -148,7 +158,27 @@ const (
 	ReasonDestinationShadowed = "DestinationShadowed"
 	ReasonEqualPrefix         = "EqualPrefix"
 	ReasonNoTableFree         = "NoTableFree"
+	// ReasonGatewayNotUsable: the gateway is the network or broadcast
+	// address of its connected network, which the kernel refuses as a
+	// next hop.
+	ReasonGatewayNotUsable = "GatewayNotUsable"
+	// ReasonDestinationsNotApplied: the Route is installed, but some of its
+	// destinations are not in effect on this node (Result.NotApplied).
+	ReasonDestinationsNotApplied = "DestinationsNotApplied"
+	// ReasonKernelRejected: the kernel refused some of the Route's routes;
+	// their destinations fail closed behind their backstops.
+	ReasonKernelRejected = "KernelRejected"
 )
+
+// DestinationIssue says why one destination of a Route is not in effect on
+// this node while the Route's others are.
+type DestinationIssue struct {
+	Destination netip.Prefix
+	// Reason is ReasonEqualPrefix (left out: an older Route owns it) or
+	// ReasonDestinationShadowed (installed, but a main-table route wins).
+	Reason  string
+	Message string
+}
 
 // Result is what became of one Route.
 type Result struct {
@@ -159,6 +189,8 @@ type Result struct {
 	Table   uint32
 	// Generation is the Route generation this result describes.
 	Generation int64
+	// NotApplied lists the destinations not in effect, by prefix.
+	NotApplied []DestinationIssue
 }
 
 // Gateway is a distinct gateway of the applied Routes, as probed.

@@ -15,6 +15,10 @@ const (
 	MaxDestinations = 4096
 	// MaxGateways bounds spec.gateways: the ECMP width of one route.
 	MaxGateways = 16
+	// MaxReportedDestinations bounds RouteState.NotAppliedDestinations, so
+	// one Route with thousands of refused prefixes cannot grow a NodeRouting
+	// past what the API server stores; NotAppliedCount has the total.
+	MaxReportedDestinations = 32
 )
 
 // +genclient
@@ -104,6 +108,12 @@ type NodeRoutingStatus struct {
 	// +optional
 	ForeignRules []string `json:"foreignRules,omitempty"`
 
+	// Kernel is where in the kernel the agent wrote: if a later agent runs
+	// with another band, protocol or table range, it finds and removes what
+	// this one left there.
+	// +optional
+	Kernel *KernelLayout `json:"kernel,omitempty"`
+
 	// LastApplyTime is when the kernel was last brought in line with the plan.
 	// +optional
 	LastApplyTime *metav1.Time `json:"lastApplyTime,omitempty"`
@@ -111,6 +121,18 @@ type NodeRoutingStatus struct {
 	// Conditions of the agent on this node.
 	// +optional
 	Conditions []metav1.Condition `json:"conditions,omitempty"`
+}
+
+// KernelLayout is the part of the agent's flags that says what it owns in
+// the kernel.
+type KernelLayout struct {
+	// Protocol is the routing protocol number on its routes and rules.
+	Protocol int32 `json:"protocol"`
+	// PriorityBase is the first priority of its rule band.
+	PriorityBase int32 `json:"priorityBase"`
+	// TableMin and TableMax bound its table ids.
+	TableMin int64 `json:"tableMin"`
+	TableMax int64 `json:"tableMax"`
 }
 
 // NodeRoutingSummary holds the counts shown as printer columns.
@@ -154,6 +176,25 @@ type RouteState struct {
 	// ObservedGeneration is the Route generation this state describes.
 	// +optional
 	ObservedGeneration int64 `json:"observedGeneration,omitempty"`
+	// NotAppliedDestinations lists (up to MaxReportedDestinations) the
+	// destinations of an applied Route that are not in effect on this node,
+	// each with its reason: EqualPrefix (an older Route owns it; left out),
+	// DestinationShadowed (a main-table route wins; kept, inert) or
+	// KernelRejected (fails closed behind its backstop).
+	// +optional
+	NotAppliedDestinations []DestinationState `json:"notAppliedDestinations,omitempty"`
+	// NotAppliedCount is how many destinations are not in effect, listed or
+	// not.
+	// +optional
+	NotAppliedCount int32 `json:"notAppliedCount,omitempty"`
+}
+
+// DestinationState says why one destination of a Route is not in effect.
+type DestinationState struct {
+	Destination string `json:"destination"`
+	Reason      string `json:"reason"`
+	// +optional
+	Message string `json:"message,omitempty"`
 }
 
 // GatewayHealth is the result of probing a gateway.

@@ -657,7 +657,55 @@ func (l *Lab) ExternalPackets(i int) (uint64, error) {
 	if i < 0 || i >= len(l.Gateways) {
 		return 0, fmt.Errorf("topology: no gateway %d", i)
 	}
-	out, err := l.Exec(l.Gateways[i], "nft", "-j", "list", "chain", "inet", "lab-count", "pre")
+	n, err := l.counted(l.Gateways[i], "inet", "lab-count", "pre")
+	if err != nil {
+		return 0, fmt.Errorf("topology: gateway %d: %w (CountExternalTraffic first)", i, err)
+	}
+	return n, nil
+}
+
+// CountUplinkTraffic starts counting the packets node j sends out of its
+// own uplink (pub0, main's default route) to the external host, IPv4 and
+// IPv6: the wrong path for traffic a Route sends through a gateway. The
+// counter sits on the router's end of that link (netdev ingress), outside
+// the node and ahead of everything the node could do to the packet;
+// UplinkPackets reads it.
+func (l *Lab) CountUplinkTraffic(j int) error {
+	if j < 0 || j >= len(l.Nodes) {
+		return fmt.Errorf("topology: no node %d", j)
+	}
+	table := "lab-uplink-" + nodePort(j)
+	rules := []string{
+		"add table netdev " + table,
+		"add chain netdev " + table + " in { type filter hook ingress device " + nodePort(j) + " priority -500 ; }",
+		"add rule netdev " + table + " in ip daddr " + l.ExternalAddr.String() + " counter",
+	}
+	if l.IPv6 {
+		rules = append(rules, "add rule netdev "+table+" in ip6 daddr "+l.ExternalAddr6.String()+" counter")
+	}
+	for _, rule := range rules {
+		if out, err := l.Exec(l.Router, append([]string{"nft"}, strings.Fields(rule)...)...); err != nil {
+			return fmt.Errorf("topology: counting node %d's uplink: %w: %s", j, err, out)
+		}
+	}
+	return nil
+}
+
+// UplinkPackets returns what CountUplinkTraffic has counted for node j.
+func (l *Lab) UplinkPackets(j int) (uint64, error) {
+	if j < 0 || j >= len(l.Nodes) {
+		return 0, fmt.Errorf("topology: no node %d", j)
+	}
+	n, err := l.counted(l.Router, "netdev", "lab-uplink-"+nodePort(j), "in")
+	if err != nil {
+		return 0, fmt.Errorf("topology: node %d's uplink: %w (CountUplinkTraffic first)", j, err)
+	}
+	return n, nil
+}
+
+// counted sums the packets of every counter in an nftables chain.
+func (l *Lab) counted(ns, family, table, chain string) (uint64, error) {
+	out, err := l.Exec(ns, "nft", "-j", "list", "chain", family, table, chain)
 	if err != nil {
 		return 0, err
 	}
@@ -673,19 +721,24 @@ func (l *Lab) ExternalPackets(i int) (uint64, error) {
 		} `json:"nftables"`
 	}
 	if err := json.Unmarshal([]byte(out), &listing); err != nil {
-		return 0, fmt.Errorf("topology: parsing the counter of gateway %d: %w", i, err)
+		return 0, fmt.Errorf("parsing nft counters of %s %s %s: %w", family, table, chain, err)
 	}
+	var total uint64
+	found := false
 	for _, item := range listing.Nftables {
 		if item.Rule == nil {
 			continue
 		}
 		for _, e := range item.Rule.Expr {
 			if e.Counter != nil {
-				return e.Counter.Packets, nil
+				total, found = total+e.Counter.Packets, true
 			}
 		}
 	}
-	return 0, fmt.Errorf("topology: gateway %d counts nothing (CountExternalTraffic first)", i)
+	if !found {
+		return 0, fmt.Errorf("no counter in %s %s %s", family, table, chain)
+	}
+	return total, nil
 }
 
 // ListenUDP opens a UDP socket bound to addr inside namespace ns; it stays

@@ -41,6 +41,10 @@ type NodeRoutingStatusApplyConfiguration struct {
 	// ForeignRules lists ip rules found inside the agent's priority band
 	// that the agent did not create. They are reported, never removed.
 	ForeignRules []string `json:"foreignRules,omitempty"`
+	// Kernel is where in the kernel the agent wrote: if a later agent runs
+	// with another band, protocol or table range, it finds and removes what
+	// this one left there.
+	Kernel *KernelLayoutApplyConfiguration `json:"kernel,omitempty"`
 	// LastApplyTime is when the kernel was last brought in line with the plan.
 	LastApplyTime *v1.Time `json:"lastApplyTime,omitempty"`
 	// Conditions of the agent on this node.
@@ -104,6 +108,14 @@ func (b *NodeRoutingStatusApplyConfiguration) WithForeignRules(values ...string)
 	for i := range values {
 		b.ForeignRules = append(b.ForeignRules, values[i])
 	}
+	return b
+}
+
+// WithKernel sets the Kernel field in the declarative configuration to the given value
+// and returns the receiver, so that objects can be built by chaining "With" function invocations.
+// If called multiple times, the Kernel field is set to the value of the last call.
+func (b *NodeRoutingStatusApplyConfiguration) WithKernel(value *KernelLayoutApplyConfiguration) *NodeRoutingStatusApplyConfiguration {
+	b.Kernel = value
 	return b
 }
 

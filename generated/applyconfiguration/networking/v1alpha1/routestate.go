@@ -39,6 +39,15 @@ type RouteStateApplyConfiguration struct {
 	Table *int32 `json:"table,omitempty"`
 	// ObservedGeneration is the Route generation this state describes.
 	ObservedGeneration *int64 `json:"observedGeneration,omitempty"`
+	// NotAppliedDestinations lists (up to MaxReportedDestinations) the
+	// destinations of an applied Route that are not in effect on this node,
+	// each with its reason: EqualPrefix (an older Route owns it; left out),
+	// DestinationShadowed (a main-table route wins; kept, inert) or
+	// KernelRejected (fails closed behind its backstop).
+	NotAppliedDestinations []DestinationStateApplyConfiguration `json:"notAppliedDestinations,omitempty"`
+	// NotAppliedCount is how many destinations are not in effect, listed or
+	// not.
+	NotAppliedCount *int32 `json:"notAppliedCount,omitempty"`
 }
 
 // RouteStateApplyConfiguration constructs a declarative configuration of the RouteState type for use with
@@ -92,5 +101,26 @@ func (b *RouteStateApplyConfiguration) WithTable(value int32) *RouteStateApplyCo
 // If called multiple times, the ObservedGeneration field is set to the value of the last call.
 func (b *RouteStateApplyConfiguration) WithObservedGeneration(value int64) *RouteStateApplyConfiguration {
 	b.ObservedGeneration = &value
+	return b
+}
+
+// WithNotAppliedDestinations adds the given value to the NotAppliedDestinations field in the declarative configuration
+// and returns the receiver, so that objects can be build by chaining "With" function invocations.
+// If called multiple times, values provided by each call will be appended to the NotAppliedDestinations field.
+func (b *RouteStateApplyConfiguration) WithNotAppliedDestinations(values ...*DestinationStateApplyConfiguration) *RouteStateApplyConfiguration {
+	for i := range values {
+		if values[i] == nil {
+			panic("nil value passed to WithNotAppliedDestinations")
+		}
+		b.NotAppliedDestinations = append(b.NotAppliedDestinations, *values[i])
+	}
+	return b
+}
+
+// WithNotAppliedCount sets the NotAppliedCount field in the declarative configuration to the given value
+// and returns the receiver, so that objects can be built by chaining "With" function invocations.
+// If called multiple times, the NotAppliedCount field is set to the value of the last call.
+func (b *RouteStateApplyConfiguration) WithNotAppliedCount(value int32) *RouteStateApplyConfiguration {
+	b.NotAppliedCount = &value
 	return b
 }
