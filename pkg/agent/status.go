@@ -118,11 +118,11 @@ func (a *Agent) buildStatus(plan planner.Plan, gateways map[netip.Addr]prober.St
 // status is kept; it is written when its content differs from what was
 // last written, and retried with backoff until it is.
 type statusWriter struct {
-	a       *Agent
-	mu      sync.Mutex
-	node    *corev1.Node
-	latest  *apply.NodeRoutingStatusApplyConfiguration
-	notify  chan struct{}
+	a      *Agent
+	mu     sync.Mutex
+	node   *corev1.Node
+	latest *apply.NodeRoutingStatusApplyConfiguration
+	notify chan struct{}
 	// forgotten is set when the NodeRouting was deleted.
 	forgotten bool
 	// Only run touches these.
