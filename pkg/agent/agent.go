@@ -37,6 +37,7 @@ import (
 	informers "github.com/routing-agent/routing-agent/generated/informers/externalversions"
 	listers "github.com/routing-agent/routing-agent/generated/listers/networking/v1alpha1"
 	"github.com/routing-agent/routing-agent/pkg/applier"
+	"github.com/routing-agent/routing-agent/pkg/kernelwatch"
 	"github.com/routing-agent/routing-agent/pkg/planner"
 	"github.com/routing-agent/routing-agent/pkg/prober"
 )
@@ -280,54 +281,37 @@ func (a *Agent) processNext() bool {
 	return true
 }
 
-// watchKernel turns netlink notifications about routes, links and addresses
-// into reconciles, so a route deleted by hand or a link going down is dealt
-// with in moments rather than at the next resync. Rules have no
-// notification here; the periodic resync repairs them.
+// watchKernel turns netlink notifications about routes, rules, links and
+// addresses into reconciles, so a route or rule deleted by hand or a link
+// going down is dealt with in moments rather than at the next resync.
+// Notifications missed while a subscription was down (the kernel drops one
+// that overflows on a busy node, and kernelwatch resubscribes) reconcile
+// at once.
 func (a *Agent) watchKernel(ctx context.Context) {
-	routes := make(chan netlink.RouteUpdate, 256)
-	links := make(chan netlink.LinkUpdate, 64)
-	addrs := make(chan netlink.AddrUpdate, 64)
-	onErr := func(err error) {
-		if ctx.Err() == nil { // closing the subscriptions on shutdown is no error
-			a.log.Error(err, "netlink subscription")
-		}
-	}
-	if err := netlink.RouteSubscribeWithOptions(routes, ctx.Done(), netlink.RouteSubscribeOptions{ErrorCallback: onErr}); err != nil {
-		a.log.Error(err, "cannot subscribe to route changes; relying on the periodic resync")
-	}
-	if err := netlink.LinkSubscribeWithOptions(links, ctx.Done(), netlink.LinkSubscribeOptions{ErrorCallback: onErr}); err != nil {
-		a.log.Error(err, "cannot subscribe to link changes; relying on the periodic resync")
-	}
-	if err := netlink.AddrSubscribeWithOptions(addrs, ctx.Done(), netlink.AddrSubscribeOptions{ErrorCallback: onErr}); err != nil {
-		a.log.Error(err, "cannot subscribe to address changes; relying on the periodic resync")
-	}
+	ev := kernelwatch.Watch(ctx, a.log.WithName("kernelwatch"), kernelwatch.Options{
+		Kinds:         kernelwatch.Routes | kernelwatch.Rules | kernelwatch.Links | kernelwatch.Addrs,
+		OnResubscribe: func(kernelwatch.Kind) { a.queue.Add(key) },
+	})
 	// A short delay coalesces bursts (our own writes echo back too; the
 	// reconcile they cause finds nothing to do).
 	const settle = 100 * time.Millisecond
+	band := a.opts.Planner.PriorityBase
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case u, ok := <-routes:
-			if !ok {
-				routes = nil
-				continue
-			}
+		case u := <-ev.Routes:
 			if t := uint32(u.Table); t == planner.MainTable || (t >= a.opts.Planner.TableMin && t <= a.opts.Planner.TableMax) {
 				a.queue.AddAfter(key, settle)
 			}
-		case _, ok := <-links:
-			if !ok {
-				links = nil
-				continue
+		case u := <-ev.Rules:
+			// Only the band: a rule outside it is not the agent's to judge.
+			if u.Priority >= band && u.Priority < band+planner.BandWidth {
+				a.queue.AddAfter(key, settle)
 			}
+		case <-ev.Links:
 			a.queue.AddAfter(key, settle)
-		case _, ok := <-addrs:
-			if !ok {
-				addrs = nil
-				continue
-			}
+		case <-ev.Addrs:
 			a.queue.AddAfter(key, settle)
 		}
 	}
