@@ -139,7 +139,7 @@ func (a *Agent) carryOverGatewayHealth(input planner.Input, plan planner.Plan) p
 func probeTargets(plan planner.Plan) []prober.Target {
 	targets := make([]prober.Target, 0, len(plan.Gateways))
 	for _, g := range plan.Gateways {
-		targets = append(targets, prober.Target{Addr: g.Address, Link: g.LinkName})
+		targets = append(targets, prober.Target{Addr: g.Address, LinkIndex: g.LinkIndex, LinkName: g.LinkName})
 	}
 	return targets
 }

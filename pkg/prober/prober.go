@@ -9,6 +9,16 @@
 // echo for health checks to work; when every gateway of a Route is down the
 // planner keeps them all (fail closed), so a gateway that blocks ICMP never
 // makes traffic leak, it only stops sharing the load with one that answers.
+//
+// A probe that cannot be sent (no socket, or a send error) is a miss too:
+// after Fall of them the gateway is Down with reason ProbeFailed, and a
+// gateway seeded Down says ProbeFailed at once, so a prober that cannot
+// probe is seen rather than leaving gateways as they were. A probe socket
+// is bound to an interface, that is to an ifindex: it is reopened after a
+// send error and whenever Set names a new index (an interface deleted and
+// re-created under the same name), and a socket that cannot be opened is
+// retried with backoff. None of this is a recovery: health and counters
+// carry over, and only answers bring a gateway back.
 package prober
 
 import (
@@ -46,6 +56,9 @@ const (
 	ReasonLinkDown       = "LinkDown"
 	ReasonNeighborFailed = "NeighborFailed"
 	ReasonNotProbed      = "NotProbed"
+	// ReasonProbeFailed: probes could not be sent (the socket cannot be
+	// opened, or sending fails); the error is in the agent's log.
+	ReasonProbeFailed = "ProbeFailed"
 	// ReasonNotInUse: the gateway was out of the kernel's nexthops when
 	// the agent started (it had been taken down before a restart); it
 	// stays out until it answers Rise probes.
@@ -85,10 +98,12 @@ func (c Config) Validate() error {
 	return nil
 }
 
-// Target is a gateway and the interface its routes leave through.
+// Target is a gateway and the interface its routes leave through. The
+// index tells a re-created interface from the one it replaced.
 type Target struct {
-	Addr netip.Addr
-	Link string
+	Addr      netip.Addr
+	LinkIndex int
+	LinkName  string
 }
 
 // State is what the prober knows of one gateway.
@@ -114,7 +129,7 @@ type Prober struct {
 
 type gateway struct {
 	target Target
-	cancel context.CancelFunc
+	cancel context.CancelFunc // stops the probe stream
 	state  State
 	ok     int // consecutive answers
 	missed int // consecutive misses
@@ -123,7 +138,7 @@ type gateway struct {
 }
 
 // New returns a prober; onChange is called (from the prober's goroutines)
-// whenever a gateway's health changes, onRTT for every answer.
+// whenever a gateway's health or reason changes, onRTT for every answer.
 func New(cfg Config, log logr.Logger, onChange func(), onRTT func(netip.Addr, time.Duration)) *Prober {
 	if onRTT == nil {
 		onRTT = func(netip.Addr, time.Duration) {}
@@ -144,7 +159,9 @@ func (p *Prober) Run(ctx context.Context) {
 }
 
 // Set makes the probed gateways exactly targets: new ones start Unknown,
-// gone ones stop, a gateway that moved to another link restarts.
+// gone ones stop. A gateway whose interface changed, by index (re-created
+// under the same name) or by name, gets a new stream, since its socket is
+// bound to the old one; it keeps its health and counters.
 func (p *Prober) Set(targets []Target) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -153,11 +170,17 @@ func (p *Prober) Set(targets []Target) {
 		want[t.Addr] = t
 	}
 	for addr, g := range p.gws {
-		if t, ok := want[addr]; !ok || t.Link != g.target.Link {
-			if g.cancel != nil {
-				g.cancel()
-			}
+		t, ok := want[addr]
+		switch {
+		case !ok:
+			stopLocked(g)
 			delete(p.gws, addr)
+		case t != g.target:
+			g.target = t
+			stopLocked(g)
+			if p.ctx != nil {
+				p.startLocked(g)
+			}
 		}
 	}
 	for addr, t := range want {
@@ -216,15 +239,37 @@ func (p *Prober) Down() map[netip.Addr]bool {
 func (p *Prober) startLocked(g *gateway) {
 	ctx, cancel := context.WithCancel(p.ctx)
 	g.cancel = cancel
-	go p.probe(ctx, g)
+	go p.probe(ctx, g, g.target)
 }
 
-// result records one probe outcome and reports whether health changed.
-func (p *Prober) result(g *gateway, answered bool, rtt time.Duration) {
+func stopLocked(g *gateway) {
+	if g.cancel != nil {
+		g.cancel()
+		g.cancel = nil
+	}
+}
+
+// outcome of one probe.
+type outcome int
+
+const (
+	answered outcome = iota
+	timedOut         // sent, not answered within the timeout
+	failed           // not sent: no socket, or the send failed
+)
+
+// result records one probe of the stream whose context is ctx. A stream
+// that Set has stopped records nothing, so that a late result of the old
+// stream never counts against the new one.
+func (p *Prober) result(ctx context.Context, g *gateway, o outcome, rtt time.Duration) {
 	p.mu.Lock()
-	changed := false
+	if ctx.Err() != nil {
+		p.mu.Unlock()
+		return
+	}
+	addr, changed := g.target.Addr, false
 	now := time.Now()
-	if answered {
+	if o == answered {
 		g.ever, g.ok, g.missed = true, g.ok+1, 0
 		g.state.RTT = rtt
 		switch {
@@ -235,17 +280,26 @@ func (p *Prober) result(g *gateway, answered bool, rtt time.Duration) {
 		}
 	} else {
 		g.ok, g.missed = 0, g.missed+1
-		if g.state.Health != Down && g.missed >= p.cfg.Fall {
+		switch {
+		case g.state.Health != Down && g.missed >= p.cfg.Fall:
 			reason := ReasonProbeTimeout
-			if !g.ever {
+			switch {
+			case o == failed:
+				reason = ReasonProbeFailed
+			case !g.ever:
 				reason = ReasonNeverAnswered
 			}
 			changed = p.setLocked(g, Down, reason, now)
+		case g.state.Health == Down && g.state.Reason == ReasonNotInUse && o == failed:
+			// NotInUseAtStart only says it waits for probes; these cannot
+			// be sent, and the status should say so. Still Down: Since stays.
+			g.state.Reason = ReasonProbeFailed
+			changed = true
 		}
 	}
 	p.mu.Unlock()
-	if answered {
-		p.onRTT(g.target.Addr, rtt)
+	if o == answered {
+		p.onRTT(addr, rtt)
 	}
 	if changed {
 		p.onChange()
@@ -275,7 +329,7 @@ func (p *Prober) setLocked(g *gateway, h Health, reason string, now time.Time) b
 	}
 	changed := g.state.Health != h
 	if changed {
-		p.log.Info("gateway health", "gateway", g.target.Addr.String(), "link", g.target.Link, "from", string(g.state.Health), "to", string(h), "reason", reason)
+		p.log.Info("gateway health", "gateway", g.target.Addr.String(), "link", g.target.LinkName, "from", string(g.state.Health), "to", string(h), "reason", reason)
 	}
 	g.state.Health, g.state.Reason, g.state.Since = h, reason, now
 	return changed
@@ -291,69 +345,136 @@ func (p *Prober) riseNeeded(g *gateway, now time.Time) int {
 	return p.cfg.Rise << repeats
 }
 
-// probe sends one echo per interval over the gateway's interface and
-// reports each answer or miss.
-func (p *Prober) probe(ctx context.Context, g *gateway) {
-	conn, err := listen(ctx, g.target)
-	if err != nil {
-		p.log.Error(err, "cannot probe gateway; it stays as it is", "gateway", g.target.Addr.String())
-		return
-	}
-	defer conn.Close()
-	go func() { <-ctx.Done(); conn.Close() }()
+// The wait before reopening a probe socket: short after a send error,
+// doubling while opening fails, so a stream that cannot open costs little
+// and one that can comes back soon.
+const (
+	reopenMin = 100 * time.Millisecond
+	reopenMax = 5 * time.Second
+)
 
-	id := rand.IntN(1 << 16)
-	replies := make(chan int, 16)
-	go readReplies(conn, g.target.Addr, id, replies)
+// stream is one gateway's probe stream: the socket it sends on, and what
+// it needs to reopen that socket.
+type stream struct {
+	p       *Prober
+	target  Target
+	id      int
+	replies chan int
+	conn    net.PacketConn   // nil while there is none
+	reopen  <-chan time.Time // fires when to try opening one
+	backoff time.Duration    // the wait before the next try
+	logged  map[string]bool  // errors logged since a probe was last sent
+}
 
-	var typ icmp.Type = ipv4.ICMPTypeEcho
-	if g.target.Addr.Is6() {
-		typ = ipv6.ICMPTypeEchoRequest
-	}
-	dst := &net.IPAddr{IP: net.IP(g.target.Addr.AsSlice())}
+// probe sends one echo per interval over t's interface, first at once, and
+// records each answer, timeout or failure until ctx ends.
+func (p *Prober) probe(ctx context.Context, g *gateway, t Target) {
+	s := &stream{p: p, target: t, id: rand.IntN(1 << 16), replies: make(chan int, 16), backoff: reopenMin, logged: map[string]bool{}}
+	defer s.close()
+	s.open(ctx)
 	ticker := time.NewTicker(p.cfg.Interval)
 	defer ticker.Stop()
 	for seq := 1; ; seq = (seq + 1) & 0xffff {
-		msg := icmp.Message{Type: typ, Body: &icmp.Echo{ID: id, Seq: seq, Data: []byte("routing-agent")}}
-		packet, _ := msg.Marshal(nil) // ICMPv6 checksums are the kernel's on raw sockets
-		sent := time.Now()
-		_, werr := conn.WriteTo(packet, dst)
-		answered := false
-		if werr == nil {
-			timeout := time.NewTimer(p.cfg.Timeout)
-		wait:
-			for {
-				select {
-				case <-ctx.Done():
-					timeout.Stop()
-					return
-				case got := <-replies:
-					if got == seq {
-						answered = true
-						break wait
-					}
-				case <-timeout.C:
-					break wait
-				}
+		o, rtt := s.echo(ctx, seq)
+		p.result(ctx, g, o, rtt)
+	wait:
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-s.reopen:
+				s.open(ctx)
+			case <-ticker.C:
+				break wait
 			}
-			timeout.Stop()
-		}
-		p.result(g, answered, time.Since(sent))
-		select {
-		case <-ctx.Done():
-			return
-		case <-ticker.C:
 		}
 	}
 }
 
+// open opens the stream's socket, or schedules the next try.
+func (s *stream) open(ctx context.Context) {
+	conn, err := listen(ctx, s.target)
+	if err != nil {
+		s.trouble(ctx, err, "cannot open the probe socket; retrying, and until then the gateway counts as missing probes")
+		s.reopen = time.After(s.backoff)
+		s.backoff = min(2*s.backoff, reopenMax)
+		return
+	}
+	s.conn, s.reopen, s.backoff = conn, nil, reopenMin
+	go readReplies(conn, s.target.Addr, s.id, s.replies)
+}
+
+func (s *stream) close() {
+	if s.conn != nil {
+		s.conn.Close()
+		s.conn = nil
+	}
+}
+
+// echo sends echo request seq and waits for its answer. A send error
+// closes the socket, which may be bound to an interface that is gone, and
+// schedules a new one. Any errno does: a dead binding says ENODEV on IPv4
+// but ENETUNREACH on IPv6, and a needless reopen costs one socket per
+// interval at most.
+func (s *stream) echo(ctx context.Context, seq int) (outcome, time.Duration) {
+	if s.conn == nil {
+		return failed, 0
+	}
+	var typ icmp.Type = ipv4.ICMPTypeEcho
+	if s.target.Addr.Is6() {
+		typ = ipv6.ICMPTypeEchoRequest
+	}
+	msg := icmp.Message{Type: typ, Body: &icmp.Echo{ID: s.id, Seq: seq, Data: []byte("routing-agent")}}
+	packet, _ := msg.Marshal(nil) // ICMPv6 checksums are the kernel's on raw sockets
+	sent := time.Now()
+	if _, err := s.conn.WriteTo(packet, &net.IPAddr{IP: s.target.Addr.AsSlice()}); err != nil {
+		s.trouble(ctx, err, "probe not sent; reopening the probe socket")
+		s.close()
+		s.reopen = time.After(s.backoff)
+		return failed, 0
+	}
+	if len(s.logged) > 0 {
+		s.p.log.Info("probes are sent again", s.keys()...)
+		clear(s.logged)
+	}
+	timeout := time.NewTimer(s.p.cfg.Timeout)
+	defer timeout.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return timedOut, 0 // not recorded: the stream has stopped
+		case got := <-s.replies:
+			if got == seq {
+				return answered, time.Since(sent)
+			}
+		case <-timeout.C:
+			return timedOut, 0
+		}
+	}
+}
+
+// trouble logs err once until probes are sent again: a stream that keeps
+// failing says how, not at every retry.
+func (s *stream) trouble(ctx context.Context, err error, msg string) {
+	if ctx.Err() != nil || s.logged[err.Error()] {
+		return
+	}
+	s.logged[err.Error()] = true
+	s.p.log.Error(err, msg, s.keys()...)
+}
+
+func (s *stream) keys() []any {
+	return []any{"gateway", s.target.Addr.String(), "link", s.target.LinkName, "ifindex", s.target.LinkIndex}
+}
+
 // listen opens a raw ICMP socket bound to the gateway's interface, so the
-// probe takes the path the gateway's routes take.
+// probe takes the path the gateway's routes take. The kernel resolves the
+// name to an index here, once: hence the reopening above.
 func listen(ctx context.Context, t Target) (net.PacketConn, error) {
 	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
 		var err error
 		if cerr := c.Control(func(fd uintptr) {
-			err = unix.SetsockoptString(int(fd), unix.SOL_SOCKET, unix.SO_BINDTODEVICE, t.Link)
+			err = unix.SetsockoptString(int(fd), unix.SOL_SOCKET, unix.SO_BINDTODEVICE, t.LinkName)
 		}); cerr != nil {
 			return cerr
 		}
