@@ -109,6 +109,9 @@ func plan(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		default:
 			fmt.Fprintf(stdout, "# Route %s: %s (%s): %s\n", r.Name, r.Phase, r.Reason, r.Message)
 		}
+		for _, d := range r.NotApplied {
+			fmt.Fprintf(stdout, "#   destination %s not in effect (%s): %s\n", d.Destination, d.Reason, d.Message)
+		}
 	}
 	for _, r := range routes {
 		if err, bad := selectorErrs[r.Name]; bad {

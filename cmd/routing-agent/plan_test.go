@@ -64,6 +64,7 @@ spec:
 		"# Route off-link: Invalid (GatewayNotConnected): gateway 10.99.0.1 is not on a directly connected network of this node",
 		"# Route other-pool: not selected by its nodeSelector",
 		"# Route basic: Conflict (EqualPrefix)", // both seed files are named basic and claim 0.0.0.0/5
+		`#   destination 0.0.0.0/5 not in effect (EqualPrefix): destination 0.0.0.0/5 is also in Route "basic", which is older and wins`,
 	} {
 		if !strings.Contains(out, want) {
 			t.Errorf("output lacks %q:\n%s", want, out)

@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -96,7 +97,16 @@ func (n *benchNS) plan(b *testing.B, routes []*v1alpha1.Route) planner.Plan {
 var shapes = []struct {
 	name        string
 	routes, per int
-}{{"1x4096", 1, 4096}, {"500x8", 500, 8}}
+	// bare drops the backstops from the plan: the layout before them,
+	// measured in the same run for what they cost.
+	bare bool
+}{{"1x4096", 1, 4096, false}, {"500x8", 500, 8, false}, {"1x4096-without-backstops", 1, 4096, true}}
+
+// withoutBackstops is plan less its backstop routes.
+func withoutBackstops(plan planner.Plan) planner.Plan {
+	plan.Routes = slices.DeleteFunc(slices.Clone(plan.Routes), func(r planner.Route) bool { return r.Backstop })
+	return plan
+}
 
 // BenchmarkColdApply installs a whole plan into an empty namespace with
 // netlink; BenchmarkIPBatchCold installs the same rules and routes with one
@@ -108,6 +118,9 @@ func BenchmarkColdApply(b *testing.B) {
 		b.Run(s.name, func(b *testing.B) {
 			n := newBenchNS(b, "bench-nl")
 			plan := n.plan(b, benchRoutes(s.routes, s.per))
+			if s.bare {
+				plan = withoutBackstops(plan)
+			}
 			ap := applier.New(n.h, planner.DefaultConfig(), logr.Discard())
 			b.ResetTimer()
 			for range b.N {
@@ -130,6 +143,9 @@ func BenchmarkIPBatchCold(b *testing.B) {
 		b.Run(s.name, func(b *testing.B) {
 			n := newBenchNS(b, "bench-ip")
 			plan := n.plan(b, benchRoutes(s.routes, s.per))
+			if s.bare {
+				plan = withoutBackstops(plan)
+			}
 			var lines []string
 			for _, r := range plan.Rules {
 				lines = append(lines, r.Batch(planner.DefaultProtocol))

@@ -92,9 +92,11 @@ func TestAgent(t *testing.T) {
 			return ok, fmt.Sprintf("worker-0 %+v\nworker-1 %+v", s0, s1)
 		})
 		// 203.0.113.128/25 lies inside worker-0's connected 203.0.113.0/24:
-		// main wins there, so the Route is shadowed on worker-0 instead.
-		if s0 := routeState(e.nodeRouting(0), "side"); s0.Phase != v1alpha1.RouteInvalid || s0.Reason != "DestinationShadowed" {
-			t.Errorf("worker-0: %+v, want Invalid/DestinationShadowed", s0)
+		// main wins there, so on worker-0 that destination is installed but
+		// inert, and reported.
+		if s0 := routeState(e.nodeRouting(0), "side"); s0.Phase != v1alpha1.RouteApplied || s0.Reason != "DestinationShadowed" ||
+			s0.NotAppliedCount != 1 || s0.NotAppliedDestinations[0].Destination != "203.0.113.128/25" {
+			t.Errorf("worker-0: %+v, want Applied/DestinationShadowed naming 203.0.113.128/25", s0)
 		}
 		e.applyRoute(newRoute("side", []string{"192.0.2.0/26"}, []string{"10.200.0.1"}))
 		e.eventually(5*time.Second, "side applied on worker-0, invalid on worker-1, egress untouched", func() (bool, string) {
@@ -106,7 +108,8 @@ func TestAgent(t *testing.T) {
 		e.eventually(10*time.Second, "an Invalid Event naming worker-1, and worker-0's recovery", func() (bool, string) {
 			out, _ := e.cp.Kubectl("get", "events", "-n", "default", "--field-selector", "involvedObject.name=side", "-o", "custom-columns=REASON:.reason,MESSAGE:.message").CombinedOutput()
 			return strings.Contains(string(out), "node worker-1: not applied (GatewayNotConnected)") &&
-				strings.Contains(string(out), "node worker-0: applied in table"), string(out)
+				strings.Contains(string(out), "node worker-0: destination 203.0.113.128/25 lies inside main-table route") &&
+				strings.Contains(string(out), "node worker-0: every destination in effect (was DestinationShadowed)"), string(out)
 		})
 	})
 
@@ -142,14 +145,14 @@ func TestAgent(t *testing.T) {
 			out := e.routesOn(0)
 			return !strings.Contains(out, "192.0.2.64/26") && strings.Contains(out, "192.0.2.192/26 table") && strings.Contains(out, "nexthop via 10.114.0.4"), out
 		})
-		// The restarted agent wrote only what changed: doomed's rule and
-		// route went, edited's route was replaced once.
+		// The restarted agent wrote only what changed: doomed's rule, route
+		// and backstop went, edited's route was replaced once.
 		writes := map[string]float64{}
 		for _, op := range []string{"route_replace", "route_delete", "rule_add", "rule_delete"} {
 			writes[op] = e.metric(0, fmt.Sprintf(`routing_agent_netlink_writes_total{op=%q}`, op))
 		}
-		if writes["route_replace"] != 1 || writes["route_delete"] != 1 || writes["rule_delete"] != 1 || writes["rule_add"] != 0 {
-			t.Errorf("restart made writes %v, want 1 route replace (edited), 1 route and 1 rule delete (doomed), nothing else", writes)
+		if writes["route_replace"] != 1 || writes["route_delete"] != 2 || writes["rule_delete"] != 1 || writes["rule_add"] != 0 {
+			t.Errorf("restart made writes %v, want 1 route replace (edited), 2 route and 1 rule delete (doomed), nothing else", writes)
 		}
 	})
 

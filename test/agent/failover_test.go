@@ -19,6 +19,7 @@ func startTraffic(t testing.TB, lab *topology.Lab, ns string, flows int, every t
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { tr.Finish() }) // a test that failed half-way frees the port
 	return tr
 }
 

@@ -54,13 +54,16 @@ func (c *Cluster) Egress(i int) (string, error) {
 // source ports, each sending one datagram per tick, counted at both ends.
 type Traffic struct {
 	// Ports are the flows' source ports, in order.
-	Ports    []int
-	flows    []*net.UDPConn
-	sent     []atomic.Int64
-	received map[int]*atomic.Int64
-	rx       *net.UDPConn
-	stop     chan struct{}
-	wg       sync.WaitGroup
+	Ports     []int
+	flows     []*net.UDPConn
+	sentCount []atomic.Int64
+	received  map[int]*atomic.Int64
+	rx        *net.UDPConn
+	stop      chan struct{}
+	wg        sync.WaitGroup
+
+	finish     sync.Once
+	sent, lost map[int]int64
 }
 
 // StartTraffic sends from namespace ns to the external host's dstPort over
@@ -68,7 +71,7 @@ type Traffic struct {
 // interval. Concurrent Traffic needs a dstPort each.
 func StartTraffic(lab *topology.Lab, ns string, dstPort uint16, flows int, every time.Duration) (*Traffic, error) {
 	dst := netip.AddrPortFrom(lab.ExternalAddr, dstPort)
-	tr := &Traffic{sent: make([]atomic.Int64, flows), received: map[int]*atomic.Int64{}, stop: make(chan struct{})}
+	tr := &Traffic{sentCount: make([]atomic.Int64, flows), received: map[int]*atomic.Int64{}, stop: make(chan struct{})}
 	rx, err := topology.ListenUDP(lab.External, dst)
 	if err != nil {
 		return nil, err
@@ -113,7 +116,7 @@ func StartTraffic(lab *topology.Lab, ns string, dstPort uint16, flows int, every
 			case <-tick.C:
 				for i, c := range tr.flows {
 					if _, err := c.Write([]byte("x")); err == nil {
-						tr.sent[i].Add(1)
+						tr.sentCount[i].Add(1)
 					}
 				}
 			}
@@ -130,18 +133,21 @@ func (tr *Traffic) close() {
 }
 
 // Finish stops sending, lets the last datagrams land and returns, by
-// source port, how many each flow sent and lost.
+// source port, how many each flow sent and lost. Later calls return the
+// same counts, so a test can also call it from a cleanup.
 func (tr *Traffic) Finish() (sent, lost map[int]int64) {
-	close(tr.stop)
-	time.Sleep(300 * time.Millisecond)
-	tr.close()
-	tr.wg.Wait()
-	sent, lost = map[int]int64{}, map[int]int64{}
-	for i, port := range tr.Ports {
-		sent[port] = tr.sent[i].Load()
-		lost[port] = sent[port] - tr.received[port].Load()
-	}
-	return sent, lost
+	tr.finish.Do(func() {
+		close(tr.stop)
+		time.Sleep(300 * time.Millisecond)
+		tr.close()
+		tr.wg.Wait()
+		tr.sent, tr.lost = map[int]int64{}, map[int]int64{}
+		for i, port := range tr.Ports {
+			tr.sent[port] = tr.sentCount[i].Load()
+			tr.lost[port] = tr.sent[port] - tr.received[port].Load()
+		}
+	})
+	return tr.sent, tr.lost
 }
 
 // Nexthops lists, comma-separated and in the lab's gateway order, the

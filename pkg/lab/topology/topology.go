@@ -665,8 +665,9 @@ func (l *Lab) ExternalPackets(i int) (uint64, error) {
 }
 
 // CountUplinkTraffic starts counting the packets node j sends out of its
-// own uplink (pub0, main's default route) to the external host, IPv4 and
-// IPv6: the wrong path for traffic a Route sends through a gateway. The
+// own uplink (pub0, main's default route) to the external host's network
+// (198.51.100.0/24, 2001:db8:100::/64): the wrong path for traffic a Route
+// sends through a gateway. The
 // counter sits on the router's end of that link (netdev ingress), outside
 // the node and ahead of everything the node could do to the packet;
 // UplinkPackets reads it.
@@ -678,10 +679,10 @@ func (l *Lab) CountUplinkTraffic(j int) error {
 	rules := []string{
 		"add table netdev " + table,
 		"add chain netdev " + table + " in { type filter hook ingress device " + nodePort(j) + " priority -500 ; }",
-		"add rule netdev " + table + " in ip daddr " + l.ExternalAddr.String() + " counter",
+		"add rule netdev " + table + " in ip daddr " + netip.PrefixFrom(l.ExternalAddr, 24).Masked().String() + " counter",
 	}
 	if l.IPv6 {
-		rules = append(rules, "add rule netdev "+table+" in ip6 daddr "+l.ExternalAddr6.String()+" counter")
+		rules = append(rules, "add rule netdev "+table+" in ip6 daddr "+netip.PrefixFrom(l.ExternalAddr6, 64).Masked().String()+" counter")
 	}
 	for _, rule := range rules {
 		if out, err := l.Exec(l.Router, append([]string{"nft"}, strings.Fields(rule)...)...); err != nil {
