@@ -44,13 +44,8 @@ func plannerFlags(fs *flag.FlagSet) *planner.Config {
 // checkPlannerConfig rejects a band or range that would collide with the
 // kernel's own tables and rules.
 func checkPlannerConfig(cfg *planner.Config) error {
-	switch {
-	case cfg.TableMin == 0 || cfg.TableMin > cfg.TableMax:
-		return fmt.Errorf("--table-min %d / --table-max %d: need 0 < min <= max", cfg.TableMin, cfg.TableMax)
-	case cfg.TableMin <= 255 && cfg.TableMax >= 253:
-		return fmt.Errorf("--table-min %d / --table-max %d: the range overlaps the kernel's default, main and local tables (253-255)", cfg.TableMin, cfg.TableMax)
-	case cfg.PriorityBase < 1 || cfg.PriorityBase+planner.BandWidth > 32766:
-		return fmt.Errorf("--priority-base %d: the band %d-%d must lie within 1-32765, before the main table's rule", cfg.PriorityBase, cfg.PriorityBase, cfg.PriorityBase+planner.BandWidth-1)
+	if err := cfg.CheckLayout(); err != nil {
+		return fmt.Errorf("--table-min, --table-max, --priority-base, --protocol: %w", err)
 	}
 	return nil
 }

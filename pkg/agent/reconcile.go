@@ -103,10 +103,8 @@ func (a *Agent) reconcile() error {
 // what an agent with another band, protocol or table range left on this
 // node (its layout is in the NodeRouting it wrote).
 func (a *Agent) removePreviousLayout() {
-	old := a.opts.Planner
 	l := a.previousLayout
-	old.Protocol, old.PriorityBase, old.TableMin, old.TableMax = uint8(l.Protocol), int(l.PriorityBase), uint32(l.TableMin), uint32(l.TableMax)
-	rep, err := a.applier.RemoveLayout(old)
+	rep, err := a.applier.RemoveLayout(layoutConfig(a.opts.Planner, *l))
 	if err != nil {
 		a.log.Error(err, "removing what the previous agent left in its kernel layout; trying again next reconcile", "protocol", l.Protocol, "priorityBase", l.PriorityBase, "tables", fmt.Sprintf("%d-%d", l.TableMin, l.TableMax))
 		return
@@ -256,8 +254,20 @@ func (a *Agent) loadTables(ctx context.Context) {
 		}
 	}
 	if l := nr.Status.Kernel; l != nil && !sameLayout(*l, a.opts.Planner) {
-		a.previousLayout = l
+		// Checked before anything in it is deleted: a status anyone with
+		// write access could have edited must not point at main or local.
+		if err := layoutConfig(a.opts.Planner, *l).CheckLayout(); err != nil || l.Protocol < 0 || l.Protocol > 255 || l.TableMin < 0 || l.TableMax > 1<<32-1 {
+			a.log.Error(err, "the previous kernel layout in the NodeRouting is not one an agent could have used; leaving it alone", "layout", fmt.Sprintf("%+v", *l))
+		} else {
+			a.previousLayout = l
+		}
 	}
+}
+
+// layoutConfig is cfg with the table range, band and protocol of l.
+func layoutConfig(cfg planner.Config, l v1alpha1.KernelLayout) planner.Config {
+	cfg.Protocol, cfg.PriorityBase, cfg.TableMin, cfg.TableMax = uint8(l.Protocol), int(l.PriorityBase), uint32(l.TableMin), uint32(l.TableMax)
+	return cfg
 }
 
 // sameLayout reports whether l is where cfg writes.

@@ -59,7 +59,7 @@ func (a *Agent) buildStatus(plan planner.Plan, gateways map[netip.Addr]prober.St
 		if n := len(r.NotApplied); n > 0 {
 			state.WithNotAppliedCount(int32(n))
 			for _, d := range r.NotApplied[:min(n, v1alpha1.MaxReportedDestinations)] {
-				state.WithNotAppliedDestinations(apply.DestinationState().WithDestination(d.Destination.String()).WithReason(d.Reason).WithMessage(bounded(d.Message)))
+				state.WithNotAppliedDestinations(apply.DestinationState().WithDestination(d.Destination.String()).WithReason(d.Reason).WithMessage(boundedTo(d.Message, maxDestinationMessage)))
 			}
 		}
 		switch r.Phase {
@@ -73,7 +73,7 @@ func (a *Agent) buildStatus(plan planner.Plan, gateways map[netip.Addr]prober.St
 		routes = append(routes, state)
 	}
 	for name, err := range selectorErrs {
-		routes = append(routes, apply.RouteState().WithName(name).WithPhase(v1alpha1.RouteInvalid).WithReason("InvalidNodeSelector").WithMessage(err.Error()))
+		routes = append(routes, apply.RouteState().WithName(name).WithPhase(v1alpha1.RouteInvalid).WithReason("InvalidNodeSelector").WithMessage(bounded(err.Error())))
 	}
 	slices.SortFunc(routes, func(x, y *apply.RouteStateApplyConfiguration) int { return strings.Compare(*x.Name, *y.Name) })
 	status.WithRoutes(routes...)
@@ -228,13 +228,19 @@ func (w *statusWriter) write(ctx context.Context, node *corev1.Node, status *app
 // API server stores (and every later write fail with it).
 const maxMessage = 1024
 
+// maxDestinationMessage bounds the message of each listed destination, so
+// a Route's 32 of them add up to a few KiB at most.
+const maxDestinationMessage = 256
+
 // bounded cuts s to maxMessage bytes, on a rune boundary, saying so.
-func bounded(s string) string {
-	if len(s) <= maxMessage {
+func bounded(s string) string { return boundedTo(s, maxMessage) }
+
+func boundedTo(s string, limit int) string {
+	if len(s) <= limit {
 		return s
 	}
 	const more = " ... (cut)"
-	cut := maxMessage - len(more)
+	cut := limit - len(more)
 	for cut > 0 && !utf8.RuneStart(s[cut]) {
 		cut--
 	}
@@ -256,7 +262,14 @@ func withRejections(results []planner.Result, rejected map[uint32][]applier.Reje
 			continue
 		}
 		r.NotApplied = slices.Clone(r.NotApplied)
+		listed := map[netip.Prefix]bool{}
 		for _, rej := range refused {
+			// A throw is not this Route's destination, and a destination
+			// whose live route and backstop were both refused is one.
+			if rej.Route.Throw || listed[rej.Route.Dst] {
+				continue
+			}
+			listed[rej.Route.Dst] = true
 			r.NotApplied = append(r.NotApplied, planner.DestinationIssue{Destination: rej.Route.Dst, Reason: planner.ReasonKernelRejected, Message: bounded(rej.Err.Error())})
 		}
 		r.Reason = planner.ReasonKernelRejected

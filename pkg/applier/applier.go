@@ -81,11 +81,11 @@ type Rejection struct {
 //  3. only then throw routes, which hand a more specific prefix from one
 //     Route's table on to the rules after it: the table that holds it is
 //     reachable by now;
-//  4. throws nobody wants go before the rules of the tables they hand
-//     over to;
+//  4. throws that hand over to a Route that is going go before its rule;
 //  5. stale and doubled rules go;
-//  6. last, the routes of tables no rule leads to any more (live ones
-//     before their backstops).
+//  6. last, the routes nobody wants (live ones before their backstops, a
+//     supernet before the throws carved out of it), among them the
+//     routes of tables no rule leads to any more.
 func (a *Applier) Apply(plan planner.Plan) (Report, error) {
 	actual, err := a.Read()
 	if err != nil {
@@ -106,11 +106,6 @@ func (a *Applier) applyTo(plan planner.Plan, actual *State) (Report, error) {
 		a.log.Info("kernel change", "op", what)
 		return nil
 	}
-	// A table some of whose backstops the kernel refused gets no rule
-	// leading to it: it could empty, and its traffic would fall through
-	// to main. (An unreachable route has no device or gateway to refuse;
-	// this does not happen short of memory exhaustion.)
-	unguarded := map[uint32]bool{}
 	replace := func(r planner.Route) {
 		if have, ok := actual.Routes[keyOf(r)]; ok && sameRoute(have, r) {
 			return
@@ -121,9 +116,6 @@ func (a *Applier) applyTo(plan planner.Plan, actual *State) (Report, error) {
 				rep.Rejected = map[uint32][]Rejection{}
 			}
 			rep.Rejected[r.Table] = append(rep.Rejected[r.Table], Rejection{Route: r, Err: err})
-			if r.Backstop {
-				unguarded[r.Table] = true
-			}
 		}
 	}
 	remove := func(key routeKey) {
@@ -156,10 +148,6 @@ func (a *Applier) applyTo(plan planner.Plan, actual *State) (Report, error) {
 		if len(actual.Rules[key]) > 0 {
 			continue
 		}
-		if r.Table != planner.MainTable && unguarded[r.Table] {
-			errs = append(errs, fmt.Errorf("%s: not added: table %d lacks backstops the kernel refused", key, r.Table))
-			continue
-		}
 		nl := a.toNetlinkRule(r)
 		if err := do(key, func() error { return a.h.RuleAdd(nl) }, &a.Writes.RuleAdd); err != nil {
 			errs = append(errs, err)
@@ -171,17 +159,30 @@ func (a *Applier) applyTo(plan planner.Plan, actual *State) (Report, error) {
 			replace(r)
 		}
 	}
-	stale := func(throw bool) []routeKey {
-		var out []routeKey
-		for _, key := range sortedRouteKeys(actual.Routes) {
-			if !wanted[key] && actual.Routes[key].Throw == throw {
-				out = append(out, key)
-			}
+	// A stale throw whose prefix no wanted table holds any more hands over
+	// to a Route that is going: it goes first (step 4), or its prefix would
+	// be thrown on to main once that Route's rule is gone. Every other
+	// stale throw goes with the stale routes (step 6), after the supernet
+	// it carves out of (sortedRouteKeys puts a supernet first) or after
+	// its own table's rule, so longest-prefix match holds throughout.
+	held := map[netip.Prefix]bool{}
+	for _, r := range plan.Routes {
+		if !r.Throw && !r.Backstop {
+			held[r.Dst] = true
 		}
-		return out
 	}
-	// 4. Throws nobody wants, before the rules of the tables they hand over to.
-	for _, key := range stale(true) {
+	var early, late []routeKey
+	for _, key := range sortedRouteKeys(actual.Routes) {
+		switch {
+		case wanted[key]:
+		case actual.Routes[key].Throw && !held[key.Dst]:
+			early = append(early, key)
+		default:
+			late = append(late, key)
+		}
+	}
+	// 4. Throws that hand over to a Route that is going.
+	for _, key := range early {
 		remove(key)
 	}
 	// 5. Stale and doubled rules.
@@ -199,8 +200,8 @@ func (a *Applier) applyTo(plan planner.Plan, actual *State) (Report, error) {
 		}
 	}
 	// 6. Routes nobody wants any more, live before backstop
-	// (sortedRouteKeys).
-	for _, key := range stale(false) {
+	// (sortedRouteKeys), and the remaining throws.
+	for _, key := range late {
 		remove(key)
 	}
 	return rep, errors.Join(errs...)

@@ -47,12 +47,14 @@ func (k Kind) String() string {
 }
 
 const (
-	// DefaultReceiveBufferSize lets a socket queue a burst of 4,096 route
-	// notifications (a cold apply of one large Route) while its reader is
-	// busy. The kernel charges about 1,280 bytes per notification, IPv4 or
-	// IPv6, and doubles the size asked for: 4 MiB holds some 6,500, the
-	// kernel's default (net.core.rmem_default, 208 KiB) about 160.
-	DefaultReceiveBufferSize = 4 << 20
+	// DefaultReceiveBufferSize lets a socket queue a burst of 8,192 route
+	// notifications (a cold apply of one 4,096-destination Route: each
+	// destination's route and its backstop) while its reader is busy. The
+	// kernel charges about 1,280 bytes per notification, IPv4 or IPv6, and
+	// doubles the size asked for: 16 MiB holds some 26,000, the kernel's
+	// default (net.core.rmem_default, 208 KiB) about 160. It is memory
+	// only while notifications queue.
+	DefaultReceiveBufferSize = 16 << 20
 	// DefaultChannelSize is the capacity of each Events channel.
 	DefaultChannelSize = 256
 )

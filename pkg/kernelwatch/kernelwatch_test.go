@@ -242,14 +242,15 @@ func TestResubscribesAfterOverflow(t *testing.T) {
 	}
 }
 
-// TestBurstFitsDefaultBuffer adds the 4,096 routes of a large Route in one
+// TestBurstFitsDefaultBuffer adds the 8,192 routes of a 4,096-destination
+// Route (each destination and its backstop) in one
 // go while nobody reads: the default receive buffer must hold them all.
 func TestBurstFitsDefaultBuffer(t *testing.T) {
 	n := newNamespace(t, "kwburst")
 	resubscribed := make(chan Kind, 1)
 	ev := n.watch(t, Options{Kinds: Routes, OnResubscribe: func(k Kind) { resubscribed <- k }})
 
-	const routes = 4096
+	const routes = 8192
 	var burst []string
 	for i := range routes {
 		burst = append(burst, fmt.Sprintf("route add 10.%d.%d.0/24 via 192.0.2.2 table 10061 proto 245", i/256, i%256))

@@ -35,7 +35,10 @@ type candidate struct {
 	// it; conflicts maps one to the older Route that owns it.
 	shadowedBy map[netip.Prefix]netip.Prefix
 	conflicts  map[netip.Prefix]string
-	result     Result
+	// stranded are gateways no longer connected to a Route that was
+	// applied here (see checkOnNode).
+	stranded []netip.Addr
+	result   Result
 }
 
 // installed are the destinations that go into the Route's table: all but
@@ -69,7 +72,8 @@ func Compute(in Input) Plan {
 	})
 
 	for _, c := range byAge {
-		checkOnNode(c, in.Node)
+		_, applied := in.Tables[c.route.Name]
+		checkOnNode(c, in.Node, applied)
 	}
 	resolveConflicts(byAge)
 	for _, c := range byAge {
@@ -96,8 +100,12 @@ func Compute(in Input) Plan {
 
 // checkOnNode parses the Route and judges what only this node can judge:
 // whether its gateways are on directly connected networks here, and whether
-// a main-table route would shadow a destination.
-func checkOnNode(c *candidate, node Node) {
+// a main-table route would shadow a destination. wasApplied says the Route
+// already holds a table on this node: a gateway that has lost its network
+// since (the interface re-created without its addresses yet, a lost lease)
+// then strands the Route instead of withdrawing it, so its destinations
+// fail closed behind their backstops rather than leave through main.
+func checkOnNode(c *candidate, node Node, wasApplied bool) {
 	invalid := func(reason, format string, args ...any) {
 		c.result.Phase, c.result.Reason, c.result.Message = Invalid, reason, fmt.Sprintf(format, args...)
 	}
@@ -122,6 +130,9 @@ func checkOnNode(c *candidate, node Node) {
 		case local:
 			invalid(ReasonGatewayIsLocal, "gateway %s is an address of this node", gw)
 			return
+		case !ok && wasApplied:
+			c.stranded = append(c.stranded, gw)
+			continue
 		case !ok:
 			invalid(ReasonGatewayNotConnected, "gateway %s is not on a directly connected network of this node", gw)
 			return
@@ -148,6 +159,10 @@ func checkOnNode(c *candidate, node Node) {
 		}
 	}
 	c.result.Phase, c.result.Reason = Applied, ReasonApplied
+	if len(c.stranded) > 0 {
+		c.result.Reason = ReasonGatewayNotConnected
+		c.result.Message = fmt.Sprintf("gateway %s is no longer on a directly connected network of this node; the Route stays, and destinations with no other gateway fail closed (unreachable) until it is back", c.stranded[0])
+	}
 }
 
 // isNetworkOrBroadcast: an IPv4 network's own address and its broadcast
@@ -310,14 +325,17 @@ func tableRoutes(applied []*candidate, down map[netip.Addr]bool) []Route {
 	var routes []Route
 	for _, c := range applied {
 		for _, d := range installed[c] {
-			routes = append(routes,
-				Route{Table: c.result.Table, Dst: d, Nexthops: liveNexthops(c, d.Addr().Is6(), down)},
-				Route{Table: c.result.Table, Dst: d, Backstop: true})
+			// A family whose gateways are all stranded has no live route:
+			// the backstop alone holds the destination.
+			if nhs := liveNexthops(c, d.Addr().Is6(), down); len(nhs) > 0 {
+				routes = append(routes, Route{Table: c.result.Table, Dst: d, Nexthops: nhs})
+			}
+			routes = append(routes, Route{Table: c.result.Table, Dst: d, Backstop: true})
 		}
 		for e := range throws[c] {
 			routes = append(routes, Route{Table: c.result.Table, Dst: e, Throw: true})
 		}
-		if c.allDown(down) {
+		if len(c.nexthops) > 0 && c.allDown(down) {
 			c.result.Reason = ReasonAllGatewaysDown
 			c.result.Message = "every gateway is down; routes stay pointed at them so traffic fails closed instead of leaking through the node's default route"
 		}

@@ -208,6 +208,24 @@ ip -4 route replace 0.0.0.0/0 table 10002 proto 245 via 10.114.0.4 dev vpc0
 ip -4 route replace unreachable 0.0.0.0/0 table 10002 proto 245 metric 4294967295
 ip -4 route replace throw 192.0.2.0/24 table 10002 proto 245`,
 	}, {
+		name: "a gateway that lost its network strands a Route applied here: backstops only, no rule withdrawn",
+		routes: []*v1alpha1.Route{
+			route("was-here", 0, list("0.0.0.0/0"), list("10.99.0.1")),
+			route("new-here", 1, list("192.0.2.0/24"), list("10.99.0.1")),
+			route("half", 2, list("198.51.100.0/24"), list("10.99.0.2", "10.114.0.3")),
+		},
+		tables: map[string]uint32{"was-here": 10001, "half": 10003},
+		want: `ip -4 rule add priority 30000 to 10.114.0.3/32 lookup main protocol 245
+` + bypass4 + `
+ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
+ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
+ip -4 rule add priority 30300 lookup 10001 protocol 245
+ip -4 rule add priority 30300 lookup 10003 protocol 245
+ip -4 route replace unreachable 0.0.0.0/0 table 10001 proto 245 metric 4294967295
+ip -4 route replace throw 198.51.100.0/24 table 10001 proto 245
+ip -4 route replace 198.51.100.0/24 table 10003 proto 245 via 10.114.0.3 dev vpc0
+ip -4 route replace unreachable 198.51.100.0/24 table 10003 proto 245 metric 4294967295`,
+	}, {
 		name:   "no Routes: nothing at all",
 		routes: nil,
 		want:   ``,
@@ -339,5 +357,21 @@ func TestTableIDsStable(t *testing.T) {
 	full := Compute(Input{Config: small, Node: testNode(), Routes: []*v1alpha1.Route{x, y, third}})
 	if r := full.Results[2]; r.Phase != Invalid || r.Reason != ReasonNoTableFree {
 		t.Errorf("third Route in a two-table range: %+v, want Invalid/NoTableFree", r)
+	}
+}
+
+// A Route applied here whose gateway lost its network stays Applied and
+// says why; one never applied here is Invalid, leaving its traffic to main.
+func TestStrandedResults(t *testing.T) {
+	plan := Compute(Input{Config: DefaultConfig(), Node: testNode(), Tables: map[string]uint32{"was-here": 10001},
+		Routes: []*v1alpha1.Route{route("was-here", 0, list("0.0.0.0/0"), list("10.99.0.1")), route("new-here", 1, list("192.0.2.0/24"), list("10.99.0.1"))}})
+	if r := plan.Results[0]; r.Phase != Applied || r.Reason != ReasonGatewayNotConnected || r.Table != 10001 || !strings.Contains(r.Message, "fail closed") {
+		t.Errorf("was-here: %+v", r)
+	}
+	if r := plan.Results[1]; r.Phase != Invalid || r.Reason != ReasonGatewayNotConnected {
+		t.Errorf("new-here: %+v", r)
+	}
+	if len(plan.Gateways) != 0 {
+		t.Errorf("a stranded gateway is still probed: %+v", plan.Gateways)
 	}
 }

@@ -7,6 +7,7 @@
 package planner
 
 import (
+	"fmt"
 	"net/netip"
 )
 
@@ -49,6 +50,24 @@ type Config struct {
 	// Protocol marks every route and rule the agent creates, so it can find
 	// and garbage-collect exactly what it owns.
 	Protocol uint8
+}
+
+// CheckLayout rejects a table range, band or protocol that would collide
+// with the kernel's own: the default, main and local tables, the main
+// table's rule, the kernel's protocol numbers. The agent also checks a
+// layout read back from a NodeRouting with it before deleting anything in it.
+func (c Config) CheckLayout() error {
+	switch {
+	case c.TableMin == 0 || c.TableMin > c.TableMax:
+		return fmt.Errorf("table range %d-%d: need 0 < min <= max", c.TableMin, c.TableMax)
+	case c.TableMin <= 255 && c.TableMax >= 253:
+		return fmt.Errorf("table range %d-%d overlaps the kernel's default, main and local tables (253-255)", c.TableMin, c.TableMax)
+	case c.PriorityBase < 1 || c.PriorityBase+BandWidth > 32766:
+		return fmt.Errorf("priority band %d-%d must lie within 1-32765, before the main table's rule", c.PriorityBase, c.PriorityBase+BandWidth-1)
+	case c.Protocol < 5:
+		return fmt.Errorf("protocol %d: 0-4 are the kernel's own", c.Protocol)
+	}
+	return nil
 }
 
 // DefaultConfig is what the agent uses unless told otherwise.

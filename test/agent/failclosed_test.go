@@ -118,6 +118,37 @@ func TestFailClosed(t *testing.T) {
 		noLeak("interface down and up")
 	})
 
+	t.Run("the node loses its address towards the gateways", func(t *testing.T) {
+		e.t = t
+		leaked()
+		tr := startTraffic(t, e.lab, e.ns(0), 16, 10*time.Millisecond)
+		time.Sleep(300 * time.Millisecond)
+		vpcAddr := e.lab.NodeVPC.String() + "/20"
+		// A lost DHCP lease, or an interface re-created without its
+		// addresses yet: the gateways are on no connected network now.
+		if out, err := e.lab.Exec(e.ns(0), "ip", "addr", "del", vpcAddr, "dev", topology.VPCIf); err != nil {
+			t.Fatalf("%v: %s", err, out)
+		}
+		e.eventually(5*time.Second, "the Route stays, stranded", func() (bool, string) {
+			s := state("default")
+			return s != nil && s.Phase == v1alpha1.RouteApplied && s.Reason == "GatewayNotConnected", fmt.Sprintf("%+v", s)
+		})
+		if got := strings.TrimSpace(e.routesOn(0)); got != "unreachable default table "+defaultTable+" metric 4294967295" {
+			t.Errorf("without the VPC address the agent's routes are\n%s\nwant only the backstop", got)
+		}
+		time.Sleep(time.Second)
+		if out, err := e.lab.Exec(e.ns(0), "ip", "addr", "add", vpcAddr, "dev", topology.VPCIf); err != nil {
+			t.Fatalf("%v: %s", err, out)
+		}
+		e.waitNexthops("default", "10.114.0.3,10.114.0.4", 10*time.Second)
+		e.eventually(10*time.Second, "the Route is whole again", func() (bool, string) {
+			s := state("default")
+			return s != nil && s.Reason == "", fmt.Sprintf("%+v", s)
+		})
+		tr.Finish()
+		noLeak("address lost and back")
+	})
+
 	t.Run("a gateway the kernel would refuse is a node-level reason", func(t *testing.T) {
 		e.t = t
 		leaked()

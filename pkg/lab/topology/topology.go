@@ -563,7 +563,9 @@ func (l *Lab) Exec(ns string, args ...string) (string, error) {
 
 // SetGatewayLink sets gateway i's VPC interface down or up, inside the
 // gateway's namespace: the gateway then vanishes from the VPC (its bridge
-// port loses carrier) as a failed instance would.
+// port loses carrier) as a failed instance would. Up returns once every
+// link of the lab is operationally up again, so the first packet after it
+// is not lost to a port still coming up.
 func (l *Lab) SetGatewayLink(i int, up bool) error {
 	if i < 0 || i >= len(l.Gateways) {
 		return fmt.Errorf("topology: no gateway %d", i)
@@ -574,7 +576,10 @@ func (l *Lab) SetGatewayLink(i int, up bool) error {
 	}
 	var r runner
 	r.ip(l.Gateways[i], "link", "set", VPCIf, state)
-	return r.err
+	if r.err != nil || !up {
+		return r.err
+	}
+	return l.waitOperUp(5 * time.Second)
 }
 
 // SilenceGateway makes gateway i drop every IP packet it receives on the
