@@ -49,7 +49,7 @@ type Options struct {
 	// Planner is the table range, rule band, protocol and bypass config.
 	Planner planner.Config
 	// ResyncPeriod bounds how long drift (a rule or route changed by hand)
-	// can last; netlink notifications repair route drift sooner.
+	// can last; netlink notifications repair route and rule drift sooner.
 	ResyncPeriod time.Duration
 	// ResolvConf and ResolvedUpstream locate the node's DNS servers.
 	ResolvConf, ResolvedUpstream string
