@@ -7,7 +7,6 @@
 package applier
 
 import (
-	"cmp"
 	"errors"
 	"fmt"
 	"maps"
@@ -330,18 +329,7 @@ func sortedRouteKeys(m map[routeKey]planner.Route) []routeKey {
 		keys = append(keys, k)
 	}
 	slices.SortFunc(keys, func(a, b routeKey) int {
-		return cmp.Or(cmp.Compare(a.Table, b.Table), a.Dst.Addr().Compare(b.Dst.Addr()), cmp.Compare(a.Dst.Bits(), b.Dst.Bits()), compareBool(a.Backstop, b.Backstop))
+		return planner.CompareRoutes(planner.Route{Table: a.Table, Dst: a.Dst, Backstop: a.Backstop}, planner.Route{Table: b.Table, Dst: b.Dst, Backstop: b.Backstop})
 	})
 	return keys
-}
-
-// compareBool orders false before true.
-func compareBool(a, b bool) int {
-	switch {
-	case a == b:
-		return 0
-	case b:
-		return -1
-	}
-	return 1
 }

@@ -340,9 +340,7 @@ func tableRoutes(applied []*candidate, down map[netip.Addr]bool) []Route {
 			c.result.Message = "every gateway is down; routes stay pointed at them so traffic fails closed instead of leaking through the node's default route"
 		}
 	}
-	slices.SortFunc(routes, func(a, b Route) int {
-		return cmp.Or(cmp.Compare(a.Table, b.Table), comparePrefix(a.Dst, b.Dst), compareBool(a.Backstop, b.Backstop))
-	})
+	slices.SortFunc(routes, CompareRoutes)
 	return routes
 }
 
@@ -483,6 +481,13 @@ func defaultLink(node Node, ipv6 bool) (int, bool) {
 		}
 	}
 	return link, best >= 0
+}
+
+// CompareRoutes orders routes by table, then destination (a supernet
+// before the prefixes inside it), then a live or throw route before its
+// backstop: the order plans list them in, and the applier removes them in.
+func CompareRoutes(a, b Route) int {
+	return cmp.Or(cmp.Compare(a.Table, b.Table), comparePrefix(a.Dst, b.Dst), compareBool(a.Backstop, b.Backstop))
 }
 
 func compareBool(a, b bool) int {
