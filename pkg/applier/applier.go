@@ -9,7 +9,6 @@ package applier
 import (
 	"errors"
 	"fmt"
-	"maps"
 	"net"
 	"net/netip"
 	"slices"
@@ -204,18 +203,6 @@ func (a *Applier) applyTo(plan planner.Plan, actual *State) (Report, error) {
 		remove(key)
 	}
 	return rep, errors.Join(errs...)
-}
-
-// Err returns the refusals of rep as one error, for callers that treat
-// them like any other failure.
-func (rep Report) Err() error {
-	var errs []error
-	for _, table := range slices.Sorted(maps.Keys(rep.Rejected)) {
-		for _, r := range rep.Rejected[table] {
-			errs = append(errs, r.Err)
-		}
-	}
-	return errors.Join(errs...)
 }
 
 // Cleanup removes everything the agent owns, and nothing else.

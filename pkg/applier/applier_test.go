@@ -624,7 +624,7 @@ func TestFailClosedWhenTheLinkGoes(t *testing.T) {
 		t.Errorf("apply with the link down failed as a whole: %v", err)
 	}
 	if n := len(rep.Rejected[table]); n != 2 {
-		t.Errorf("kernel refusals for table %d: %d (%v), want 2 (the v4 and v6 default routes)", table, n, rep.Err())
+		t.Errorf("kernel refusals for table %d: %d (%v), want 2 (the v4 and v6 default routes)", table, n, rep.Rejected)
 	}
 	sendOnly()
 	if n, err := e.lab.UplinkPackets(0); err != nil || n != 0 {
