@@ -48,6 +48,14 @@ type Options struct {
 	// Port is the API server's secure port; default a free port on
 	// loopback, 6443 inside a namespace.
 	Port int
+	// ServingIPs and ServingNames are extra subject alternative names of
+	// the API server's serving certificate, besides Address, loopback, the
+	// kubernetes Service's and its DNS names: the addresses and names
+	// clients reach it by otherwise, such as a load balancer's VIP and a
+	// DNS name for it ("api.lab.test"). KubeconfigAt writes kubeconfigs
+	// that use them.
+	ServingIPs   []net.IP
+	ServingNames []string
 	// CRDDir, when set, holds CustomResourceDefinition YAML files that are
 	// installed and waited for (Established and served) before Start returns.
 	CRDDir string
@@ -334,14 +342,11 @@ func (cp *ControlPlane) Kubectl(args ...string) *exec.Cmd {
 
 // KubeconfigFor mints a client certificate for user in groups and writes a
 // kubeconfig that uses it, so tests can act as a least-privileged identity
-// (for a service account: "system:serviceaccount:<ns>:<name>").
+// (for a service account: "system:serviceaccount:<ns>:<name>"). The
+// kubeconfig names cp.Server; cfg is the same as a client config, whose
+// connections are opened inside the control plane's namespace if it has one.
 func (cp *ControlPlane) KubeconfigFor(user string, groups ...string) (path string, cfg *rest.Config, err error) {
-	certPEM, keyPEM, err := cp.pki.issue(pkix.Name{CommonName: user, Organization: groups}, nil, nil, x509.ExtKeyUsageClientAuth)
-	if err != nil {
-		return "", nil, err
-	}
-	path = filepath.Join(cp.Dir, "kubeconfig-"+strconv.FormatInt(time.Now().UnixNano(), 36))
-	if err := writeKubeconfig(path, cp.Server, cp.pki.caPEM, certPEM, keyPEM); err != nil {
+	if path, err = cp.KubeconfigAt(cp.Server, user, groups...); err != nil {
 		return "", nil, err
 	}
 	if cfg, err = clientcmd.BuildConfigFromFlags("", path); err != nil {
@@ -354,6 +359,27 @@ func (cp *ControlPlane) KubeconfigFor(user string, groups ...string) (path strin
 	return path, cfg, nil
 }
 
+// KubeconfigAt is KubeconfigFor for clients that reach the API server at
+// server rather than cp.Server: through a load balancer's VIP
+// (https://198.51.100.100:6443) or by a DNS name (https://api.lab.test:6443),
+// which must then be among Options.ServingIPs or ServingNames for TLS to
+// verify. It returns only the path: such a client lives elsewhere (a node),
+// and dials from there.
+func (cp *ControlPlane) KubeconfigAt(server, user string, groups ...string) (path string, err error) {
+	if server == "" {
+		return "", errors.New("controlplane: KubeconfigAt needs a server URL")
+	}
+	certPEM, keyPEM, err := cp.pki.issue(pkix.Name{CommonName: user, Organization: groups}, nil, nil, x509.ExtKeyUsageClientAuth)
+	if err != nil {
+		return "", err
+	}
+	path = filepath.Join(cp.Dir, "kubeconfig-"+strconv.FormatInt(time.Now().UnixNano(), 36))
+	if err := writeKubeconfig(path, server, cp.pki.caPEM, certPEM, keyPEM); err != nil {
+		return "", err
+	}
+	return path, nil
+}
+
 func (cp *ControlPlane) writeCredentials(addr net.IP) error {
 	dir := filepath.Join(cp.Dir, "pki")
 	if err := os.MkdirAll(dir, 0o700); err != nil {
@@ -364,8 +390,8 @@ func (cp *ControlPlane) writeCredentials(addr net.IP) error {
 		return err
 	}
 	serving, servingKey, err := cp.pki.issue(pkix.Name{CommonName: "kube-apiserver"},
-		[]net.IP{addr, net.IPv4(127, 0, 0, 1), net.IPv4(10, 96, 0, 1)},
-		[]string{"localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"},
+		append([]net.IP{addr, net.IPv4(127, 0, 0, 1), net.IPv4(10, 96, 0, 1)}, cp.opts.ServingIPs...),
+		append([]string{"localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"}, cp.opts.ServingNames...),
 		x509.ExtKeyUsageServerAuth)
 	if err != nil {
 		return err

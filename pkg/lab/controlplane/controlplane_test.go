@@ -2,8 +2,15 @@ package controlplane_test
 
 import (
 	"context"
+	"crypto/x509"
+	"encoding/pem"
+	"fmt"
+	"net"
+	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -14,9 +21,12 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/routing-agent/routing-agent/pkg/lab/controlplane"
+	"github.com/routing-agent/routing-agent/pkg/lab/dnsserver"
 	"github.com/routing-agent/routing-agent/pkg/lab/netns"
+	"github.com/routing-agent/routing-agent/pkg/lab/topology"
 )
 
 func start(t *testing.T, opts controlplane.Options) *controlplane.ControlPlane {
@@ -88,7 +98,9 @@ func TestLoopbackLifecycle(t *testing.T) {
 
 // TestInNetworkNamespace: the control plane runs inside a namespace on a
 // documentation-range address, publishes it in default/kubernetes as a real
-// one does, and is reachable through the client config and kubectl.
+// one does, and is reachable through the client config and kubectl; its
+// serving certificate carries the extra names a load balancer's VIP and a
+// DNS name need, and kubeconfigs naming those verify against it.
 func TestInNetworkNamespace(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Fatal("this test creates network namespaces and must run as root (make test runs it as root)")
@@ -116,7 +128,12 @@ func TestInNetworkNamespace(t *testing.T) {
 		}
 	}
 
-	cp := start(t, controlplane.Options{NetNS: ns, Address: "203.0.113.10"})
+	cp := start(t, controlplane.Options{
+		NetNS:        ns,
+		Address:      "203.0.113.10",
+		ServingIPs:   []net.IP{net.ParseIP("198.51.100.100")},
+		ServingNames: []string{"api.lab.test"},
+	})
 	if cp.Server != "https://203.0.113.10:6443" {
 		t.Errorf("Server = %s", cp.Server)
 	}
@@ -143,6 +160,169 @@ func TestInNetworkNamespace(t *testing.T) {
 	out, err := cp.Kubectl("get", "--raw", "/readyz").CombinedOutput()
 	if err != nil || strings.TrimSpace(string(out)) != "ok" {
 		t.Errorf("kubectl in the namespace: %v: %s", err, out)
+	}
+
+	t.Run("serving names", func(t *testing.T) {
+		data, err := os.ReadFile(filepath.Join(cp.Dir, "pki", "apiserver.crt"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		block, _ := pem.Decode(data)
+		if block == nil {
+			t.Fatalf("no PEM block in apiserver.crt: %q", data)
+		}
+		cert, err := x509.ParseCertificate(block.Bytes)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var ips []string
+		for _, ip := range cert.IPAddresses {
+			ips = append(ips, ip.String())
+		}
+		for _, want := range []string{"203.0.113.10", "127.0.0.1", "10.96.0.1", "198.51.100.100"} {
+			if !slices.Contains(ips, want) {
+				t.Errorf("serving certificate IP SANs %v lack %s", ips, want)
+			}
+		}
+		for _, want := range []string{"localhost", "kubernetes.default.svc", "api.lab.test"} {
+			if !slices.Contains(cert.DNSNames, want) {
+				t.Errorf("serving certificate DNS SANs %v lack %s", cert.DNSNames, want)
+			}
+		}
+	})
+
+	// A client that reaches the API server by the VIP or the DNS name:
+	// here its connections go to the API server's own address, as a load
+	// balancer's or a resolver's would lead them, while TLS checks the
+	// name in the URL.
+	t.Run("kubeconfig at another server", func(t *testing.T) {
+		for _, c := range []struct {
+			server string
+			ok     bool
+		}{
+			{"https://198.51.100.100:6443", true},
+			{"https://api.lab.test:6443", true},
+			{"https://other.lab.test:6443", false}, // not in the certificate
+		} {
+			path, err := cp.KubeconfigAt(c.server, "lab-vip-admin", "system:masters")
+			if err != nil {
+				t.Fatal(err)
+			}
+			raw, err := clientcmd.LoadFromFile(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := raw.Clusters[raw.Contexts[raw.CurrentContext].Cluster].Server; got != c.server {
+				t.Errorf("KubeconfigAt(%s) wrote server %s", c.server, got)
+			}
+			cfg, err := clientcmd.BuildConfigFromFlags("", path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			dial := netns.Dialer(ns)
+			cfg.Dial = func(ctx context.Context, network, _ string) (net.Conn, error) {
+				return dial(ctx, network, "203.0.113.10:6443")
+			}
+			cfg.Timeout = 10 * time.Second
+			_, err = kubernetes.NewForConfigOrDie(cfg).CoreV1().Namespaces().Get(context.Background(), "default", metav1.GetOptions{})
+			switch {
+			case c.ok && err != nil:
+				t.Errorf("as lab-vip-admin via %s: %v", c.server, err)
+			case !c.ok && (err == nil || !strings.Contains(fmt.Sprint(err), "x509")):
+				t.Errorf("via %s, a name the certificate lacks: %v, want an x509 error", c.server, err)
+			case !c.ok:
+				t.Logf("via %s: %v", c.server, err)
+			}
+		}
+		if _, err := cp.KubeconfigAt("", "nobody"); err == nil {
+			t.Error("KubeconfigAt with no server succeeded")
+		}
+	})
+}
+
+// TestBehindLoadBalancer puts the lab's pieces together: the control plane
+// on a topology lab's control plane host, a load balancer VIP for it on the
+// router and a DNS name for the VIP on the lab's DNS server; a client on a
+// node resolves the name there and reaches the API server through the VIP,
+// until the VIP goes.
+func TestBehindLoadBalancer(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Fatal("this test creates network namespaces and must run as root (make test runs it as root)")
+	}
+	if err := netns.RemoveStale(); err != nil {
+		t.Fatal(err)
+	}
+	l, err := topology.New(topology.Options{Purpose: "cplb", ControlPlane: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := l.Close(); err != nil {
+			t.Error(err)
+		}
+	})
+	vip := netip.MustParseAddr("198.51.100.100")
+	dns, err := dnsserver.Start(l.External, netip.AddrPortFrom(l.ExternalDNS, 53))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { dns.Close() })
+	dns.Set("api.lab.test", vip)
+	if err := l.AddAPIVIP(vip); err != nil {
+		t.Fatal(err)
+	}
+	cp := start(t, controlplane.Options{
+		NetNS:        l.ControlPlane,
+		Address:      l.ControlPlaneAddr.String(),
+		ServingIPs:   []net.IP{vip.AsSlice()},
+		ServingNames: []string{"api.lab.test"},
+	})
+
+	// The node's view: names resolved by the lab's DNS server, connections
+	// opened in the node's namespace.
+	dial := netns.Dialer(l.Node)
+	resolver := &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, network, _ string) (net.Conn, error) {
+		return dial(ctx, network, netip.AddrPortFrom(l.ExternalDNS, 53).String())
+	}}
+	nodeDial := func(ctx context.Context, network, address string) (net.Conn, error) {
+		host, port, err := net.SplitHostPort(address)
+		if err != nil {
+			return nil, err
+		}
+		ips, err := resolver.LookupNetIP(ctx, "ip4", host)
+		if err != nil {
+			return nil, err
+		}
+		return dial(ctx, network, net.JoinHostPort(ips[0].String(), port))
+	}
+	get := func(server string) error {
+		path, err := cp.KubeconfigAt(server, "lab-node-admin", "system:masters")
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg, err := clientcmd.BuildConfigFromFlags("", path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg.Dial, cfg.Timeout = nodeDial, 3*time.Second
+		_, err = kubernetes.NewForConfigOrDie(cfg).CoreV1().Namespaces().Get(context.Background(), "default", metav1.GetOptions{})
+		return err
+	}
+	for _, server := range []string{"https://api.lab.test:6443", "https://198.51.100.100:6443"} {
+		if err := get(server); err != nil {
+			t.Errorf("from the node via %s: %v", server, err)
+		}
+	}
+	if dns.Queries() == 0 {
+		t.Error("the DNS server received no query")
+	}
+	if err := l.RemoveAPIVIP(vip); err != nil {
+		t.Fatal(err)
+	}
+	if err := get("https://api.lab.test:6443"); err == nil {
+		t.Error("the API server answered through a removed VIP")
+	} else {
+		t.Logf("after RemoveAPIVIP: %v", err)
 	}
 }
 

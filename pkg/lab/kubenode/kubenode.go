@@ -46,6 +46,10 @@ import (
 // with; the lab builds it from the pinned kubernetes module's pause.c.
 const SandboxImage = "registry.k8s.io/pause:3.10"
 
+// KubeconfigPath is where, inside the node, the kubelet's kubeconfig is
+// (on the node's own /var/lib: EKS and others keep it there).
+const KubeconfigPath = "/var/lib/kubelet/kubeconfig"
+
 // Options describe one node.
 type Options struct {
 	// BinDir holds kubelet (the lab tools directory).
@@ -169,6 +173,9 @@ func (n *Node) startHolder() error {
 		fmt.Fprintf(&script, "mount -n -t tmpfs -o mode=0755 tmpfs %s\n", dir)
 	}
 	fmt.Fprintf(&script, "mount -n --bind %s /etc/resolv.conf\n", filepath.Join(n.opts.Dir, "resolv.conf"))
+	// The kubelet's kubeconfig at a fixed path of the node, as a
+	// distribution puts it, for an agent pod to mount and read its server.
+	fmt.Fprintf(&script, "mkdir -p %s\ncp %s %s\n", filepath.Dir(KubeconfigPath), n.opts.Kubeconfig, KubeconfigPath)
 	for _, name := range slices.Sorted(maps.Keys(kernelTunables)) {
 		fmt.Fprintf(&script, "mount -n --bind %s /proc/sys/%s\n", filepath.Join(n.opts.Dir, "sysctl", strings.ReplaceAll(name, "/", ".")), name)
 	}
@@ -278,7 +285,7 @@ func (n *Node) StartKubelet() error {
 	}
 	args := []string{
 		"--config=" + filepath.Join(n.opts.Dir, "kubelet.yaml"),
-		"--kubeconfig=" + n.opts.Kubeconfig,
+		"--kubeconfig=" + KubeconfigPath,
 		"--root-dir=" + filepath.Join(n.opts.Dir, "kubelet"),
 		"--cert-dir=" + filepath.Join(n.opts.Dir, "kubelet", "pki"),
 		"--hostname-override=" + n.opts.Name,

@@ -6,7 +6,7 @@
 //
 //	External ── Router ── public bridge br-pub, 203.0.113.1/24 (in Router)
 //	198.51.100.10 │           │                           │
-//	              │         pub0 Node j vpc0 ──┐        eth0 ControlPlane
+//	198.51.100.53 │         pub0 Node j vpc0 ──┐        eth0 ControlPlane
 //	              │   203.0.113.(10+j)         │        203.0.113.100
 //	              │                     10.114.0.(10+j)
 //	              │ 192.0.2.(4i+1)/30          │
@@ -15,6 +15,11 @@
 //
 // The public network is one L2 segment: nodes and the control plane reach
 // each other on it directly, and everything else through the router.
+//
+// The external host's second address, 198.51.100.53 (ExternalDNS), is the
+// nameserver the lab's nodes are configured with: a caller serves DNS there
+// (package dnsserver). AddAPIVIP makes the router a TCP load balancer in
+// front of the control plane's API server, as a cloud's would be.
 //
 // Nothing is created in the machine's own namespace: every veth pair is made
 // inside a lab namespace with its peer placed straight into another one, so
@@ -99,6 +104,7 @@ type Lab struct {
 	GatewayUplink []netip.Addr // 192.0.2.(4i+2) on gateway i's up0
 	RouterUplink  []netip.Addr // 192.0.2.(4i+1), the router's end of gateway i's uplink
 	ExternalAddr  netip.Addr   // 198.51.100.10 on the external host
+	ExternalDNS   netip.Addr   // 198.51.100.53, the external host's second address, for a DNS server
 	RouterExt     netip.Addr   // 198.51.100.1, the external host's gateway
 	VPCPrefix     netip.Prefix // 10.114.0.0/20
 
@@ -123,6 +129,9 @@ type Lab struct {
 
 	purpose string
 	created []string // namespaces New made, in creation order, for Close
+
+	apiLB   bool                // AddAPIVIP has set up the router's load balancer table
+	apiVIPs map[netip.Addr]bool // VIPs AddAPIVIP added: true while served, false once removed
 }
 
 // New builds the lab. On error it tears down whatever it had built.
@@ -170,6 +179,7 @@ func layout(opts Options) (*Lab, error) {
 
 		RouterPublic: netip.MustParseAddr("203.0.113.1"),
 		ExternalAddr: netip.MustParseAddr("198.51.100.10"),
+		ExternalDNS:  netip.MustParseAddr("198.51.100.53"),
 		RouterExt:    netip.MustParseAddr("198.51.100.1"),
 		VPCPrefix:    netip.MustParsePrefix("10.114.0.0/20"),
 	}
@@ -229,46 +239,42 @@ func nodePort(j int) string { return nodeRole(j) }
 // checkUnique refuses a layout that gives one address to two hosts: gateway
 // i's VPC address 10.114.0.(3+i) meets node 0's 10.114.0.10 from i = 7 on.
 func (l *Lab) checkUnique() error {
+	_, err := l.owners()
+	return err
+}
+
+// owners maps every address of the lab to the host holding it, or fails on
+// an address given to two hosts.
+func (l *Lab) owners() (map[netip.Addr]string, error) {
 	owner := map[netip.Addr]string{}
-	add := func(who string, addrs ...netip.Addr) error {
+	var err error
+	add := func(who string, addrs ...netip.Addr) {
 		for _, a := range addrs {
-			if !a.IsValid() {
+			if !a.IsValid() || err != nil {
 				continue
 			}
 			if prev, ok := owner[a]; ok {
-				return fmt.Errorf("topology: %d nodes and %d gateways would give %v to both %s and %s", len(l.Nodes), len(l.Gateways), a, prev, who)
+				err = fmt.Errorf("topology: %d nodes and %d gateways would give %v to both %s and %s", len(l.Nodes), len(l.Gateways), a, prev, who)
 			}
 			owner[a] = who
 		}
-		return nil
 	}
-	if err := add("the router", l.RouterPublic, l.RouterPublic6, l.RouterExt, l.RouterExt6); err != nil {
-		return err
-	}
-	if err := add("the control plane", l.ControlPlaneAddr, l.ControlPlaneAddr6); err != nil {
-		return err
-	}
+	add("the router", l.RouterPublic, l.RouterPublic6, l.RouterExt, l.RouterExt6)
+	add("the external host", l.ExternalAddr, l.ExternalDNS, l.ExternalAddr6)
+	add("the control plane", l.ControlPlaneAddr, l.ControlPlaneAddr6)
 	for j := range l.Nodes {
-		if err := add("node "+strconv.Itoa(j), l.NodePublics[j], l.NodeVPCs[j]); err != nil {
-			return err
-		}
+		add("node "+strconv.Itoa(j), l.NodePublics[j], l.NodeVPCs[j])
 		if l.IPv6 {
-			if err := add("node "+strconv.Itoa(j), l.NodePublics6[j], l.NodeVPCs6[j]); err != nil {
-				return err
-			}
+			add("node "+strconv.Itoa(j), l.NodePublics6[j], l.NodeVPCs6[j])
 		}
 	}
 	for i := range l.Gateways {
-		if err := add("gateway "+strconv.Itoa(i), l.GatewayVPC[i], l.GatewayUplink[i], l.RouterUplink[i]); err != nil {
-			return err
-		}
+		add("gateway "+strconv.Itoa(i), l.GatewayVPC[i], l.GatewayUplink[i], l.RouterUplink[i])
 		if l.IPv6 {
-			if err := add("gateway "+strconv.Itoa(i), l.GatewayVPC6[i], l.GatewayUplink6[i], l.RouterUplink6[i]); err != nil {
-				return err
-			}
+			add("gateway "+strconv.Itoa(i), l.GatewayVPC6[i], l.GatewayUplink6[i], l.RouterUplink6[i])
 		}
 	}
-	return nil
+	return owner, err
 }
 
 // NodeIndex returns j for ns == Nodes[j], or -1 if ns is no node of l.
@@ -468,6 +474,11 @@ func (l *Lab) build() error {
 	// External host.
 	r.veth(l.External, ExternalIf, l.Router, "ext")
 	r.addr(l.External, ExternalIf, l.ExternalAddr, 24)
+	// The DNS address second: in the same /24 it becomes a secondary
+	// address, so what the external host sends still comes from
+	// ExternalAddr unless a socket is bound to ExternalDNS. The router
+	// reaches it on its connected 198.51.100.0/24, like ExternalAddr.
+	r.addr(l.External, ExternalIf, l.ExternalDNS, 24)
 	r.addr(l.Router, "ext", l.RouterExt, 24)
 	if l.IPv6 {
 		r.addr(l.External, ExternalIf, l.ExternalAddr6, 64)
@@ -745,6 +756,137 @@ func (l *Lab) counted(ns, family, table, chain string) (uint64, error) {
 		return 0, fmt.Errorf("no counter in %s %s %s", family, table, chain)
 	}
 	return total, nil
+}
+
+// APIPort is the port AddAPIVIP balances: the API server's.
+const APIPort = 6443
+
+// apiLBTable is the Router's nftables table for AddAPIVIP. Its sets say
+// which VIPs are served ("vips") and which were served and no longer are
+// ("removed"), so that a VIP is added or removed by changing one element,
+// independently of the others, and the rules never change.
+const apiLBTable = "lab-apilb"
+
+// AddAPIVIP makes the router a load balancer for the API server: TCP to
+// vip:6443, from any host whose route to vip goes through the router,
+// reaches ControlPlaneAddr:6443. It needs Options.ControlPlane. vip must be
+// an IPv4 address that no host of the lab holds and outside the networks
+// the nodes are connected to (203.0.113.0/24, the VPC): a node must reach
+// it through its default route, 203.0.113.1, as 198.51.100.100 is; on a
+// connected network it would ask for vip's MAC and nobody would answer.
+//
+// The router DNATs the connection to the control plane and masquerades it
+// to its own public address, 203.0.113.1, which the API server then sees as
+// the client: the control plane shares the nodes' L2 segment, so without
+// the SNAT its replies would go straight to the node, bypassing the router
+// and the reverse translation, and the node would drop them. A node that
+// reaches vip through a Route's NAT gateway instead arrives at the router
+// from that gateway's uplink address (without NAT, from its VPC address,
+// answered through gateway 0); the API server sees 203.0.113.1 either way.
+//
+// Adding a VIP already added does nothing.
+func (l *Lab) AddAPIVIP(vip netip.Addr) error {
+	if l.ControlPlane == "" {
+		return errors.New("topology: AddAPIVIP needs a lab built with Options.ControlPlane")
+	}
+	if !vip.Is4() {
+		return fmt.Errorf("topology: API VIP %v is not an IPv4 address", vip)
+	}
+	owners, _ := l.owners()
+	if who, ok := owners[vip]; ok {
+		return fmt.Errorf("topology: API VIP %v is an address of %s", vip, who)
+	}
+	for _, p := range []netip.Prefix{netip.PrefixFrom(l.RouterPublic, 24).Masked(), l.VPCPrefix} {
+		if p.Contains(vip) {
+			return fmt.Errorf("topology: API VIP %v is inside %v, which nodes reach without the router", vip, p)
+		}
+	}
+	served, known := l.apiVIPs[vip]
+	if served {
+		return nil
+	}
+	var script []string
+	if !l.apiLB {
+		// The router sends the translated packets back out of br-pub, the
+		// interface they came in on: plainly forwarded, that makes it send
+		// the node an ICMP redirect naming the control plane as the next
+		// hop, which the node (accept_redirects is on for hosts) would
+		// follow straight past the load balancer. This kernel sends none
+		// for the DNATed connections, but nothing promises that: redirects
+		// go off.
+		if err := netns.Do(l.Router, func() error {
+			for _, conf := range []string{"all", PublicBridge} {
+				if err := os.WriteFile("/proc/sys/net/ipv4/conf/"+conf+"/send_redirects", []byte("0"), 0o644); err != nil {
+					return err
+				}
+			}
+			return nil
+		}); err != nil {
+			return fmt.Errorf("topology: turning off the router's ICMP redirects: %w", err)
+		}
+		t := "ip " + apiLBTable
+		backend := netip.AddrPortFrom(l.ControlPlaneAddr, APIPort)
+		script = []string{
+			"add table " + t,
+			"add set " + t + " vips { type ipv4_addr ; }",
+			"add set " + t + " removed { type ipv4_addr ; }",
+			"add chain " + t + " pre { type nat hook prerouting priority dstnat ; }",
+			"add rule " + t + " pre ip daddr @vips tcp dport " + strconv.Itoa(APIPort) + " dnat to " + backend.String(),
+			"add chain " + t + " post { type nat hook postrouting priority srcnat ; }",
+			"add rule " + t + " post ct status dnat ct original ip daddr @vips masquerade",
+			// NAT chains see only a connection's first packet: what was
+			// translated for a VIP since removed is dropped here, both
+			// ways, so established connections stop with their VIP.
+			"add chain " + t + " gone { type filter hook forward priority filter ; }",
+			"add rule " + t + " gone ct status dnat ct original ip daddr @removed drop",
+		}
+	}
+	if known {
+		// Removed before: stop dropping its old connections' packets
+		// (nft refuses to delete an element that is not there).
+		script = append(script, "delete element ip "+apiLBTable+" removed { "+vip.String()+" }")
+	}
+	script = append(script, "add element ip "+apiLBTable+" vips { "+vip.String()+" }")
+	if err := nftScript(l.Router, script); err != nil {
+		return fmt.Errorf("topology: adding API VIP %v: %w", vip, err)
+	}
+	l.apiLB = true
+	if l.apiVIPs == nil {
+		l.apiVIPs = map[netip.Addr]bool{}
+	}
+	l.apiVIPs[vip] = true
+	return nil
+}
+
+// RemoveAPIVIP stops what AddAPIVIP(vip) started: new connections to
+// vip:6443 go unanswered (the router sends them on towards 198.51.100.0/24
+// or wherever vip's route leads, where no host holds it) and packets of
+// connections established through vip are dropped in both directions, as
+// when a cloud deletes a load balancer. Adding vip again revives those of
+// its connections whose ends still hold them.
+func (l *Lab) RemoveAPIVIP(vip netip.Addr) error {
+	if !l.apiVIPs[vip] {
+		return fmt.Errorf("topology: %v is not an API VIP of this lab", vip)
+	}
+	if err := nftScript(l.Router, []string{
+		"delete element ip " + apiLBTable + " vips { " + vip.String() + " }",
+		"add element ip " + apiLBTable + " removed { " + vip.String() + " }",
+	}); err != nil {
+		return fmt.Errorf("topology: removing API VIP %v: %w", vip, err)
+	}
+	l.apiVIPs[vip] = false
+	return nil
+}
+
+// nftScript runs nft commands, one per line, as one transaction in ns:
+// they all apply or none does.
+func nftScript(ns string, cmds []string) error {
+	cmd := exec.Command("ip", "netns", "exec", ns, "nft", "-f", "-")
+	cmd.Stdin = strings.NewReader(strings.Join(cmds, "\n") + "\n")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("nft in %s: %v: %s", ns, err, strings.TrimSpace(string(out)))
+	}
+	return nil
 }
 
 // ListenUDP opens a UDP socket bound to addr inside namespace ns; it stays

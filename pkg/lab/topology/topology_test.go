@@ -2,12 +2,15 @@ package topology
 
 import (
 	"bufio"
+	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"
 	"os/exec"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -333,6 +336,7 @@ func TestLayoutAddresses(t *testing.T) {
 		{"NodeVPCs6", l.NodeVPCs6, addrs("fd00:114::10", "fd00:114::11", "fd00:114::12")},
 		{"node 0", []netip.Addr{l.NodePublic, l.NodeVPC, l.NodePublic6, l.NodeVPC6}, addrs("203.0.113.10", "10.114.0.10", "2001:db8:203::10", "fd00:114::10")},
 		{"control plane", []netip.Addr{l.ControlPlaneAddr, l.ControlPlaneAddr6}, addrs("203.0.113.100", "2001:db8:203::100")},
+		{"external host", []netip.Addr{l.ExternalAddr, l.ExternalDNS, l.ExternalAddr6}, addrs("198.51.100.10", "198.51.100.53", "2001:db8:100::10")},
 	} {
 		if fmt.Sprint(c.got) != fmt.Sprint(c.want) {
 			t.Errorf("%s = %v, want %v", c.name, c.got, c.want)
@@ -497,4 +501,235 @@ func tcpDial(t *testing.T, ns string, addr netip.AddrPort) netip.Addr {
 		t.Fatalf("%v answered %q: %v", addr, line, err)
 	}
 	return from
+}
+
+// TestExternalDNSAddress: the external host's second address, where the
+// lab's DNS server listens, is reached from a node through the router like
+// its first, and the host still sends from its first.
+func TestExternalDNSAddress(t *testing.T) {
+	l := newLab(t, Options{Purpose: "t9"})
+	for _, c := range []struct{ ns, dst, want string }{
+		{l.Node, l.ExternalDNS.String(), "via " + l.RouterPublic.String() + " dev " + NodePublicIf},
+		{l.Router, l.ExternalDNS.String(), l.ExternalDNS.String() + " dev ext src " + l.RouterExt.String()},
+		{l.External, l.NodePublic.String(), "src " + l.ExternalAddr.String()},
+	} {
+		out, err := l.Exec(c.ns, "ip", "route", "get", c.dst)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(out, c.want) {
+			t.Errorf("in %s: ip route get %s = %q, want it to contain %q", c.ns, c.dst, out, c.want)
+		}
+	}
+	deliver(t, l.Node, l.External, l.ExternalDNS, 3)
+}
+
+// TestAPIVIP: the router balances TCP for a VIP onto the control plane's API
+// port, masquerading so the API server sees the router as the client;
+// removing a VIP stops its new and established connections and leaves
+// another VIP's alone.
+func TestAPIVIP(t *testing.T) {
+	l := newLab(t, Options{Purpose: "t10", Nodes: 2, ControlPlane: true})
+	vip1, vip2 := netip.MustParseAddr("198.51.100.100"), netip.MustParseAddr("198.51.100.101")
+	api1, api2 := netip.AddrPortFrom(vip1, APIPort), netip.AddrPortFrom(vip2, APIPort)
+	seen := echoServer(t, l.ControlPlane, netip.AddrPortFrom(l.ControlPlaneAddr, APIPort))
+
+	// Before AddAPIVIP nothing answers on the VIP.
+	noDial(t, l.Node, api1)
+	if err := l.AddAPIVIP(vip1); err != nil {
+		t.Fatal(err)
+	}
+	c1 := echoDial(t, l.Node, api1)
+	echo(t, c1, "through vip1")
+	if peers, _ := seen(); len(peers) != 1 || peers[0] != l.RouterPublic {
+		t.Errorf("the API server saw connections from %v, want one from the router, %v", peers, l.RouterPublic)
+	}
+	// The router sends no ICMP redirect that would steer the node past it:
+	// its route to the VIP is still the default one.
+	if out, err := l.Exec(l.Node, "ip", "route", "get", vip1.String()); err != nil {
+		t.Fatal(err)
+	} else if want := "via " + l.RouterPublic.String() + " dev " + NodePublicIf; !strings.Contains(out, want) || strings.Contains(out, "redirected") {
+		t.Errorf("after a connection to %v: ip route get = %q, want %q and no redirect", vip1, out, want)
+	}
+
+	if err := l.AddAPIVIP(vip2); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.AddAPIVIP(vip2); err != nil {
+		t.Errorf("adding %v again: %v", vip2, err)
+	}
+	c2 := echoDial(t, l.Nodes[1], api2)
+	echo(t, c2, "through vip2")
+	echo(t, c1, "vip1 still")
+
+	if err := l.RemoveAPIVIP(vip1); err != nil {
+		t.Fatal(err)
+	}
+	_, before := seen()
+	lostEcho(t, c1, "after removal")
+	if _, after := seen(); after != before {
+		t.Errorf("the API server received %d bytes on a connection through removed %v", after-before, vip1)
+	}
+	noDial(t, l.Node, api1)
+	echo(t, c2, "vip2 unaffected")
+	echo(t, echoDial(t, l.Node, api2), "new connection through vip2")
+
+	// Back again, vip1 takes new connections.
+	if err := l.AddAPIVIP(vip1); err != nil {
+		t.Fatal(err)
+	}
+	echo(t, echoDial(t, l.Nodes[1], api1), "vip1 re-added")
+	if peers, _ := seen(); len(peers) != 4 {
+		t.Errorf("the API server accepted %d connections, want 4: %v", len(peers), peers)
+	}
+
+	for _, bad := range []netip.Addr{
+		netip.MustParseAddr("203.0.113.50"),  // on the nodes' public network
+		netip.MustParseAddr("10.114.0.99"),   // in the VPC
+		l.ExternalDNS,                        // a host's address
+		netip.MustParseAddr("2001:db8::100"), // IPv6
+	} {
+		if err := l.AddAPIVIP(bad); err == nil {
+			t.Errorf("AddAPIVIP(%v) succeeded", bad)
+		} else {
+			t.Logf("AddAPIVIP(%v): %v", bad, err)
+		}
+	}
+	if err := l.RemoveAPIVIP(netip.MustParseAddr("198.51.100.102")); err == nil {
+		t.Error("RemoveAPIVIP of a VIP never added succeeded")
+	}
+	if noCP, err := layout(Options{Purpose: "t10b"}); err != nil {
+		t.Fatal(err)
+	} else if err := noCP.AddAPIVIP(vip1); err == nil {
+		t.Error("AddAPIVIP without a control plane succeeded")
+	}
+}
+
+// echoServer listens on addr inside ns until the test ends and echoes what
+// each connection sends. It returns a function reporting the peer address
+// of every connection accepted so far and the bytes received on all of
+// them.
+func echoServer(t *testing.T, ns string, addr netip.AddrPort) func() ([]netip.Addr, int64) {
+	t.Helper()
+	var ln net.Listener
+	err := netns.Do(ns, func() error {
+		var err error
+		ln, err = net.Listen("tcp", addr.String())
+		return err
+	})
+	if err != nil {
+		t.Fatalf("listening on %v in %s: %v", addr, ns, err)
+	}
+	var (
+		mu       sync.Mutex
+		peers    []netip.Addr
+		conns    []net.Conn
+		received atomic.Int64
+		wg       sync.WaitGroup
+	)
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			peers = append(peers, c.RemoteAddr().(*net.TCPAddr).AddrPort().Addr().Unmap())
+			conns = append(conns, c)
+			mu.Unlock()
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				buf := make([]byte, 1500)
+				for {
+					n, err := c.Read(buf)
+					received.Add(int64(n))
+					if err != nil {
+						return
+					}
+					if _, err := c.Write(buf[:n]); err != nil {
+						return
+					}
+				}
+			}()
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		for _, c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+		wg.Wait()
+	})
+	return func() ([]netip.Addr, int64) {
+		mu.Lock()
+		defer mu.Unlock()
+		return append([]netip.Addr(nil), peers...), received.Load()
+	}
+}
+
+// echoDial connects from ns to addr, failing the test if it cannot; the
+// connection is closed when the test ends.
+func echoDial(t *testing.T, ns string, addr netip.AddrPort) net.Conn {
+	t.Helper()
+	var c net.Conn
+	err := netns.Do(ns, func() error {
+		var err error
+		c, err = net.DialTimeout("tcp", addr.String(), 3*time.Second)
+		return err
+	})
+	if err != nil {
+		t.Fatalf("connecting from %s to %v: %v", ns, addr, err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// echo sends msg on c and checks it comes back.
+func echo(t *testing.T, c net.Conn, msg string) {
+	t.Helper()
+	c.SetDeadline(time.Now().Add(3 * time.Second))
+	if _, err := io.WriteString(c, msg); err != nil {
+		t.Fatalf("writing %q to %v: %v", msg, c.RemoteAddr(), err)
+	}
+	buf := make([]byte, len(msg))
+	if _, err := io.ReadFull(c, buf); err != nil || string(buf) != msg {
+		t.Fatalf("echo of %q from %v: %q, %v", msg, c.RemoteAddr(), buf, err)
+	}
+}
+
+// lostEcho sends msg on c and checks that nothing comes back: the
+// connection no longer passes data (the kernel still accepts the write into
+// its buffer and retransmits it in vain).
+func lostEcho(t *testing.T, c net.Conn, msg string) {
+	t.Helper()
+	c.SetDeadline(time.Now().Add(time.Second))
+	if _, err := io.WriteString(c, msg); err != nil {
+		t.Fatalf("writing %q to %v: %v", msg, c.RemoteAddr(), err)
+	}
+	n, err := c.Read(make([]byte, 1500))
+	if ne, ok := err.(net.Error); !ok || !ne.Timeout() {
+		t.Fatalf("after sending %q to %v: read %d bytes, %v; want a timeout", msg, c.RemoteAddr(), n, err)
+	}
+}
+
+// noDial checks that a connection from ns to addr cannot be made.
+func noDial(t *testing.T, ns string, addr netip.AddrPort) {
+	t.Helper()
+	err := netns.Do(ns, func() error {
+		c, err := net.DialTimeout("tcp", addr.String(), time.Second)
+		if err == nil {
+			c.Close()
+			return errors.New("connected")
+		}
+		t.Logf("dialing %v from %s: %v", addr, ns, err)
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("from %s to %v: %v, want no connection", ns, addr, err)
+	}
 }
