@@ -9,7 +9,6 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
-	"net/url"
 	"os"
 	"os/signal"
 	"syscall"
@@ -22,6 +21,7 @@ import (
 
 	"github.com/routing-agent/routing-agent/generated/clientset/versioned"
 	"github.com/routing-agent/routing-agent/pkg/agent"
+	"github.com/routing-agent/routing-agent/pkg/bypass"
 	"github.com/routing-agent/routing-agent/pkg/nodefacts"
 	"github.com/routing-agent/routing-agent/pkg/prober"
 )
@@ -43,8 +43,24 @@ func runAgent(args []string, stderr io.Writer) int {
 	kubeconfig := fs.String("kubeconfig", "", "kubeconfig file; default: the in-cluster service account")
 	nodeName := fs.String("node-name", os.Getenv("NODE_NAME"), "the Node this agent serves (default $NODE_NAME)")
 	resync := fs.Duration("resync-period", 30*time.Second, "how often the kernel is re-checked against the plan, repairing drift (1s-10m)")
-	resolvConf := fs.String("resolv-conf", "/etc/resolv.conf", "the node's resolv.conf, for the DNS servers to bypass")
-	resolvedUpstream := fs.String("resolved-upstream", nodefacts.ResolvedUpstream, "systemd-resolved's upstream list, read when resolv.conf names the 127.0.0.53 stub")
+	hostRoot := fs.String("host-root", "", "where the node's root directory is mounted (the DaemonSet mounts /etc at /host/etc and passes /host); the paths below are the node's, and symbolic links among them are followed inside it")
+	resolvConf := fs.String("resolv-conf", "/etc/resolv.conf", "the node's resolv.conf, for the DNS servers to bypass and to look control-plane names up with; its directory is watched")
+	resolvedUpstream := fs.String("resolved-upstream", nodefacts.ResolvedUpstream, "systemd-resolved's upstream list, read when resolv.conf names its 127.0.0.53 stub or 127.0.0.54 proxy")
+	var dnsServers []netip.Addr
+	fs.Func("dns-server", "upstream DNS server to bypass, for a loopback resolver (dnsmasq on 127.0.0.1) whose upstreams cannot be read; repeatable, or comma-separated", func(s string) error {
+		addrs, err := parseList(s, netip.ParseAddr)
+		dnsServers = append(dnsServers, addrs...)
+		return err
+	})
+	var controlPlane []agent.ControlPlaneHost
+	fs.Func("control-plane-endpoint", "an API server endpoint the node uses (a load balancer's VIP, a DNS name, host:port or URL), kept on the main table; names are looked up through the node's resolvers every --resolve-interval and what they gave stays bypassed; repeatable", func(s string) error {
+		h, err := agent.ParseControlPlaneHost(s, agent.SourceFlag)
+		controlPlane = append(controlPlane, h)
+		return err
+	})
+	kubeletKubeconfig := fs.String("kubelet-kubeconfig", "", "the kubelet's kubeconfig on the node (kubeadm: /etc/kubernetes/kubelet.conf); its server is a control-plane endpoint; a missing file is no source")
+	resolveInterval := fs.Duration("resolve-interval", 30*time.Second, "how often control-plane names are looked up (1s-1h)")
+	retention := fs.Duration("bypass-retention", bypass.DefaultRetention, "how long a learned control-plane address stays bypassed after its source (EndpointSlices, a name) stopped listing it while still answering; a source that fails never ages it (1m or more)")
 	manageSysctls := fs.Bool("manage-sysctls", true, "set net.ipv{4,6}.fib_multipath_hash_policy=1 (ECMP spreads flows, not host pairs) and net.ipv4.fib_multipath_use_neigh=1 (skip nexthops whose neighbour failed)")
 	sysctlRoot := fs.String("sysctl-root", "/proc/sys", "where the node's sysctls are written: a container sees /proc/sys read-only, so the DaemonSet mounts the host's /proc/sys/net at /host/proc/sys/net and passes /host/proc/sys")
 	httpAddr := fs.String("http-address", "127.0.0.1:9464", "address serving /metrics, /healthz and /readyz, e.g. [$(HOST_IP)]:9464; empty to disable")
@@ -74,6 +90,12 @@ func runAgent(args []string, stderr io.Writer) int {
 	if *resync < time.Second || *resync > 10*time.Minute {
 		return usageErr("--resync-period %s: must be between 1s and 10m", *resync)
 	}
+	if *resolveInterval < time.Second || *resolveInterval > time.Hour {
+		return usageErr("--resolve-interval %s: must be between 1s and 1h", *resolveInterval)
+	}
+	if *retention < time.Minute {
+		return usageErr("--bypass-retention %s: must be 1m or more", *retention)
+	}
 	log := newLogger(stderr)
 
 	restConfig, err := loadConfig(*kubeconfig)
@@ -81,6 +103,23 @@ func runAgent(args []string, stderr io.Writer) int {
 		return usageErr("%v", err)
 	}
 	restConfig.UserAgent = "routing-agent/" + *nodeName
+	learned := bypass.NewLearned(*retention)
+	resolver := &bypass.Resolver{Servers: func() []netip.Addr {
+		r, _ := nodefacts.ReadResolvers(*resolvConf, *resolvedUpstream, *hostRoot)
+		return append(r.Listed, dnsServers...)
+	}}
+	var dialer *bypass.Dialer
+	self, err := agent.ParseControlPlaneHost(restConfig.Host, agent.SourceKubeconfig)
+	if err != nil {
+		return usageErr("kubeconfig server %q: %v", restConfig.Host, err)
+	}
+	controlPlane = append(controlPlane, self)
+	if _, err := netip.ParseAddr(self.Host); err != nil && restConfig.Dial == nil {
+		// The API server by name: looked up through the node's resolvers,
+		// and a new address bypassed before it is dialled.
+		dialer = &bypass.Dialer{Resolver: resolver, Learned: learned}
+		restConfig.Dial = dialer.DialContext
+	}
 	client, err := versioned.NewForConfig(restConfig)
 	if err != nil {
 		return usageErr("%v", err)
@@ -96,7 +135,14 @@ func runAgent(args []string, stderr io.Writer) int {
 		ResyncPeriod:      *resync,
 		ResolvConf:        *resolvConf,
 		ResolvedUpstream:  *resolvedUpstream,
-		ExtraControlPlane: hostAddrs(restConfig.Host),
+		HostRoot:          *hostRoot,
+		DNSServers:        dnsServers,
+		ControlPlane:      controlPlane,
+		KubeletKubeconfig: *kubeletKubeconfig,
+		ResolveInterval:   *resolveInterval,
+		Learned:           learned,
+		Resolver:          resolver,
+		Dialer:            dialer,
 		ManageSysctls:     *manageSysctls,
 		SysctlRoot:        *sysctlRoot,
 		Probe:             probe,
@@ -131,18 +177,4 @@ func loadConfig(kubeconfig string) (*rest.Config, error) {
 		return nil, fmt.Errorf("no --kubeconfig and not in a cluster: %w", err)
 	}
 	return cfg, nil
-}
-
-// hostAddrs returns the kubeconfig server's address when it is an IP
-// literal: the agent keeps it on the main table. Names are not resolved
-// here; the default/kubernetes EndpointSlices give the addresses.
-func hostAddrs(host string) []netip.Addr {
-	u, err := url.Parse(host)
-	if err != nil {
-		return nil
-	}
-	if addr, err := netip.ParseAddr(u.Hostname()); err == nil {
-		return []netip.Addr{addr}
-	}
-	return nil
 }

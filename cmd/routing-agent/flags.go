@@ -28,7 +28,7 @@ func plannerFlags(fs *flag.FlagSet) *planner.Config {
 		cfg.Protocol = uint8(v)
 		return nil
 	})
-	fs.Func("metadata-address", "metadata service address kept on the main table; comma-separated, empty for none (default 169.254.169.254)", func(s string) error {
+	fs.Func("metadata-address", "metadata service addresses kept on the main table, IPv4 or IPv6; comma-separated, empty for none (default 169.254.169.254,fd00:ec2::254,fd20:ce::254)", func(s string) error {
 		addrs, err := parseList(s, netip.ParseAddr)
 		cfg.Metadata = addrs
 		return err

@@ -74,11 +74,17 @@ func plan(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		if node, err = nodefacts.Read(&netlink.Handle{}); err != nil {
 			return fail(err)
 		}
-		if node.DNSServers, err = nodefacts.DNSServers(*resolvConf, nodefacts.ResolvedUpstream); err != nil {
+		resolvers, err := nodefacts.ReadResolvers(*resolvConf, nodefacts.ResolvedUpstream, "")
+		if err != nil {
 			return fail(fmt.Errorf("--resolv-conf: %w", err))
 		}
-		if node.ControlPlane, err = parseList(*controlPlane, netip.ParseAddr); err != nil {
+		node.DNSServers = resolvers.Servers
+		addrs, err := parseList(*controlPlane, netip.ParseAddr)
+		if err != nil {
 			return fail(fmt.Errorf("--control-plane: %w", err))
+		}
+		for _, a := range addrs {
+			node.ControlPlane = append(node.ControlPlane, planner.Endpoint{Addr: a, Source: "--control-plane"})
 		}
 		kubeNode.Name = *nodeName
 		if kubeNode.Labels, err = parseLabels(*nodeLabels); err != nil {

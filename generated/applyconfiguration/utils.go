@@ -32,6 +32,8 @@ import (
 func ForKind(kind schema.GroupVersionKind) interface{} {
 	switch kind {
 	// Group=networking.doks.digitalocean.com, Version=v1alpha1
+	case v1alpha1.SchemeGroupVersion.WithKind("BypassAddress"):
+		return &networkingv1alpha1.BypassAddressApplyConfiguration{}
 	case v1alpha1.SchemeGroupVersion.WithKind("DestinationState"):
 		return &networkingv1alpha1.DestinationStateApplyConfiguration{}
 	case v1alpha1.SchemeGroupVersion.WithKind("GatewayState"):

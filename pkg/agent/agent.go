@@ -37,6 +37,7 @@ import (
 	informers "github.com/routing-agent/routing-agent/generated/informers/externalversions"
 	listers "github.com/routing-agent/routing-agent/generated/listers/networking/v1alpha1"
 	"github.com/routing-agent/routing-agent/pkg/applier"
+	"github.com/routing-agent/routing-agent/pkg/bypass"
 	"github.com/routing-agent/routing-agent/pkg/kernelwatch"
 	"github.com/routing-agent/routing-agent/pkg/planner"
 	"github.com/routing-agent/routing-agent/pkg/prober"
@@ -51,10 +52,30 @@ type Options struct {
 	// ResyncPeriod bounds how long drift (a rule or route changed by hand)
 	// can last; netlink notifications repair route and rule drift sooner.
 	ResyncPeriod time.Duration
-	// ResolvConf and ResolvedUpstream locate the node's DNS servers.
-	ResolvConf, ResolvedUpstream string
-	// ExtraControlPlane are API server addresses known from the kubeconfig.
-	ExtraControlPlane []netip.Addr
+	// ResolvConf and ResolvedUpstream locate the node's DNS servers, as
+	// paths of the node; HostRoot is where the node's root directory is
+	// mounted ("" when the agent runs on the node itself).
+	ResolvConf, ResolvedUpstream, HostRoot string
+	// DNSServers are upstream servers given by the operator: those a
+	// loopback resolver such as dnsmasq forwards to without saying so.
+	DNSServers []netip.Addr
+	// ControlPlane are the API servers named by the operator and by the
+	// agent's own kubeconfig.
+	ControlPlane []ControlPlaneHost
+	// KubeletKubeconfig is the kubelet's kubeconfig, a path of the node:
+	// its servers are control-plane endpoints too. A missing file is no
+	// source; "" for none.
+	KubeletKubeconfig string
+	// ResolveInterval is how often control-plane names are looked up.
+	ResolveInterval time.Duration
+	// Learned holds the learned control-plane addresses, shared with the
+	// Dialer of the agent's own API connections; Resolver asks the node's
+	// DNS servers. Dialer, when the agent's kubeconfig names its server,
+	// is that connection's dialer: the agent puts in the bypass rule of a
+	// newly resolved address before the dial.
+	Learned  *bypass.Learned
+	Resolver *bypass.Resolver
+	Dialer   *bypass.Dialer
 	// ManageSysctls sets the ECMP L4 hashing sysctls.
 	ManageSysctls bool
 	// SysctlRoot is where sysctls live, normally /proc/sys.
@@ -106,6 +127,16 @@ type Agent struct {
 	// where this one writes; cleared once its leftovers are removed.
 	previousLayout *v1alpha1.KernelLayout
 
+	// kernelMu serializes the applier: reconciles, and the bypass rules
+	// of learned addresses put in between them.
+	kernelMu sync.Mutex
+	// bypassMu guards problems and hosts (the control-plane hosts of the
+	// last lookup round), written by the resolver and reconcile.
+	bypassMu sync.Mutex
+	problems bypassProblems
+	hosts    string
+	dnsWatch *dnsWatch
+
 	// Only the reconcile goroutine touches these.
 	last   *planner.Plan
 	tables map[string]uint32
@@ -134,6 +165,18 @@ func New(opts Options, client versioned.Interface, kube kubernetes.Interface, ha
 		status:  statusState{writes: map[string]int64{}},
 	}
 	a.applier = applier.New(handle, opts.Planner, log.WithName("kernel"))
+	if a.opts.Learned == nil {
+		a.opts.Learned = bypass.NewLearned(bypass.DefaultRetention)
+	}
+	if a.opts.ResolveInterval <= 0 {
+		a.opts.ResolveInterval = 30 * time.Second
+	}
+	if a.opts.Dialer != nil {
+		a.opts.Dialer.SetOnNew(a.ensureBypass)
+	}
+	// The resolver files changing reconcile at once, to bypass a new DNS
+	// server before the node's lookups need it.
+	a.dnsWatch = newDNSWatch(log.WithName("dns"), func() { a.queue.AddAfter(key, 50*time.Millisecond) })
 	a.statusWriter = newStatusWriter(a)
 	a.taints = newTaintRemover(a)
 	// A gateway changing health reconciles at once: that is the failover.
@@ -212,6 +255,14 @@ func (a *Agent) Run(ctx context.Context) error {
 	defer broadcaster.Shutdown()
 	a.recorder = broadcaster.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "routing-agent", Host: a.opts.NodeName})
 
+	// Before the caches sync: a control-plane name that now resolves to a
+	// new address gets its bypass rule at once, or an agent whose Routes
+	// send the API server's new address through a gateway that drops it
+	// would never sync.
+	if a.opts.Resolver != nil {
+		go a.runResolver(ctx)
+	}
+	go a.dnsWatch.run(ctx)
 	a.routeFactory.Start(ctx.Done())
 	a.nodeFactory.Start(ctx.Done())
 	a.epFactory.Start(ctx.Done())

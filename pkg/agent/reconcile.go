@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
-	"slices"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -22,6 +21,8 @@ import (
 // reconcile plans this node from the caches and the kernel, applies the
 // plan and reports it. It runs on one goroutine at a time.
 func (a *Agent) reconcile() error {
+	a.kernelMu.Lock()
+	defer a.kernelMu.Unlock()
 	begin := time.Now()
 	changes := a.takePending()
 
@@ -46,7 +47,7 @@ func (a *Agent) reconcile() error {
 		return fmt.Errorf("reading the node's links, addresses and routes: %w", err)
 	}
 	facts.DNSServers = a.dnsServers()
-	facts.ControlPlane = a.controlPlane()
+	facts.ControlPlane = a.controlPlane(begin)
 
 	input := planner.Input{Config: a.opts.Planner, Node: facts, Routes: selected, Tables: a.tables, Down: a.prober.Down()}
 	plan := planner.Compute(input)
@@ -199,41 +200,6 @@ func (a *Agent) countWrites() {
 	}
 }
 
-// dnsServers reads resolv.conf; when it cannot be read the last known
-// servers stay bypassed rather than none.
-func (a *Agent) dnsServers() []netip.Addr {
-	servers, err := nodefacts.DNSServers(a.opts.ResolvConf, a.opts.ResolvedUpstream)
-	if err != nil {
-		a.log.Error(err, "reading DNS servers; keeping the last known ones", "resolvConf", a.opts.ResolvConf)
-		if a.last != nil {
-			return a.status.dns
-		}
-		return nil
-	}
-	a.status.dns = servers
-	return servers
-}
-
-// controlPlane lists the API server endpoints from the default/kubernetes
-// EndpointSlices and the kubeconfig's host.
-func (a *Agent) controlPlane() []netip.Addr {
-	out := slices.Clone(a.opts.ExtraControlPlane)
-	slices, err := a.slices.List(labels.Everything())
-	if err != nil {
-		return out
-	}
-	for _, s := range slices {
-		for _, e := range s.Endpoints {
-			for _, addr := range e.Addresses {
-				if ip, err := netip.ParseAddr(addr); err == nil {
-					out = append(out, ip)
-				}
-			}
-		}
-	}
-	return out
-}
-
 // loadTables reads the table ids of the NodeRouting this agent wrote before
 // it restarted, so Routes keep their tables even where hashes collided, and
 // the gateways it knew (see gatewaysOutOfUse).
@@ -245,6 +211,14 @@ func (a *Agent) loadTables(ctx context.Context) {
 	for _, r := range nr.Status.Routes {
 		if r.Table > 0 {
 			a.tables[r.Name] = uint32(r.Table)
+		}
+	}
+	// What the previous agent learned stays bypassed: the EndpointSlices
+	// or a name may now give nothing, or something else, while the node
+	// still talks to an old address.
+	for _, b := range nr.Status.Bypass {
+		if addr, err := netip.ParseAddr(b.Address); err == nil {
+			a.opts.Learned.Restore(addr, b.Sources, time.Now())
 		}
 	}
 	a.knownGateways = map[netip.Addr]bool{}

@@ -31,7 +31,8 @@ type statusState struct {
 	lastApply    *metav1.Time
 	gwHealth     map[netip.Addr]prober.Health // for gateway Events
 	condition    *metav1apply.ConditionApplyConfiguration
-	dns          []netip.Addr
+	bypassCond   *metav1apply.ConditionApplyConfiguration
+	dns          []planner.Endpoint
 	selectorErrs map[string]bool
 	writes       map[string]int64
 }
@@ -92,8 +93,12 @@ func (a *Agent) buildStatus(plan planner.Plan, gateways map[netip.Addr]prober.St
 		status.WithGateways(apply.GatewayState().WithAddress(g.Address.String()).WithInterface(g.LinkName).
 			WithHealth(v1alpha1.GatewayHealth(state.Health)).WithReason(state.Reason).WithSince(metav1.NewTime(state.Since.Truncate(time.Second))))
 	}
-	for _, p := range plan.Bypass {
-		status.WithBypass(p.Addr().String())
+	for _, b := range plan.Bypass {
+		address := b.Prefix.String()
+		if b.Prefix.IsSingleIP() {
+			address = b.Prefix.Addr().String()
+		}
+		status.WithBypass(apply.BypassAddress().WithAddress(address).WithSources(b.Sources...))
 	}
 	status.WithForeignRules(rep.Foreign...)
 	status.WithSummary(summary).WithLastApplyTime(*st.lastApply)
@@ -108,7 +113,16 @@ func (a *Agent) buildStatus(plan planner.Plan, gateways map[netip.Addr]prober.St
 	if st.condition == nil || *st.condition.Status != condStatus || *st.condition.Message != message {
 		st.condition = metav1apply.Condition().WithType("Applied").WithStatus(condStatus).WithReason(reason).WithMessage(message).WithLastTransitionTime(now)
 	}
-	status.WithConditions(st.condition)
+	ok, reason, message := a.bypassCondition()
+	bypassStatus := metav1.ConditionTrue
+	if !ok {
+		bypassStatus = metav1.ConditionFalse
+	}
+	message = bounded(message)
+	if st.bypassCond == nil || *st.bypassCond.Status != bypassStatus || *st.bypassCond.Message != message {
+		st.bypassCond = metav1apply.Condition().WithType("BypassComplete").WithStatus(bypassStatus).WithReason(reason).WithMessage(message).WithLastTransitionTime(now)
+	}
+	status.WithConditions(st.condition, st.bypassCond)
 	return status
 }
 

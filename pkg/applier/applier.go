@@ -320,3 +320,37 @@ func sortedRouteKeys(m map[routeKey]planner.Route) []routeKey {
 	})
 	return keys
 }
+
+// EnsureBypass adds, without touching anything else, the bypass rule
+// (`to <addr> lookup main`, first in the band) of each address of a family
+// in which the agent already has rules: what a newly learned control-plane
+// address needs before the agent dials it, also before its caches have
+// synced, when Apply may not yet run. It never removes anything; the next
+// Apply keeps the rules when the plan has them and removes them otherwise.
+func (a *Applier) EnsureBypass(addrs []netip.Addr) (added int, err error) {
+	st, err := a.Read()
+	if err != nil {
+		return 0, err
+	}
+	inUse := map[bool]bool{}
+	for _, rules := range st.Rules {
+		inUse[rules[0].IPv6] = true
+	}
+	var errs []error
+	for _, addr := range addrs {
+		addr = addr.Unmap().WithZone("")
+		r := planner.Rule{Priority: a.cfg.PriorityBase + planner.OffsetBypass, IPv6: addr.Is6(), Dst: netip.PrefixFrom(addr, addr.BitLen()), Table: planner.MainTable, SuppressPrefixlen: -1}
+		if !inUse[r.IPv6] || len(st.Rules[a.ruleKey(r)]) > 0 {
+			continue
+		}
+		what := r.Batch(a.cfg.Protocol)
+		if err := a.h.RuleAdd(a.toNetlinkRule(r)); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", what, err))
+			continue
+		}
+		a.Writes.RuleAdd.Add(1)
+		a.log.Info("kernel change", "op", what, "why", "control-plane address learned")
+		added++
+	}
+	return added, errors.Join(errs...)
+}

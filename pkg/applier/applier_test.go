@@ -75,8 +75,8 @@ func (e *env) plan(routes ...*v1alpha1.Route) planner.Plan {
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	node.ControlPlane = []netip.Addr{controlPlane}
-	node.DNSServers = []netip.Addr{dnsServer}
+	node.ControlPlane = []planner.Endpoint{{Addr: controlPlane, Source: "test"}}
+	node.DNSServers = []planner.Endpoint{{Addr: dnsServer, Source: "test"}}
 	return planner.Compute(planner.Input{Config: e.cfg, Node: node, Routes: routes})
 }
 

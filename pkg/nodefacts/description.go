@@ -119,14 +119,16 @@ func (d *Description) Node() (planner.Node, error) {
 	return node, err
 }
 
-func parseAddrs(field string, in []string) ([]netip.Addr, error) {
-	var out []netip.Addr
+// parseAddrs reads addresses of the description; their source in the plan
+// is the field they came from.
+func parseAddrs(field string, in []string) ([]planner.Endpoint, error) {
+	var out []planner.Endpoint
 	for i, s := range in {
 		a, err := netip.ParseAddr(s)
 		if err != nil {
 			return nil, fmt.Errorf("%s[%d]: %q is not an IP address", field, i, s)
 		}
-		out = append(out, a)
+		out = append(out, planner.Endpoint{Addr: a, Source: field})
 	}
 	return out, nil
 }

@@ -9,6 +9,8 @@ import (
 	"io"
 	"net/netip"
 	"os"
+	"path/filepath"
+	"slices"
 	"strings"
 
 	"github.com/vishvananda/netlink"
@@ -62,26 +64,112 @@ func Read(h *netlink.Handle) (planner.Node, error) {
 	return node, nil
 }
 
-// StubResolver is systemd-resolved's local stub; when resolv.conf names it,
-// the real upstream servers are in ResolvedUpstream.
-var StubResolver = netip.MustParseAddr("127.0.0.53")
+// Loopback resolvers of systemd-resolved: its stub (127.0.0.53) and its
+// proxy (127.0.0.54) forward to the servers listed in ResolvedUpstream.
+var resolvedListeners = []netip.Addr{netip.MustParseAddr("127.0.0.53"), netip.MustParseAddr("127.0.0.54")}
 
 // ResolvedUpstream is systemd-resolved's list of upstream servers.
 const ResolvedUpstream = "/run/systemd/resolve/resolv.conf"
 
-// DNSServers reads the nameservers of a resolv.conf, following
-// systemd-resolved's stub to its upstream file.
-func DNSServers(resolvConf, upstream string) ([]netip.Addr, error) {
-	servers, err := readNameservers(resolvConf)
+// Sources of DNS server addresses, as the NodeRouting status shows them.
+const (
+	SourceResolvConf = "resolv.conf"
+	SourceResolved   = "systemd-resolved upstream"
+)
+
+// Resolvers is what the node's resolver configuration says.
+type Resolvers struct {
+	// Listed are resolv.conf's nameservers, in order: whom lookups ask.
+	Listed []netip.Addr
+	// Servers are where the node's DNS traffic really goes, to keep on the
+	// main table: the listed servers that are not loopback and, for
+	// systemd-resolved's loopback listeners, its upstream servers.
+	Servers []planner.Endpoint
+	// Hidden are loopback resolvers (dnsmasq on 127.0.0.1, say) whose
+	// upstream servers the agent cannot read: they need --dns-server.
+	Hidden []netip.Addr
+	// Files are the files read, as opened (symbolic links followed), for
+	// watching their directories.
+	Files []string
+}
+
+// ReadResolvers reads resolv.conf and, when it names systemd-resolved,
+// resolved's upstream list. hostRoot is where the node's root directory is
+// mounted ("" when the agent runs on the node itself): a symbolic link such
+// as /etc/resolv.conf -> /run/systemd/resolve/stub-resolv.conf is followed
+// inside it. An unreadable upstream list is an error: the stub's servers
+// would be unknown.
+func ReadResolvers(resolvConf, resolvedUpstream, hostRoot string) (Resolvers, error) {
+	var r Resolvers
+	path, err := HostPath(hostRoot, resolvConf, &r.Files)
 	if err != nil {
-		return nil, err
+		return r, err
 	}
-	for _, s := range servers {
-		if s == StubResolver {
-			return readNameservers(upstream)
+	if r.Listed, err = readNameservers(path); err != nil {
+		return r, err
+	}
+	seen := map[netip.Addr]bool{}
+	add := func(a netip.Addr, source string) {
+		if !seen[a] {
+			seen[a] = true
+			r.Servers = append(r.Servers, planner.Endpoint{Addr: a, Source: source})
 		}
 	}
-	return servers, nil
+	upstreamRead := false
+	for _, a := range r.Listed {
+		switch {
+		case !a.IsLoopback():
+			add(a, SourceResolvConf)
+		case slices.Contains(resolvedListeners, a):
+			if upstreamRead {
+				continue
+			}
+			upstreamRead = true
+			path, err := HostPath(hostRoot, resolvedUpstream, &r.Files)
+			if err != nil {
+				return r, fmt.Errorf("%s names systemd-resolved (%s): %w", resolvConf, a, err)
+			}
+			upstream, err := readNameservers(path)
+			if err != nil {
+				return r, fmt.Errorf("%s names systemd-resolved (%s): %w", resolvConf, a, err)
+			}
+			for _, u := range upstream {
+				if !u.IsLoopback() {
+					add(u, SourceResolved)
+				}
+			}
+		default:
+			r.Hidden = append(r.Hidden, a)
+		}
+	}
+	return r, nil
+}
+
+// HostPath is where path of the node is found under hostRoot, following a
+// symbolic link at its end the way the node would (an absolute target is
+// taken from the node's root, not the container's). Every path on the way
+// is appended to visited.
+func HostPath(hostRoot, path string, visited *[]string) (string, error) {
+	for range 16 {
+		full := filepath.Join(hostRoot, path)
+		*visited = append(*visited, full)
+		fi, err := os.Lstat(full)
+		if err != nil {
+			return "", err
+		}
+		if fi.Mode()&os.ModeSymlink == 0 {
+			return full, nil
+		}
+		target, err := os.Readlink(full)
+		if err != nil {
+			return "", err
+		}
+		if !filepath.IsAbs(target) {
+			target = filepath.Join(filepath.Dir(path), target)
+		}
+		path = target
+	}
+	return "", fmt.Errorf("%s: too many levels of symbolic links", path)
 }
 
 func readNameservers(path string) ([]netip.Addr, error) {

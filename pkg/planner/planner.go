@@ -394,36 +394,52 @@ func gateways(applied []*candidate, down map[netip.Addr]bool) []Gateway {
 }
 
 // bypass lists what must keep using the main table: control plane,
-// metadata service, DNS servers, gateways and operator extras.
-func bypass(in Input, gws []Gateway) []netip.Prefix {
-	set := map[netip.Prefix]bool{}
-	add := func(a netip.Addr) {
+// metadata service, DNS servers, gateways and operator extras, each with
+// the sources that asked for it.
+func bypass(in Input, gws []Gateway) []Bypass {
+	set := map[netip.Prefix]map[string]bool{}
+	add := func(p netip.Prefix, source string) {
+		if set[p] == nil {
+			set[p] = map[string]bool{}
+		}
+		set[p][source] = true
+	}
+	addAddr := func(a netip.Addr, source string) {
+		a = a.Unmap().WithZone("")
 		if a.IsValid() && !a.IsLoopback() && !a.IsUnspecified() {
-			set[netip.PrefixFrom(a, a.BitLen())] = true
+			add(netip.PrefixFrom(a, a.BitLen()), source)
 		}
 	}
-	for _, list := range [][]netip.Addr{in.Node.ControlPlane, in.Config.Metadata, in.Node.DNSServers} {
-		for _, a := range list {
-			add(a)
+	for _, list := range [][]Endpoint{in.Node.ControlPlane, in.Node.DNSServers} {
+		for _, e := range list {
+			addAddr(e.Addr, e.Source)
 		}
+	}
+	for _, a := range in.Config.Metadata {
+		addAddr(a, SourceMetadata)
 	}
 	for _, g := range gws {
-		add(g.Address)
+		addAddr(g.Address, SourceGateway)
 	}
 	for _, p := range in.Config.ExtraBypass {
-		set[p.Masked()] = true
+		add(p.Masked(), SourceExtra)
 	}
-	out := make([]netip.Prefix, 0, len(set))
-	for p := range set {
-		out = append(out, p)
+	out := make([]Bypass, 0, len(set))
+	for p, sources := range set {
+		b := Bypass{Prefix: p}
+		for s := range sources {
+			b.Sources = append(b.Sources, s)
+		}
+		slices.Sort(b.Sources)
+		out = append(out, b)
 	}
-	slices.SortFunc(out, comparePrefix)
+	slices.SortFunc(out, func(a, b Bypass) int { return comparePrefix(a.Prefix, b.Prefix) })
 	return out
 }
 
 // rules builds the band, per address family in use by an applied Route:
 // bypass, symmetric replies, main's specific routes, one lookup per Route.
-func rules(in Input, applied []*candidate, bypass []netip.Prefix) []Rule {
+func rules(in Input, applied []*candidate, bypass []Bypass) []Rule {
 	base := in.Config.PriorityBase
 	var out []Rule
 	for _, ipv6 := range []bool{false, true} {
@@ -447,9 +463,9 @@ func rules(in Input, applied []*candidate, bypass []netip.Prefix) []Rule {
 		if len(routeRules) == 0 {
 			continue // nothing of this family to protect
 		}
-		for _, p := range bypass {
-			if p.Addr().Is6() == ipv6 {
-				out = append(out, Rule{Priority: base + OffsetBypass, IPv6: ipv6, Dst: p, Table: MainTable, SuppressPrefixlen: -1})
+		for _, b := range bypass {
+			if b.Prefix.Addr().Is6() == ipv6 {
+				out = append(out, Rule{Priority: base + OffsetBypass, IPv6: ipv6, Dst: b.Prefix, Table: MainTable, SuppressPrefixlen: -1})
 			}
 		}
 		// Replies to connections that came in through the default route's

@@ -34,8 +34,8 @@ func testNode() Node {
 			{Dst: netip.MustParsePrefix("::/0"), Gateway: netip.MustParseAddr("2001:db8:203::1"), LinkIndex: 2, Metric: 1024},
 			{Dst: netip.MustParsePrefix("fd00:114::/64"), LinkIndex: 3},
 		},
-		ControlPlane: []netip.Addr{netip.MustParseAddr("203.0.113.100")},
-		DNSServers:   []netip.Addr{netip.MustParseAddr("198.51.100.53"), netip.MustParseAddr("127.0.0.53")},
+		ControlPlane: []Endpoint{{Addr: netip.MustParseAddr("203.0.113.100"), Source: "endpointslice default/kubernetes"}},
+		DNSServers:   []Endpoint{{Addr: netip.MustParseAddr("198.51.100.53"), Source: "resolv.conf"}, {Addr: netip.MustParseAddr("127.0.0.53"), Source: "resolv.conf"}},
 	}
 }
 
@@ -154,6 +154,8 @@ ip -4 route replace unreachable 10.1.2.0/24 table 10002 proto 245 metric 4294967
 		routes: []*v1alpha1.Route{route("v6", 0, list("::/0", "2001:db8:100::1/48", "2001:db8:100::/48"), list("fd00:114::3"))},
 		tables: map[string]uint32{"v6": 10001},
 		want: `ip -6 rule add priority 30000 to fd00:114::3/128 lookup main protocol 245
+ip -6 rule add priority 30000 to fd00:ec2::254/128 lookup main protocol 245
+ip -6 rule add priority 30000 to fd20:ce::254/128 lookup main protocol 245
 ip -6 rule add priority 30100 from 2001:db8:203::10/128 lookup main protocol 245
 ip -6 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
 ip -6 rule add priority 30300 lookup 10001 protocol 245

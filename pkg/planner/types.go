@@ -77,8 +77,16 @@ func DefaultConfig() Config {
 		TableMax:     49999,
 		PriorityBase: 30000,
 		Protocol:     DefaultProtocol,
-		Metadata:     []netip.Addr{netip.MustParseAddr("169.254.169.254")},
+		Metadata:     DefaultMetadata(),
 	}
+}
+
+// DefaultMetadata are the cloud metadata services bypassed unless told
+// otherwise: 169.254.169.254 (every major cloud), and over IPv6 AWS's
+// fd00:ec2::254 and Google Cloud's fd20:ce::254. A bypass rule for an
+// address a cloud does not use costs nothing.
+func DefaultMetadata() []netip.Addr {
+	return []netip.Addr{netip.MustParseAddr("169.254.169.254"), netip.MustParseAddr("fd00:ec2::254"), netip.MustParseAddr("fd20:ce::254")}
 }
 
 // Node is what the planner needs to know about the node.
@@ -88,10 +96,25 @@ type Node struct {
 	// MainRoutes are the unicast routes of the main table.
 	MainRoutes []MainRoute
 	// ControlPlane holds the API server endpoints the node must keep reaching.
-	ControlPlane []netip.Addr
-	// DNSServers are the node's resolvers.
-	DNSServers []netip.Addr
+	ControlPlane []Endpoint
+	// DNSServers are where the node's DNS traffic goes.
+	DNSServers []Endpoint
 }
+
+// Endpoint is an address the node must keep reaching through the main
+// table, and where it was learned ("endpointslice default/kubernetes",
+// "dns api.example.com", "resolv.conf", ...), for the status.
+type Endpoint struct {
+	Addr   netip.Addr
+	Source string
+}
+
+// Sources the planner itself gives bypass addresses.
+const (
+	SourceMetadata = "metadata"
+	SourceGateway  = "gateway"
+	SourceExtra    = "--bypass"
+)
 
 // Link is a network interface.
 type Link struct {
@@ -123,7 +146,14 @@ type Plan struct {
 	// Gateways are the distinct gateways of the applied Routes.
 	Gateways []Gateway
 	// Bypass are the addresses that keep using the main table.
-	Bypass []netip.Prefix
+	Bypass []Bypass
+}
+
+// Bypass is one prefix kept on the main table and the sources that asked
+// for it, sorted.
+type Bypass struct {
+	Prefix  netip.Prefix
+	Sources []string
 }
 
 // Rule is one ip rule. Exactly one of Dst, Src or SuppressPrefixlen >= 0

@@ -248,7 +248,10 @@ func TestTypedClientRoundTrip(t *testing.T) {
 			applyv1alpha1.GatewayState().WithAddress("10.114.0.3").WithInterface("eth1").WithHealth(v1alpha1.GatewayUp).WithSince(now),
 			applyv1alpha1.GatewayState().WithAddress("10.114.0.4").WithHealth(v1alpha1.GatewayDown).WithReason("ProbeTimeout").WithSince(now),
 		).
-		WithBypass("169.254.169.254", "10.114.0.3").
+		WithBypass(
+			applyv1alpha1.BypassAddress().WithAddress("169.254.169.254").WithSources("metadata"),
+			applyv1alpha1.BypassAddress().WithAddress("10.114.0.3").WithSources("gateway"),
+		).
 		WithForeignRules("32000: from all lookup 77").
 		WithLastApplyTime(now)
 	if _, err := client.NetworkingV1alpha1().NodeRoutings().Create(ctx, &v1alpha1.NodeRouting{ObjectMeta: metav1.ObjectMeta{Name: "worker-1"}}, metav1.CreateOptions{}); err != nil {

@@ -3,6 +3,7 @@ package agent_test
 import (
 	"context"
 	"fmt"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -255,10 +256,10 @@ func TestAgent(t *testing.T) {
 		if len(nr.OwnerReferences) != 1 || nr.OwnerReferences[0].Kind != "Node" || nr.OwnerReferences[0].Name != "worker-0" {
 			t.Errorf("NodeRouting owner references: %+v", nr.OwnerReferences)
 		}
-		for _, want := range []string{"169.254.169.254", "198.51.100.53", "203.0.113.100", "10.114.0.3"} {
+		for want, source := range map[string]string{"169.254.169.254": "metadata", "198.51.100.53": "resolv.conf", "203.0.113.100": "endpointslice default/kubernetes", "10.114.0.3": "gateway"} {
 			found := false
 			for _, b := range nr.Status.Bypass {
-				found = found || b == want
+				found = found || b.Address == want && slices.Contains(b.Sources, source)
 			}
 			if !found {
 				t.Errorf("bypass %v lacks %s", nr.Status.Bypass, want)

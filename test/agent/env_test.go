@@ -71,10 +71,16 @@ func newEnvOpts(t testing.TB, opts topology.Options, resync string, args ...stri
 // starts an agent on every node.
 func newEnvNodes(t testing.TB, opts topology.Options, nodes []cluster.NodeSpec, resync string, args ...string) *env {
 	t.Helper()
+	return newEnvCluster(t, cluster.Options{Topology: opts, Nodes: nodes}, resync, args...)
+}
+
+// newEnvCluster builds the cluster opts describe, with agent processes.
+func newEnvCluster(t testing.TB, opts cluster.Options, resync string, args ...string) *env {
+	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Fatal("this test builds network namespaces and must run as root (make test runs it as root)")
 	}
-	c, err := cluster.New(context.Background(), cluster.Options{Topology: opts, Nodes: nodes})
+	c, err := cluster.New(context.Background(), opts)
 	if err != nil {
 		t.Fatal(err)
 	}

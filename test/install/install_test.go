@@ -11,7 +11,10 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
 	"runtime"
+	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -31,6 +34,7 @@ import (
 
 	"github.com/routing-agent/routing-agent/pkg/agent"
 	"github.com/routing-agent/routing-agent/pkg/lab/cluster"
+	"github.com/routing-agent/routing-agent/pkg/lab/kubenode"
 	"github.com/routing-agent/routing-agent/pkg/lab/netns"
 	"github.com/routing-agent/routing-agent/pkg/lab/topology"
 )
@@ -60,8 +64,12 @@ type lab struct {
 func TestInstallFromManifests(t *testing.T) {
 	ctx := context.Background()
 	c, err := cluster.New(ctx, cluster.Options{
-		Topology:      topology.Options{Purpose: "install", Nodes: 2, NAT: true},
-		Kubelets:      true,
+		Topology: topology.Options{Purpose: "install", Nodes: 2, NAT: true},
+		Kubelets: true,
+		// The kubelets reach the API server through a load balancer's VIP
+		// beyond the nodes' default route, not the EndpointSlice's address:
+		// a default override takes that path unless the agent bypasses it.
+		KubeletServer: "https://" + cluster.APIVIPs[0].String() + ":6443",
 		StartupTaints: []corev1.Taint{{Key: agent.DefaultStartupTaint, Effect: corev1.TaintEffectNoSchedule}},
 	})
 	if err != nil {
@@ -79,7 +87,7 @@ func TestInstallFromManifests(t *testing.T) {
 	// The gateways refuse anything for the control plane: an agent whose
 	// API connection took the override would lose it, and this test.
 	for _, gw := range c.Net.Gateways {
-		if out, err := c.Net.Exec(gw, "nft", "add table ip guard ; add chain ip guard forwarded { type filter hook forward priority 0 ; } ; add rule ip guard forwarded ip daddr "+c.Net.ControlPlaneAddr.String()+" drop"); err != nil {
+		if out, err := c.Net.Exec(gw, "nft", "add table ip guard ; add chain ip guard forwarded { type filter hook forward priority 0 ; } ; add rule ip guard forwarded ip daddr "+c.Net.ControlPlaneAddr.String()+" drop ; add rule ip guard forwarded tcp dport 6443 counter drop"); err != nil {
 			t.Fatalf("%v: %s", err, out)
 		}
 	}
@@ -114,7 +122,7 @@ func TestInstallFromManifests(t *testing.T) {
 		l.t = t
 		ref := l.loadImage("lab-1")
 		begin := time.Now()
-		if err := c.Install(cluster.InstallOptions{Image: ref, Components: []string{"startup-taint"}}); err != nil {
+		if err := c.Install(cluster.InstallOptions{Image: ref, Components: []string{"startup-taint"}, KubeletKubeconfig: kubenode.KubeconfigPath}); err != nil {
 			t.Fatal(err)
 		}
 		for i, r := range l.waitAgentsReady(begin) {
@@ -221,6 +229,53 @@ func TestInstallFromManifests(t *testing.T) {
 			}
 			return true, ""
 		})
+	})
+
+	t.Run("the kubelets stay Ready under the override: their API server VIP is bypassed", func(t *testing.T) {
+		l.t = t
+		vip := cluster.APIVIPs[0].String()
+		for _, n := range c.Nodes {
+			nr, err := c.Client.NetworkingV1alpha1().NodeRoutings().Get(ctx, n.Name, metav1.GetOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			found := false
+			for _, b := range nr.Status.Bypass {
+				found = found || b.Address == vip && slices.Contains(b.Sources, "kubelet-kubeconfig")
+			}
+			if !found {
+				t.Errorf("%s: the kubelet's server %s is not bypassed from its kubeconfig: %+v", n.Name, vip, nr.Status.Bypass)
+			}
+		}
+		drops := l.guardDrops()
+		renewed := map[string]time.Time{}
+		for _, n := range c.Nodes {
+			renewed[n.Name] = l.leaseRenewed(n.Name)
+		}
+		// The kubelets renew their leases every 10 s and post status; a
+		// kubelet cut off would miss two renewals in this window.
+		for range 25 {
+			for _, n := range c.Nodes {
+				node, err := c.Kube.CoreV1().Nodes().Get(ctx, n.Name, metav1.GetOptions{})
+				if err != nil {
+					t.Fatal(err)
+				}
+				for _, cond := range node.Status.Conditions {
+					if cond.Type == corev1.NodeReady && cond.Status != corev1.ConditionTrue {
+						t.Fatalf("%s is %s under the override: %s", n.Name, cond.Status, cond.Message)
+					}
+				}
+			}
+			time.Sleep(time.Second)
+		}
+		for _, n := range c.Nodes {
+			if now := l.leaseRenewed(n.Name); !now.After(renewed[n.Name]) {
+				t.Errorf("%s: its kubelet did not renew its lease in 25 s under the override (last %s)", n.Name, now)
+			}
+		}
+		if d := l.guardDrops() - drops; d != 0 {
+			t.Errorf("%d packets for the API server's port reached the gateways (and were dropped)", d)
+		}
 	})
 
 	t.Run("failover under traffic", func(t *testing.T) {
@@ -682,6 +737,34 @@ func (l *lab) checkTaintPolicy() {
 	if _, err := asAgent.CoreV1().Nodes().Patch(l.ctx, l.c.Nodes[0].Name, types.MergePatchType, []byte(`{}`), metav1.PatchOptions{}); err != nil {
 		l.t.Errorf("the agent's token cannot patch its own Node: %v", err)
 	}
+}
+
+// guardDrops counts what the gateways dropped for the API server's port.
+func (l *lab) guardDrops() int {
+	total := 0
+	for _, gw := range l.c.Net.Gateways {
+		out, err := l.c.Net.Exec(gw, "nft", "list", "chain", "ip", "guard", "forwarded")
+		if err != nil {
+			l.t.Fatalf("%v: %s", err, out)
+		}
+		if m := regexp.MustCompile(`packets (\d+)`).FindStringSubmatch(out); m != nil {
+			n, _ := strconv.Atoi(m[1])
+			total += n
+		}
+	}
+	return total
+}
+
+// leaseRenewed is when node's kubelet last renewed its Lease.
+func (l *lab) leaseRenewed(node string) time.Time {
+	lease, err := l.c.Kube.CoordinationV1().Leases("kube-node-lease").Get(l.ctx, node, metav1.GetOptions{})
+	if err != nil {
+		l.t.Fatal(err)
+	}
+	if lease.Spec.RenewTime == nil {
+		return time.Time{}
+	}
+	return lease.Spec.RenewTime.Time
 }
 
 func (l *lab) eventually(timeout time.Duration, what string, cond func() (bool, string)) {

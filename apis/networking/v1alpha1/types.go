@@ -98,10 +98,14 @@ type NodeRoutingStatus struct {
 	Gateways []GatewayState `json:"gateways,omitempty"`
 
 	// Bypass lists the addresses that keep going through the main table
-	// whatever the Routes say: control plane, metadata service, DNS servers,
-	// gateways and operator-given extras.
+	// whatever the Routes say (control plane, metadata service, DNS servers,
+	// gateways and operator-given extras), each with where it came from.
+	// Control-plane addresses learned from the EndpointSlices or DNS are
+	// sticky, and read back from here when the agent restarts. (Named
+	// bypassAddresses since the list of plain strings it replaces, "bypass",
+	// so a status written by an older agent still decodes.)
 	// +optional
-	Bypass []string `json:"bypass,omitempty"`
+	Bypass []BypassAddress `json:"bypassAddresses,omitempty"`
 
 	// ForeignRules lists ip rules found inside the agent's priority band
 	// that the agent did not create. They are reported, never removed.
@@ -121,6 +125,18 @@ type NodeRoutingStatus struct {
 	// Conditions of the agent on this node.
 	// +optional
 	Conditions []metav1.Condition `json:"conditions,omitempty"`
+}
+
+// BypassAddress is one address (or prefix) kept on the main table.
+type BypassAddress struct {
+	// Address is an IP address, or a CIDR given with --bypass.
+	Address string `json:"address"`
+	// Sources say why: "endpointslice default/kubernetes", "dns <name>"
+	// (a control-plane name looked up through the node's resolvers),
+	// "kubeconfig", "kubelet-kubeconfig", "control-plane-endpoint",
+	// "resolv.conf", "systemd-resolved upstream", "dns-server",
+	// "metadata", "gateway", "--bypass".
+	Sources []string `json:"sources"`
 }
 
 // KernelLayout is the part of the agent's flags that says what it owns in

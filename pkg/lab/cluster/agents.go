@@ -37,7 +37,7 @@ func (c *Cluster) StartAgent(i int, args ...string) error {
 	if err != nil {
 		return err
 	}
-	kubeconfig, _, err := c.CP.KubeconfigFor(AgentIdentity, "system:serviceaccounts", "system:serviceaccounts:routing-agent", "system:authenticated")
+	kubeconfig, err := c.kubeconfigFor(c.opts.AgentServer, AgentIdentity, "system:serviceaccounts", "system:serviceaccounts:routing-agent", "system:authenticated")
 	if err != nil {
 		return err
 	}

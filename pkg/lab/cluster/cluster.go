@@ -23,6 +23,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -38,6 +39,7 @@ import (
 
 	"github.com/routing-agent/routing-agent/generated/clientset/versioned"
 	"github.com/routing-agent/routing-agent/pkg/lab/controlplane"
+	"github.com/routing-agent/routing-agent/pkg/lab/dnsserver"
 	"github.com/routing-agent/routing-agent/pkg/lab/kubenode"
 	"github.com/routing-agent/routing-agent/pkg/lab/netns"
 	"github.com/routing-agent/routing-agent/pkg/lab/topology"
@@ -47,6 +49,17 @@ import (
 // agent processes run with a client certificate for it, so the RBAC of
 // manifests/ is what they get.
 const AgentIdentity = "system:serviceaccount:routing-agent:routing-agent"
+
+// The lab's API load balancer: APIName resolves, on the lab's DNS server,
+// to the first of APIVIPs, and the router forwards TCP to that VIP's port
+// 6443 to the API server; tests move the name and the VIPs. The API
+// server's certificate holds the name and every VIP.
+const APIName = "api.lab.test"
+
+var APIVIPs = []netip.Addr{
+	netip.MustParseAddr("198.51.100.100"), netip.MustParseAddr("198.51.100.101"),
+	netip.MustParseAddr("198.51.100.102"), netip.MustParseAddr("198.51.100.103"),
+}
 
 // NodeSpec names a worker and gives its labels.
 type NodeSpec struct {
@@ -72,9 +85,15 @@ type Options struct {
 	// BinDir holds the lab tools (hack/build-lab-tools.sh); default
 	// $LAB_BIN_DIR.
 	BinDir string
-	// ResolvConf is every node's /etc/resolv.conf; default a single
-	// documentation-range server, 198.51.100.53.
+	// ResolvConf is every node's /etc/resolv.conf; default the lab's DNS
+	// server, 198.51.100.53 (DNS).
 	ResolvConf string
+	// KubeletServer and AgentServer are the API server URLs in the
+	// kubelets' and the agent processes' kubeconfigs; default the control
+	// plane's own address (on the nodes' network), or e.g.
+	// "https://"+APIName+":6443", or a VIP of APIVIPs: through the lab's
+	// load balancer, beyond the nodes' default route.
+	KubeletServer, AgentServer string
 	// Log receives the lab daemons' output (control plane, containerd,
 	// kubelets); default files in the cluster's directory.
 	Log io.Writer
@@ -86,6 +105,9 @@ type Cluster struct {
 	CP     *controlplane.ControlPlane
 	Client versioned.Interface
 	Kube   kubernetes.Interface
+	// DNS is the lab's DNS server, on the external host at
+	// Net.ExternalDNS; it knows APIName.
+	DNS *dnsserver.Server
 	// Nodes are the workers, in topology order.
 	Nodes []*Node
 	// Dir holds the cluster's files: binaries, images, kubeconfigs, logs.
@@ -175,8 +197,20 @@ func New(ctx context.Context, opts Options) (_ *Cluster, err error) {
 	if opts.Kubelets {
 		crdDir = ""
 	}
+	if c.DNS, err = dnsserver.Start(c.Net.External, netip.AddrPortFrom(c.Net.ExternalDNS, 53)); err != nil {
+		return nil, err
+	}
+	c.DNS.Set(APIName, APIVIPs[0])
+	if err := c.Net.AddAPIVIP(APIVIPs[0]); err != nil {
+		return nil, err
+	}
+	var vips []net.IP
+	for _, v := range APIVIPs {
+		vips = append(vips, v.AsSlice())
+	}
 	c.CP, err = controlplane.Start(ctx, controlplane.Options{
 		BinDir: opts.BinDir, NetNS: c.Net.ControlPlane, Address: c.Net.ControlPlaneAddr.String(),
+		ServingIPs: vips, ServingNames: []string{APIName},
 		CRDDir: crdDir, Controllers: opts.Kubelets, Output: c.log,
 		// Inside the cluster's directory: what a killed run leaves goes with it.
 		ParentDir: c.Dir,
@@ -217,6 +251,16 @@ func (c *Cluster) registerNodes(ctx context.Context) error {
 	return nil
 }
 
+// kubeconfigFor mints a kubeconfig for user naming server, or the control
+// plane's own URL when server is empty.
+func (c *Cluster) kubeconfigFor(server, user string, groups ...string) (string, error) {
+	if server == "" {
+		path, _, err := c.CP.KubeconfigFor(user, groups...)
+		return path, err
+	}
+	return c.CP.KubeconfigAt(server, user, groups...)
+}
+
 // Close stops agents, kubelets and the control plane, deletes the
 // namespaces, cgroups and the cluster's directory. It may be called more
 // than once.
@@ -236,6 +280,9 @@ func (c *Cluster) Close() error {
 		}
 		if c.CP != nil {
 			c.CP.Stop()
+		}
+		if c.DNS != nil {
+			errs = append(errs, c.DNS.Close())
 		}
 		if c.Net != nil {
 			errs = append(errs, c.Net.Close())

@@ -32,7 +32,7 @@ func (c *Cluster) startKubelets(ctx context.Context) error {
 		return err
 	}
 	for _, n := range c.Nodes {
-		kubeconfig, _, err := c.CP.KubeconfigFor("system:node:"+n.Name, "system:nodes")
+		kubeconfig, err := c.kubeconfigFor(c.opts.KubeletServer, "system:node:"+n.Name, "system:nodes")
 		if err != nil {
 			return err
 		}
@@ -136,6 +136,10 @@ type InstallOptions struct {
 	Components []string
 	// Args are extra agent arguments, appended to the DaemonSet's.
 	Args []string
+	// KubeletKubeconfig, a path of the nodes, is mounted into the agent
+	// pods (read-only, under /host) and passed as --kubelet-kubeconfig, as
+	// a user on a distribution that keeps it outside /etc/kubernetes does.
+	KubeletKubeconfig string
 }
 
 // Install applies manifests/ the way the README tells users to: an overlay
@@ -182,11 +186,19 @@ func (c *Cluster) overlay(dir string, opts InstallOptions) ([]byte, error) {
 	if len(components) > 0 {
 		k["components"] = components
 	}
-	if len(opts.Args) > 0 {
-		var ops []map[string]string
-		for _, arg := range opts.Args {
-			ops = append(ops, map[string]string{"op": "add", "path": "/spec/template/spec/containers/0/args/-", "value": arg})
-		}
+	var ops []map[string]any
+	for _, arg := range opts.Args {
+		ops = append(ops, map[string]any{"op": "add", "path": "/spec/template/spec/containers/0/args/-", "value": arg})
+	}
+	if path := opts.KubeletKubeconfig; path != "" {
+		ops = append(ops,
+			map[string]any{"op": "add", "path": "/spec/template/spec/containers/0/args/-", "value": "--kubelet-kubeconfig=" + path},
+			map[string]any{"op": "add", "path": "/spec/template/spec/volumes/-", "value": map[string]any{
+				"name": "kubelet-kubeconfig", "hostPath": map[string]string{"path": path, "type": "File"}}},
+			map[string]any{"op": "add", "path": "/spec/template/spec/containers/0/volumeMounts/-", "value": map[string]any{
+				"name": "kubelet-kubeconfig", "mountPath": "/host" + path, "readOnly": true}})
+	}
+	if len(ops) > 0 {
 		patch, err := yaml.Marshal(ops)
 		if err != nil {
 			return nil, err

@@ -35,9 +35,13 @@ type NodeRoutingStatusApplyConfiguration struct {
 	// Gateways has one entry per distinct gateway of those Routes.
 	Gateways []GatewayStateApplyConfiguration `json:"gateways,omitempty"`
 	// Bypass lists the addresses that keep going through the main table
-	// whatever the Routes say: control plane, metadata service, DNS servers,
-	// gateways and operator-given extras.
-	Bypass []string `json:"bypass,omitempty"`
+	// whatever the Routes say (control plane, metadata service, DNS servers,
+	// gateways and operator-given extras), each with where it came from.
+	// Control-plane addresses learned from the EndpointSlices or DNS are
+	// sticky, and read back from here when the agent restarts. (Named
+	// bypassAddresses since the list of plain strings it replaces, "bypass",
+	// so a status written by an older agent still decodes.)
+	Bypass []BypassAddressApplyConfiguration `json:"bypassAddresses,omitempty"`
 	// ForeignRules lists ip rules found inside the agent's priority band
 	// that the agent did not create. They are reported, never removed.
 	ForeignRules []string `json:"foreignRules,omitempty"`
@@ -94,9 +98,12 @@ func (b *NodeRoutingStatusApplyConfiguration) WithGateways(values ...*GatewaySta
 // WithBypass adds the given value to the Bypass field in the declarative configuration
 // and returns the receiver, so that objects can be build by chaining "With" function invocations.
 // If called multiple times, values provided by each call will be appended to the Bypass field.
-func (b *NodeRoutingStatusApplyConfiguration) WithBypass(values ...string) *NodeRoutingStatusApplyConfiguration {
+func (b *NodeRoutingStatusApplyConfiguration) WithBypass(values ...*BypassAddressApplyConfiguration) *NodeRoutingStatusApplyConfiguration {
 	for i := range values {
-		b.Bypass = append(b.Bypass, values[i])
+		if values[i] == nil {
+			panic("nil value passed to WithBypass")
+		}
+		b.Bypass = append(b.Bypass, *values[i])
 	}
 	return b
 }
