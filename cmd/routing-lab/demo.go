@@ -12,6 +12,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/routing-agent/routing-agent/pkg/lab/cluster"
+	"github.com/routing-agent/routing-agent/pkg/lab/kubenode"
 	"github.com/routing-agent/routing-agent/pkg/lab/topology"
 )
 
@@ -52,11 +53,13 @@ func demo(ctx context.Context, repo, binDir, archive, image string) (err error) 
 	l := &demoLab{ctx: ctx, repo: repo}
 
 	l.progress("building the lab: control plane 203.0.113.100 (etcd, kube-apiserver, controller-manager, scheduler),\n" +
-		"      2 worker nodes running kubelet + containerd + runc, 2 NAT gateways, internet router, external host 198.51.100.10")
+		"      2 worker nodes running kubelet + containerd + runc (reaching the API server through a load balancer's VIP, " + cluster.APIVIPs[0].String() + "),\n" +
+		"      2 NAT gateways, internet router, external host 198.51.100.10, DNS server 198.51.100.53")
 	begin := time.Now()
 	l.c, err = cluster.New(ctx, cluster.Options{
 		Topology: topology.Options{Purpose: "demo", Nodes: len(workers), NAT: true},
 		Nodes:    workers, Kubelets: true, Repo: repo, BinDir: binDir,
+		KubeletServer: "https://" + cluster.APIVIPs[0].String() + ":6443",
 	})
 	if err != nil {
 		return err
@@ -79,7 +82,9 @@ func demo(ctx context.Context, repo, binDir, archive, image string) (err error) 
 		return err
 	}
 	begin = time.Now()
-	if err := l.c.Install(cluster.InstallOptions{Image: image}); err != nil {
+	// The kubelets' kubeconfig is at EKS's path: mounted for the agent,
+	// which keeps its server (the VIP) on the main table.
+	if err := l.c.Install(cluster.InstallOptions{Image: image, KubeletKubeconfig: kubenode.KubeconfigPath}); err != nil {
 		return err
 	}
 	overlay, _ := os.ReadFile(filepath.Join(l.c.Dir, "install", "kustomization.yaml"))
@@ -103,6 +108,8 @@ func demo(ctx context.Context, repo, binDir, archive, image string) (err error) 
 		}
 		l.kubectl("get", "noderoutings")
 		if n == 2 {
+			fmt.Println("  what stays on the main table under the override, and why (the kubelet's VIP among them):")
+			l.kubectl("get", "noderouting", workers[0].Name, "-o", `jsonpath={range .status.bypassAddresses[*]}{.address}{"\t"}{.sources}{"\n"}{end}`)
 			if err := l.failover(); err != nil {
 				return err
 			}

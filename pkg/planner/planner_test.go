@@ -377,3 +377,44 @@ func TestStrandedResults(t *testing.T) {
 		t.Errorf("a stranded gateway is still probed: %+v", plan.Gateways)
 	}
 }
+
+// TestBypassSources: each bypass address once, with every source that asked
+// for it, loopback and unspecified addresses dropped, mapped IPv4 unmapped.
+func TestBypassSources(t *testing.T) {
+	node := testNode()
+	node.ControlPlane = []Endpoint{
+		{Addr: netip.MustParseAddr("203.0.113.100"), Source: "endpointslice default/kubernetes"},
+		{Addr: netip.MustParseAddr("203.0.113.100"), Source: "dns api.example.com"},
+		{Addr: netip.MustParseAddr("::ffff:198.51.100.100"), Source: "kubelet-kubeconfig"},
+		{Addr: netip.MustParseAddr("0.0.0.0"), Source: "kubeconfig"},
+	}
+	node.DNSServers = []Endpoint{
+		{Addr: netip.MustParseAddr("127.0.0.53"), Source: "resolv.conf"},
+		{Addr: netip.MustParseAddr("10.114.0.3"), Source: "resolv.conf"},
+	}
+	cfg := DefaultConfig()
+	cfg.Metadata = []netip.Addr{netip.MustParseAddr("169.254.169.254"), netip.MustParseAddr("fd00:ec2::254")}
+	cfg.ExtraBypass = []netip.Prefix{netip.MustParsePrefix("192.0.2.7/24")}
+	plan := Compute(Input{Config: cfg, Node: node, Routes: []*v1alpha1.Route{route("override", 0, list("0.0.0.0/0"), list("10.114.0.3"))}})
+	var got []string
+	for _, b := range plan.Bypass {
+		got = append(got, b.Prefix.String()+" "+strings.Join(b.Sources, ","))
+	}
+	want := []string{
+		"10.114.0.3/32 gateway,resolv.conf",
+		"169.254.169.254/32 metadata",
+		"192.0.2.0/24 --bypass",
+		"198.51.100.100/32 kubelet-kubeconfig",
+		"203.0.113.100/32 dns api.example.com,endpointslice default/kubernetes",
+		"fd00:ec2::254/128 metadata",
+	}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("bypass (-want +got):\n%s", diff)
+	}
+	// Only the families in use get rules: no IPv6 Route, no IPv6 bypass rule.
+	for _, r := range plan.Rules {
+		if r.IPv6 {
+			t.Errorf("IPv6 rule without an IPv6 Route: %+v", r)
+		}
+	}
+}

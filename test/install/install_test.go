@@ -122,9 +122,7 @@ func TestInstallFromManifests(t *testing.T) {
 		l.t = t
 		ref := l.loadImage("lab-1")
 		begin := time.Now()
-		if err := c.Install(cluster.InstallOptions{Image: ref, Components: []string{"startup-taint"}, KubeletKubeconfig: kubenode.KubeconfigPath}); err != nil {
-			t.Fatal(err)
-		}
+		l.install(ref)
 		for i, r := range l.waitAgentsReady(begin) {
 			t.Logf("%s: agent pod seen %s after kubectl apply; its first apply done %s after that (/readyz)",
 				c.Nodes[i].Name, r.created.Round(time.Millisecond), (r.ready - r.created).Round(time.Millisecond))
@@ -423,9 +421,11 @@ func (l *lab) loadImage(tag string) string {
 
 // install applies the manifests again with the image ref, as a user
 // upgrading does.
+// install applies the overlay with image ref, the startup taint component
+// and the kubelet's kubeconfig mounted (the nodes keep it at EKS's path).
 func (l *lab) install(ref string) {
 	l.t.Helper()
-	if err := l.c.Install(cluster.InstallOptions{Image: ref, Components: []string{"startup-taint"}}); err != nil {
+	if err := l.c.Install(cluster.InstallOptions{Image: ref, Components: []string{"startup-taint"}, KubeletKubeconfig: kubenode.KubeconfigPath}); err != nil {
 		l.t.Fatal(err)
 	}
 }
