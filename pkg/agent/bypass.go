@@ -171,12 +171,12 @@ func (a *Agent) resolveNames(ctx context.Context) {
 func (a *Agent) ensureBypass(addrs []netip.Addr) {
 	a.kernelMu.Lock()
 	n, err := a.applier.EnsureBypass(addrs)
+	if n > 0 {
+		a.countWrites()
+	}
 	a.kernelMu.Unlock()
 	if err != nil {
 		a.log.Error(err, "adding the bypass rules of learned control-plane addresses; the next reconcile tries again")
-	}
-	if n > 0 {
-		a.countWrites()
 	}
 	a.queue.Add(key)
 }
