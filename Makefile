@@ -44,7 +44,7 @@ vet:
 
 # Fast tests that need neither root nor the lab control plane.
 unit:
-	go test -count=1 ./pkg/planner ./pkg/routespec ./pkg/selection ./pkg/nodefacts ./pkg/ociimage ./pkg/agent ./pkg/prober
+	go test -count=1 ./pkg/planner ./pkg/routespec ./pkg/selection ./pkg/nodefacts ./pkg/ociimage ./pkg/agent ./pkg/prober ./pkg/bypass
 
 # Every test: generated code, vet, and the whole suite against a real
 # kube-apiserver and etcd (and, where a test needs them, network namespaces
