@@ -52,9 +52,9 @@ func (l *demoLab) progress(format string, args ...any) {
 func demo(ctx context.Context, repo, binDir, archive, image string) (err error) {
 	l := &demoLab{ctx: ctx, repo: repo}
 
-	l.progress("building the lab: control plane 203.0.113.100 (etcd, kube-apiserver, controller-manager, scheduler),\n" +
-		"      2 worker nodes running kubelet + containerd + runc (reaching the API server through a load balancer's VIP, " + cluster.APIVIPs[0].String() + "),\n" +
-		"      2 NAT gateways, internet router, external host 198.51.100.10, DNS server 198.51.100.53")
+	l.progress("building the lab: control plane 203.0.113.100 (etcd, kube-apiserver, controller-manager, scheduler),\n"+
+		"      2 worker nodes running kubelet + containerd + runc (reaching the API server through a load balancer's VIP, %s),\n"+
+		"      2 NAT gateways, internet router, external host 198.51.100.10, DNS server 198.51.100.53", cluster.APIVIPs[0])
 	begin := time.Now()
 	l.c, err = cluster.New(ctx, cluster.Options{
 		Topology: topology.Options{Purpose: "demo", Nodes: len(workers), NAT: true},
