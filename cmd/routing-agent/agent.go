@@ -53,8 +53,8 @@ func runAgent(args []string, stderr io.Writer) int {
 		return err
 	})
 	var controlPlane []agent.ControlPlaneHost
-	fs.Func("control-plane-endpoint", "an API server endpoint the node uses (a load balancer's VIP, a DNS name, host:port or URL), kept on the main table; names are looked up through the node's resolvers every --resolve-interval and what they gave stays bypassed; repeatable", func(s string) error {
-		h, err := agent.ParseControlPlaneHost(s, agent.SourceFlag)
+	fs.Func("control-plane-endpoint", "an API server endpoint the node uses (a load balancer's VIP, a DNS name, host:port or URL), kept on the main table; names are looked up through the node's resolvers every --resolve-interval and what they gave stays bypassed; with a port, also the agent's way to the API server when its own fails; repeatable", func(s string) error {
+		h, err := agent.ParseControlPlaneHost(s, bypass.SourceFlag)
 		controlPlane = append(controlPlane, h)
 		return err
 	})
@@ -108,18 +108,17 @@ func runAgent(args []string, stderr io.Writer) int {
 		r, _ := nodefacts.ReadResolvers(*resolvConf, *resolvedUpstream, *hostRoot)
 		return append(r.Listed, dnsServers...)
 	}}
-	var dialer *bypass.Dialer
-	self, err := agent.ParseControlPlaneHost(restConfig.Host, agent.SourceKubeconfig)
+	self, err := agent.ParseControlPlaneHost(restConfig.Host, bypass.SourceKubeconfig)
 	if err != nil {
 		return usageErr("kubeconfig server %q: %v", restConfig.Host, err)
 	}
 	controlPlane = append(controlPlane, self)
-	if _, err := netip.ParseAddr(self.Host); err != nil && restConfig.Dial == nil {
-		// The API server by name: looked up through the node's resolvers,
-		// and a new address bypassed before it is dialled.
-		dialer = &bypass.Dialer{Resolver: resolver, Learned: learned}
-		restConfig.Dial = dialer.DialContext
-	}
+	// A name is looked up through the node's resolvers and a new address
+	// bypassed before it is dialled; the kubelet's server and the
+	// operator's endpoints are the way in when the usual one fails (an
+	// in-cluster agent's Service, DNATed to an endpoint not bypassed yet).
+	dialer := &bypass.Dialer{Resolver: resolver, Learned: learned}
+	restConfig.Dial = dialer.DialContext
 	client, err := versioned.NewForConfig(restConfig)
 	if err != nil {
 		return usageErr("%v", err)

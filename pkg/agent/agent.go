@@ -70,9 +70,9 @@ type Options struct {
 	ResolveInterval time.Duration
 	// Learned holds the learned control-plane addresses, shared with the
 	// Dialer of the agent's own API connections; Resolver asks the node's
-	// DNS servers. Dialer, when the agent's kubeconfig names its server,
-	// is that connection's dialer: the agent puts in the bypass rule of a
-	// newly resolved address before the dial.
+	// DNS servers. Dialer is that connection's dialer: the agent puts in
+	// the bypass rule of a newly resolved address before the dial, and
+	// gives it the other ways to the API server (Fallbacks).
 	Learned  *bypass.Learned
 	Resolver *bypass.Resolver
 	Dialer   *bypass.Dialer
@@ -134,7 +134,7 @@ type Agent struct {
 	// last lookup round), written by the resolver and reconcile.
 	bypassMu sync.Mutex
 	problems bypassProblems
-	hosts    string
+	hosts    []ControlPlaneHost
 	dnsWatch *dnsWatch
 
 	// Only the reconcile goroutine touches these.
@@ -173,6 +173,7 @@ func New(opts Options, client versioned.Interface, kube kubernetes.Interface, ha
 	}
 	if a.opts.Dialer != nil {
 		a.opts.Dialer.SetOnNew(a.ensureBypass)
+		a.opts.Dialer.SetFallbacks(a.Fallbacks)
 	}
 	// The resolver files changing reconcile at once, to bypass a new DNS
 	// server before the node's lookups need it.

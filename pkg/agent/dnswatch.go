@@ -78,10 +78,11 @@ func (d *dnsWatch) run(ctx context.Context) {
 			}
 			d.mu.Lock()
 			ours := d.files[filepath.Clean(ev.Name)]
-			if ev.Has(fsnotify.Remove) || ev.Has(fsnotify.Rename) {
-				if d.dirs[ev.Name] {
-					delete(d.dirs, ev.Name) // a watched directory went: watch it again when it is back
-				}
+			if (ev.Has(fsnotify.Remove) || ev.Has(fsnotify.Rename)) && d.dirs[ev.Name] {
+				// A watched directory went: the reconcile this causes
+				// watches it again once it is back.
+				delete(d.dirs, ev.Name)
+				ours = true
 			}
 			d.mu.Unlock()
 			if ours && ev.Op&^fsnotify.Chmod != 0 {

@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"fmt"
+	"math"
 	"net/netip"
 	"time"
 
@@ -10,6 +11,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/util/wait"
 
 	v1alpha1 "github.com/routing-agent/routing-agent/apis/networking/v1alpha1"
 	"github.com/routing-agent/routing-agent/pkg/nodefacts"
@@ -204,9 +206,21 @@ func (a *Agent) countWrites() {
 // it restarted, so Routes keep their tables even where hashes collided, and
 // the gateways it knew (see gatewaysOutOfUse).
 func (a *Agent) loadTables(ctx context.Context) {
-	nr, err := a.client.NetworkingV1alpha1().NodeRoutings().Get(ctx, a.opts.NodeName, metav1.GetOptions{})
+	// Tried until it answers: without it the first reconcile would drop
+	// the learned bypass addresses the previous agent kept.
+	var nr *v1alpha1.NodeRouting
+	err := wait.ExponentialBackoffWithContext(ctx, wait.Backoff{Duration: 200 * time.Millisecond, Factor: 2, Cap: 5 * time.Second, Steps: math.MaxInt32},
+		func(ctx context.Context) (bool, error) {
+			var err error
+			nr, err = a.client.NetworkingV1alpha1().NodeRoutings().Get(ctx, a.opts.NodeName, metav1.GetOptions{})
+			if err != nil && !apierrors.IsNotFound(err) {
+				a.log.Info("reading this node's NodeRouting; trying again", "error", err.Error())
+				return false, nil
+			}
+			return true, err
+		})
 	if err != nil {
-		return
+		return // none yet, or shutting down
 	}
 	for _, r := range nr.Status.Routes {
 		if r.Table > 0 {
@@ -218,7 +232,11 @@ func (a *Agent) loadTables(ctx context.Context) {
 	// still talks to an old address.
 	for _, b := range nr.Status.Bypass {
 		if addr, err := netip.ParseAddr(b.Address); err == nil {
-			a.opts.Learned.Restore(addr, b.Sources, time.Now())
+			var unlisted time.Time
+			if b.UnlistedSince != nil {
+				unlisted = b.UnlistedSince.Time
+			}
+			a.opts.Learned.Restore(addr, b.Sources, unlisted, time.Now())
 		}
 	}
 	a.knownGateways = map[netip.Addr]bool{}

@@ -93,12 +93,22 @@ func (a *Agent) buildStatus(plan planner.Plan, gateways map[netip.Addr]prober.St
 		status.WithGateways(apply.GatewayState().WithAddress(g.Address.String()).WithInterface(g.LinkName).
 			WithHealth(v1alpha1.GatewayHealth(state.Health)).WithReason(state.Reason).WithSince(metav1.NewTime(state.Since.Truncate(time.Second))))
 	}
+	unlisted := map[netip.Addr]time.Time{}
+	for _, e := range a.opts.Learned.Entries() {
+		if !e.Unlisted.IsZero() {
+			unlisted[e.Addr] = e.Unlisted
+		}
+	}
 	for _, b := range plan.Bypass {
 		address := b.Prefix.String()
 		if b.Prefix.IsSingleIP() {
 			address = b.Prefix.Addr().String()
 		}
-		status.WithBypass(apply.BypassAddress().WithAddress(address).WithSources(b.Sources...))
+		entry := apply.BypassAddress().WithAddress(address).WithSources(b.Sources...)
+		if t, ok := unlisted[b.Prefix.Addr()]; ok && b.Prefix.IsSingleIP() {
+			entry.WithUnlistedSince(metav1.NewTime(t.Truncate(time.Second)))
+		}
+		status.WithBypass(entry)
 	}
 	status.WithForeignRules(rep.Foreign...)
 	status.WithSummary(summary).WithLastApplyTime(*st.lastApply)

@@ -338,8 +338,11 @@ func (a *Applier) EnsureBypass(addrs []netip.Addr) (added int, err error) {
 	}
 	var errs []error
 	for _, addr := range addrs {
-		addr = addr.Unmap().WithZone("")
-		r := planner.Rule{Priority: a.cfg.PriorityBase + planner.OffsetBypass, IPv6: addr.Is6(), Dst: netip.PrefixFrom(addr, addr.BitLen()), Table: planner.MainTable, SuppressPrefixlen: -1}
+		dst, ok := planner.BypassPrefix(addr)
+		if !ok {
+			continue
+		}
+		r := planner.Rule{Priority: a.cfg.PriorityBase + planner.OffsetBypass, IPv6: dst.Addr().Is6(), Dst: dst, Table: planner.MainTable, SuppressPrefixlen: -1}
 		if !inUse[r.IPv6] || len(st.Rules[a.ruleKey(r)]) > 0 {
 			continue
 		}

@@ -15,20 +15,30 @@ import (
 	"time"
 )
 
-// Source names, as the NodeRouting status shows them next to each address.
-// Learned sources (EndpointSlices, DNS names) start with these prefixes.
+// Source names, as the NodeRouting status shows them next to each address:
+// the API server's EndpointSlices, a name looked up ("dns <name>"), and
+// where an IP literal was given.
 const (
-	SourceEndpointSlice = "endpointslice default/kubernetes"
-	sourceDNSPrefix     = "dns "
+	SourceEndpointSlice     = "endpointslice default/kubernetes"
+	SourceKubeconfig        = "kubeconfig"
+	SourceKubeletKubeconfig = "kubelet-kubeconfig"
+	SourceFlag              = "control-plane-endpoint"
+	sourceDNSPrefix         = "dns "
 )
 
 // DNSSource is the source of the addresses a name resolves to.
 func DNSSource(name string) string { return sourceDNSPrefix + strings.TrimSuffix(name, ".") }
 
 // IsLearned reports whether source is one whose addresses are sticky (and
-// restored from the NodeRouting after a restart).
+// restored from the NodeRouting after a restart): every control-plane
+// source. An IP literal is sticky too: a kubelet whose kubeconfig was
+// rewritten with another server keeps using the old one until it restarts.
 func IsLearned(source string) bool {
-	return source == SourceEndpointSlice || strings.HasPrefix(source, sourceDNSPrefix)
+	switch source {
+	case SourceEndpointSlice, SourceKubeconfig, SourceKubeletKubeconfig, SourceFlag:
+		return true
+	}
+	return strings.HasPrefix(source, sourceDNSPrefix)
 }
 
 // DefaultRetention is how long a source must answer without an address
@@ -118,12 +128,18 @@ func (l *Learned) forget(a netip.Addr, source string) {
 	}
 }
 
-// Restore puts back, at now, what an earlier process had learned (read from
-// the NodeRouting it wrote): the addresses count as seen now, so a restart
-// never shortens their life.
-func (l *Learned) Restore(addr netip.Addr, sources []string, now time.Time) {
+// Restore puts back what an earlier process had learned (read from the
+// NodeRouting it wrote), at now. An address still listed then counts as
+// seen now; one its sources had stopped listing keeps its unlisted time
+// (Entry.Unlisted), so a restart neither shortens nor lengthens its life.
+func (l *Learned) Restore(addr netip.Addr, sources []string, unlisted, now time.Time) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	seen := now
+	if !unlisted.IsZero() && unlisted.Before(now) {
+		seen = unlisted
+	}
+	addr = addr.Unmap().WithZone("")
 	for _, s := range sources {
 		if !IsLearned(s) {
 			continue
@@ -132,7 +148,7 @@ func (l *Learned) Restore(addr netip.Addr, sources []string, now time.Time) {
 			l.seen[addr] = map[string]time.Time{}
 		}
 		if _, ok := l.seen[addr][s]; !ok {
-			l.seen[addr][s] = now
+			l.seen[addr][s] = seen
 		}
 		if l.answered[s].Before(now) {
 			l.answered[s] = now
@@ -182,6 +198,11 @@ func (l *Learned) holds(source string) bool {
 type Entry struct {
 	Addr    netip.Addr
 	Sources []string
+	// Unlisted is, for an address no source lists any more (each has
+	// answered without it since), when one last listed it; zero while one
+	// still does. It changes once, so a status carrying it is not
+	// rewritten at every lookup.
+	Unlisted time.Time
 }
 
 // Entries lists the set, by address, each with its sources sorted.
@@ -191,8 +212,18 @@ func (l *Learned) Entries() []Entry {
 	out := make([]Entry, 0, len(l.seen))
 	for a, sources := range l.seen {
 		e := Entry{Addr: a}
-		for s := range sources {
+		listed := false
+		for s, seen := range sources {
 			e.Sources = append(e.Sources, s)
+			if !l.answered[s].After(seen) {
+				listed = true
+			}
+			if seen.After(e.Unlisted) {
+				e.Unlisted = seen
+			}
+		}
+		if listed {
+			e.Unlisted = time.Time{}
 		}
 		slices.Sort(e.Sources)
 		out = append(out, e)

@@ -81,7 +81,7 @@ func TestLearnedIsSticky(t *testing.T) {
 				switch {
 				case s.restore != nil:
 					for _, a := range s.restore {
-						l.Restore(a, []string{s.observe, "gateway"}, now)
+						l.Restore(a, []string{s.observe, "gateway"}, time.Time{}, now)
 					}
 				case s.observe != "":
 					added = l.Observe(s.observe, s.answer, now)
@@ -131,14 +131,48 @@ func TestLearnedSources(t *testing.T) {
 	l := NewLearned(time.Hour)
 	l.Observe(SourceEndpointSlice, addrs(ep), t0)
 	l.Observe(name, addrs(ep, netip.MustParseAddr("::ffff:198.51.100.100")), t0)
-	got := fmt.Sprint(l.Entries())
-	want := "[{198.51.100.100 [dns api.example.com]} {203.0.113.100 [dns api.example.com endpointslice default/kubernetes]}]"
-	if got != want {
-		t.Errorf("entries %s, want %s", got, want)
+	var got []string
+	for _, e := range l.Entries() {
+		got = append(got, fmt.Sprint(e.Addr, e.Sources))
 	}
-	for source, learned := range map[string]bool{SourceEndpointSlice: true, name: true, "gateway": false, "resolv.conf": false, "kubeconfig": false} {
+	want := []string{"198.51.100.100 [dns api.example.com]", "203.0.113.100 [dns api.example.com endpointslice default/kubernetes]"}
+	if !slices.Equal(got, want) {
+		t.Errorf("entries %q, want %q", got, want)
+	}
+	for source, learned := range map[string]bool{SourceEndpointSlice: true, name: true, SourceKubeconfig: true, SourceKubeletKubeconfig: true, SourceFlag: true, "gateway": false, "resolv.conf": false, "metadata": false} {
 		if IsLearned(source) != learned {
 			t.Errorf("IsLearned(%q) = %v", source, !learned)
 		}
+	}
+}
+
+// TestLearnedUnlistedSurvivesRestart: an address its source stopped listing
+// keeps its unlisted time across a restart, so restarts cannot keep it
+// for ever; one still listed counts as seen at the restart.
+func TestLearnedUnlistedSurvivesRestart(t *testing.T) {
+	before := NewLearned(time.Hour)
+	before.Observe(name, addrs(vip1), t0)
+	before.Observe(name, addrs(vip2), t0.Add(10*time.Minute))
+	entries := before.Entries()
+	if len(entries) != 2 || !entries[0].Unlisted.Equal(t0) || !entries[1].Unlisted.IsZero() {
+		t.Fatalf("entries %+v: want %s unlisted since %s, %s listed", entries, vip1, t0, vip2)
+	}
+	// The status is written from Entries: it must not change while
+	// nothing changes.
+	before.Observe(name, addrs(vip2), t0.Add(20*time.Minute))
+	if again := before.Entries(); fmt.Sprint(again) != fmt.Sprint(entries) {
+		t.Errorf("entries changed with nothing new: %+v, were %+v", again, entries)
+	}
+
+	restart := t0.Add(30 * time.Minute)
+	after := NewLearned(time.Hour)
+	for _, e := range entries {
+		after.Restore(e.Addr, e.Sources, e.Unlisted, restart)
+	}
+	now := t0.Add(61 * time.Minute)
+	after.Observe(name, addrs(vip2), now)
+	after.Expire(now, always)
+	if after.Has(vip1) || !after.Has(vip2) {
+		t.Errorf("after the restart: %+v; want %s gone (unlisted since %s, retention 1h) and %s kept", after.Entries(), vip1, t0, vip2)
 	}
 }

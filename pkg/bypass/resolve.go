@@ -91,45 +91,64 @@ type LookupError struct {
 }
 
 func (e *LookupError) Error() string {
+	if e.NotFound {
+		return e.Name + ": " + e.stable()
+	}
+	return fmt.Sprintf("%s: %s: %v", e.Name, e.stable(), errors.Join(e.Causes...))
+}
+
+func (e *LookupError) stable() string {
 	asked := make([]string, len(e.Asked))
 	for i, a := range e.Asked {
 		asked[i] = a.String()
 	}
 	if e.NotFound {
-		return fmt.Sprintf("%s: no such host (asked %s)", e.Name, strings.Join(asked, ", "))
+		return "no such host (asked " + strings.Join(asked, ", ") + ")"
 	}
-	return fmt.Sprintf("%s: no answer from %s: %v", e.Name, strings.Join(asked, ", "), errors.Join(e.Causes...))
+	return "no DNS server answered (asked " + strings.Join(asked, ", ") + ")"
 }
 
-// Stable is err's message without the parts that change at every attempt.
+// Stable is err's message without the parts that change at every attempt
+// (timeouts, ports), for a status that must not be rewritten at each one.
 func Stable(err error) string {
 	var lerr *LookupError
 	if errors.As(err, &lerr) {
-		asked := make([]string, len(lerr.Asked))
-		for i, a := range lerr.Asked {
-			asked[i] = a.String()
-		}
-		if lerr.NotFound {
-			return "no such host (asked " + strings.Join(asked, ", ") + ")"
-		}
-		return "no DNS server answered (asked " + strings.Join(asked, ", ") + ")"
+		return lerr.stable()
 	}
 	return err.Error()
 }
 
-// Dialer opens connections to a server given by name (the agent's API
-// server): the name is looked up through the node's resolvers, what it
-// resolves to is learned, and for an address not known before the OnNew
-// hook runs before the first dial (the agent puts its bypass rule in
-// place), so an API server that moved is reached through main rather than
-// through a Route that would drop or re-source the connection. When the
-// lookup fails, the addresses the name gave before are dialled.
+// Dialer opens the agent's API connections. For a server given by name,
+// the name is looked up through the node's resolvers, what it resolves to
+// is learned, and for an address not known before the OnNew hook runs
+// before the first dial (the agent puts its bypass rule in place), so an
+// API server that moved is reached through main rather than through a
+// Route that would drop or re-source the connection; when the lookup
+// fails, the addresses the name gave before are dialled.
+//
+// When the server cannot be reached and SetFallbacks gave other ways to the
+// same API server (the kubelet's server, --control-plane-endpoint host:port
+// ones), those are dialled next: an in-cluster agent dials the kubernetes
+// Service, which kube-proxy sends to an endpoint that may have moved while
+// the agent was cut off and so not be bypassed yet. TLS still verifies the
+// server's own name or address, so nothing but that API server is accepted.
 type Dialer struct {
 	Resolver *Resolver
 	Learned  *Learned
+	// FallbackAfter is how long the server itself is tried before the
+	// fallbacks; default 5 s.
+	FallbackAfter time.Duration
 
-	mu    sync.Mutex
-	onNew func([]netip.Addr)
+	mu        sync.Mutex
+	onNew     func([]netip.Addr)
+	fallbacks func() []string
+}
+
+// SetFallbacks sets the function listing host:port alternatives.
+func (d *Dialer) SetFallbacks(fn func() []string) {
+	d.mu.Lock()
+	d.fallbacks = fn
+	d.mu.Unlock()
 }
 
 // SetOnNew sets the hook run with newly learned addresses before they are
@@ -142,23 +161,66 @@ func (d *Dialer) SetOnNew(fn func([]netip.Addr)) {
 
 // DialContext is for rest.Config.Dial.
 func (d *Dialer) DialContext(ctx context.Context, network, address string) (net.Conn, error) {
+	var fallbacks []string
+	d.mu.Lock()
+	list := d.fallbacks
+	d.mu.Unlock()
+	if list != nil {
+		for _, f := range list() {
+			if f != address {
+				fallbacks = append(fallbacks, f)
+			}
+		}
+	}
+	first := ctx
+	if len(fallbacks) > 0 {
+		after := d.FallbackAfter
+		if after <= 0 {
+			after = 5 * time.Second
+		}
+		var cancel context.CancelFunc
+		first, cancel = context.WithTimeout(ctx, after)
+		defer cancel()
+	}
+	conn, err := d.dial(first, network, address)
+	if err == nil {
+		return conn, nil
+	}
+	errs := []error{err}
+	for _, f := range fallbacks {
+		if ctx.Err() != nil {
+			break
+		}
+		conn, err := d.dial(ctx, network, f)
+		if err == nil {
+			return conn, nil
+		}
+		errs = append(errs, fmt.Errorf("fallback %s: %w", f, err))
+	}
+	return nil, errors.Join(errs...)
+}
+
+// dial connects to host:port, a name resolved as DialContext says.
+func (d *Dialer) dial(ctx context.Context, network, address string) (net.Conn, error) {
 	host, port, err := net.SplitHostPort(address)
 	if err != nil {
 		return nil, err
 	}
-	source := DNSSource(host)
-	addrs, lookupErr := d.Resolver.Lookup(ctx, host)
-	if lookupErr == nil {
-		if added := d.Learned.Observe(source, addrs, time.Now()); len(added) > 0 {
-			d.mu.Lock()
-			onNew := d.onNew
-			d.mu.Unlock()
-			if onNew != nil {
-				onNew(added)
-			}
+	var addrs []netip.Addr
+	var lookupErr error
+	if a, err := netip.ParseAddr(host); err == nil {
+		addrs = []netip.Addr{a.WithZone("")}
+		if !d.Learned.Has(a) {
+			d.newAddrs(addrs) // a fallback's VIP, say: bypassed before it is dialled
 		}
-	} else if addrs = d.Learned.From(source); len(addrs) == 0 {
-		return nil, lookupErr
+	} else {
+		source := DNSSource(host)
+		addrs, lookupErr = d.Resolver.Lookup(ctx, host)
+		if lookupErr == nil {
+			d.newAddrs(d.Learned.Observe(source, addrs, time.Now()))
+		} else if addrs = d.Learned.From(source); len(addrs) == 0 {
+			return nil, lookupErr
+		}
 	}
 	var errs []error
 	for _, a := range addrs {
@@ -175,4 +237,16 @@ func (d *Dialer) DialContext(ctx context.Context, network, address string) (net.
 		errs = append(errs, lookupErr)
 	}
 	return nil, errors.Join(errs...)
+}
+
+func (d *Dialer) newAddrs(added []netip.Addr) {
+	if len(added) == 0 {
+		return
+	}
+	d.mu.Lock()
+	onNew := d.onNew
+	d.mu.Unlock()
+	if onNew != nil {
+		onNew(added)
+	}
 }

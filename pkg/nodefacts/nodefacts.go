@@ -151,7 +151,9 @@ func ReadResolvers(resolvConf, resolvedUpstream, hostRoot string) (Resolvers, er
 // is appended to visited.
 func HostPath(hostRoot, path string, visited *[]string) (string, error) {
 	for range 16 {
-		full := filepath.Join(hostRoot, path)
+		// Cleaned from the root first: a target with "..", such as
+		// /../../etc, must not climb out of hostRoot.
+		full := filepath.Join(hostRoot, filepath.Clean("/"+path))
 		*visited = append(*visited, full)
 		fi, err := os.Lstat(full)
 		if err != nil {

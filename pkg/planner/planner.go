@@ -405,9 +405,8 @@ func bypass(in Input, gws []Gateway) []Bypass {
 		set[p][source] = true
 	}
 	addAddr := func(a netip.Addr, source string) {
-		a = a.Unmap().WithZone("")
-		if a.IsValid() && !a.IsLoopback() && !a.IsUnspecified() {
-			add(netip.PrefixFrom(a, a.BitLen()), source)
+		if p, ok := BypassPrefix(a); ok {
+			add(p, source)
 		}
 	}
 	for _, list := range [][]Endpoint{in.Node.ControlPlane, in.Node.DNSServers} {
@@ -435,6 +434,16 @@ func bypass(in Input, gws []Gateway) []Bypass {
 	}
 	slices.SortFunc(out, func(a, b Bypass) int { return comparePrefix(a.Prefix, b.Prefix) })
 	return out
+}
+
+// BypassPrefix is the prefix of a's bypass rule, or false for an address
+// that needs none (loopback, unspecified: never routed).
+func BypassPrefix(a netip.Addr) (netip.Prefix, bool) {
+	a = a.Unmap().WithZone("")
+	if !a.IsValid() || a.IsLoopback() || a.IsUnspecified() {
+		return netip.Prefix{}, false
+	}
+	return netip.PrefixFrom(a, a.BitLen()), true
 }
 
 // rules builds the band, per address family in use by an applied Route:

@@ -244,6 +244,14 @@ func TestNeverCutOff(t *testing.T) {
 			}
 		}
 		e.checkBypassStatus(map[netip.Addr]string{vip1: "dns " + cluster.APIName, vip3: "dns " + cluster.APIName, vip4: "dns " + cluster.APIName})
+		// The addresses the name no longer gives say since when, so that
+		// restarts do not keep them past --bypass-retention.
+		for _, b := range e.nodeRouting(0).Status.Bypass {
+			unlisted := b.Address == vip1.String() || b.Address == vip3.String()
+			if unlisted != (b.UnlistedSince != nil) {
+				t.Errorf("%s: unlistedSince %v, want it set: %v", b.Address, b.UnlistedSince, unlisted)
+			}
+		}
 	})
 }
 

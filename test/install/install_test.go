@@ -9,6 +9,7 @@ package install_test
 import (
 	"context"
 	"fmt"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -32,6 +33,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 
+	v1alpha1 "github.com/routing-agent/routing-agent/apis/networking/v1alpha1"
 	"github.com/routing-agent/routing-agent/pkg/agent"
 	"github.com/routing-agent/routing-agent/pkg/lab/cluster"
 	"github.com/routing-agent/routing-agent/pkg/lab/kubenode"
@@ -399,6 +401,58 @@ func TestInstallFromManifests(t *testing.T) {
 			if got := l.nexthops(i); got != gw3 {
 				t.Errorf("%s: after the update the route holds %q, want only %s", c.Nodes[i].Name, got, gw3)
 			}
+		}
+	})
+
+	t.Run("the API server's endpoint moves while the agents are cut off: they come back through the kubelet's server", func(t *testing.T) {
+		l.t = t
+		// The agents dial the kubernetes Service; kube-proxy now sends it to
+		// an endpoint they have never seen, so not bypassed: the override
+		// takes it and the gateways drop it. Their way back is the kubelet's
+		// server, a VIP they keep on main, with TLS still checking the
+		// Service's address.
+		moved := cluster.APIVIPs[1]
+		if err := c.Net.AddAPIVIP(moved); err != nil {
+			t.Fatal(err)
+		}
+		if err := c.SetKubernetesEndpoint(netip.AddrPortFrom(moved, 6443)); err != nil {
+			t.Fatal(err)
+		}
+		defer func() {
+			if err := c.SetKubernetesEndpoint(netip.AddrPortFrom(c.Net.ControlPlaneAddr, 6443)); err != nil {
+				t.Error(err)
+			}
+		}()
+		drops := l.guardDrops()
+		c.CP.StopAPIServer() // every agent loses its connection
+		if err := c.CP.StartAPIServer(ctx); err != nil {
+			t.Fatal(err)
+		}
+		begin := time.Now()
+		route := &v1alpha1.Route{ObjectMeta: metav1.ObjectMeta{Name: "after-move"}, Spec: v1alpha1.RouteSpec{Destinations: []string{"192.0.2.64/26"}, Gateways: []string{gw3}}}
+		if _, err := c.Client.NetworkingV1alpha1().Routes().Create(ctx, route, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		defer c.Client.NetworkingV1alpha1().Routes().Delete(ctx, route.Name, metav1.DeleteOptions{})
+		l.eventually(2*time.Minute, "a Route created after the move applied on every node", func() (bool, string) {
+			for _, n := range c.Nodes {
+				nr, err := c.Client.NetworkingV1alpha1().NodeRoutings().Get(ctx, n.Name, metav1.GetOptions{})
+				if err != nil {
+					return false, err.Error()
+				}
+				applied := false
+				for _, r := range nr.Status.Routes {
+					applied = applied || r.Name == route.Name && r.Phase == v1alpha1.RouteApplied
+				}
+				if !applied {
+					return false, fmt.Sprintf("%s: %+v", n.Name, nr.Status.Routes)
+				}
+			}
+			return true, ""
+		})
+		t.Logf("API server restarted with the Service's endpoint moved to %s: a new Route applied on every node %s later (the Service dial given up after 5 s, then the kubelet's server)", moved, time.Since(begin).Round(time.Millisecond))
+		if l.guardDrops() == drops {
+			t.Error("nothing was dropped at the gateways: the agents never tried the moved endpoint, and this proves nothing")
 		}
 	})
 }

@@ -137,6 +137,11 @@ type BypassAddress struct {
 	// "resolv.conf", "systemd-resolved upstream", "dns-server",
 	// "metadata", "gateway", "--bypass".
 	Sources []string `json:"sources"`
+	// UnlistedSince is, for a learned control-plane address that no source
+	// lists any more, when one last did: it is dropped once its sources
+	// have answered without it for the agent's --bypass-retention.
+	// +optional
+	UnlistedSince *metav1.Time `json:"unlistedSince,omitempty"`
 }
 
 // KernelLayout is the part of the agent's flags that says what it owns in

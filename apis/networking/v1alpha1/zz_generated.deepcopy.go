@@ -35,6 +35,10 @@ func (in *BypassAddress) DeepCopyInto(out *BypassAddress) {
 		*out = make([]string, len(*in))
 		copy(*out, *in)
 	}
+	if in.UnlistedSince != nil {
+		in, out := &in.UnlistedSince, &out.UnlistedSince
+		*out = (*in).DeepCopy()
+	}
 	return
 }
 

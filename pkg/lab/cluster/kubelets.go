@@ -57,22 +57,38 @@ func (c *Cluster) startKubelets(ctx context.Context) error {
 		if err := n.Kubelet.ImportImage(pause); err != nil {
 			return err
 		}
-		if err := c.kubeProxy(n); err != nil {
+		if err := c.kubeProxy(n, netip.AddrPortFrom(c.Net.ControlPlaneAddr, 6443), false); err != nil {
 			return err
 		}
 	}
 	return c.WaitNodesReady(ctx, 2*time.Minute)
 }
 
+// SetKubernetesEndpoint re-programs every node's kube-proxy rules to send
+// the kubernetes Service to endpoint, as kube-proxy does once it has seen
+// the API server's endpoint move.
+func (c *Cluster) SetKubernetesEndpoint(endpoint netip.AddrPort) error {
+	for _, n := range c.Nodes {
+		if err := c.kubeProxy(n, endpoint, true); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // kubeProxy does for node n what kube-proxy would for the one Service the
 // lab needs, the API server's: DNAT of KubernetesService:443 to its
 // endpoint, for the node's own connections and its pods', and masquerade
 // of what was DNATed, marked with kube-proxy's masquerade bit 0x4000 as
-// kube-proxy marks it.
-func (c *Cluster) kubeProxy(n *Node) error {
-	endpoint := fmt.Sprintf("%s:6443", c.Net.ControlPlaneAddr)
+// kube-proxy marks it. replace deletes the rules made before, in the same
+// nft transaction.
+func (c *Cluster) kubeProxy(n *Node, endpoint netip.AddrPort, replace bool) error {
 	dnat := fmt.Sprintf("ip daddr %s tcp dport 443 meta mark set meta mark | 0x4000 dnat to %s", KubernetesService, endpoint)
-	rules := fmt.Sprintf(`table ip lab-kube-proxy {
+	prefix := ""
+	if replace {
+		prefix = "delete table ip lab-kube-proxy\n"
+	}
+	rules := prefix + fmt.Sprintf(`table ip lab-kube-proxy {
 	chain output {
 		type nat hook output priority -100; policy accept;
 		%[1]s

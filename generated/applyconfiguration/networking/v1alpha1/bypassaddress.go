@@ -18,6 +18,10 @@ limitations under the License.
 
 package v1alpha1
 
+import (
+	v1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+)
+
 // BypassAddressApplyConfiguration represents a declarative configuration of the BypassAddress type for use
 // with apply.
 //
@@ -31,6 +35,10 @@ type BypassAddressApplyConfiguration struct {
 	// "resolv.conf", "systemd-resolved upstream", "dns-server",
 	// "metadata", "gateway", "--bypass".
 	Sources []string `json:"sources,omitempty"`
+	// UnlistedSince is, for a learned control-plane address that no source
+	// lists any more, when one last did: it is dropped once its sources
+	// have answered without it for the agent's --bypass-retention.
+	UnlistedSince *v1.Time `json:"unlistedSince,omitempty"`
 }
 
 // BypassAddressApplyConfiguration constructs a declarative configuration of the BypassAddress type for use with
@@ -54,5 +62,13 @@ func (b *BypassAddressApplyConfiguration) WithSources(values ...string) *BypassA
 	for i := range values {
 		b.Sources = append(b.Sources, values[i])
 	}
+	return b
+}
+
+// WithUnlistedSince sets the UnlistedSince field in the declarative configuration to the given value
+// and returns the receiver, so that objects can be built by chaining "With" function invocations.
+// If called multiple times, the UnlistedSince field is set to the value of the last call.
+func (b *BypassAddressApplyConfiguration) WithUnlistedSince(value v1.Time) *BypassAddressApplyConfiguration {
+	b.UnlistedSince = &value
 	return b
 }
