@@ -135,6 +135,7 @@ type Agent struct {
 	bypassMu sync.Mutex
 	problems bypassProblems
 	hosts    []ControlPlaneHost
+	learned  string // the learned set at the last lookup round, printed
 	dnsWatch *dnsWatch
 
 	// Only the reconcile goroutine touches these.

@@ -198,9 +198,12 @@ func (a *Agent) resolveNames(ctx context.Context) {
 	} else if len(added) > 0 {
 		a.ensureBypass(added)
 	}
+	// The status shows the learned set, unlisted times included: a change
+	// there is one to write, even with no address added.
+	learned := fmt.Sprint(a.opts.Learned.Entries())
 	a.bypassMu.Lock()
-	changed := !maps.Equal(a.problems.names, problems) || a.problems.kubeconfig != kubeconfigProblem || !slices.Equal(a.hosts, hosts)
-	a.problems.names, a.problems.kubeconfig, a.hosts = problems, kubeconfigProblem, hosts
+	changed := !maps.Equal(a.problems.names, problems) || a.problems.kubeconfig != kubeconfigProblem || !slices.Equal(a.hosts, hosts) || a.learned != learned
+	a.problems.names, a.problems.kubeconfig, a.hosts, a.learned = problems, kubeconfigProblem, hosts, learned
 	a.bypassMu.Unlock()
 	if changed || len(added) > 0 {
 		a.queue.Add(key)

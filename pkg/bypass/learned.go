@@ -147,11 +147,10 @@ func (l *Learned) Restore(addr netip.Addr, sources []string, unlisted, now time.
 		if l.seen[addr] == nil {
 			l.seen[addr] = map[string]time.Time{}
 		}
+		// What this process has seen already is newer; and the source's
+		// answers are left alone: until it answers again, nothing ages.
 		if _, ok := l.seen[addr][s]; !ok {
 			l.seen[addr][s] = seen
-		}
-		if l.answered[s].Before(now) {
-			l.answered[s] = now
 		}
 	}
 }
