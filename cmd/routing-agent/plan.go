@@ -126,6 +126,19 @@ func plan(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 			fmt.Fprintf(stdout, "# Route %s: not selected by its nodeSelector\n", r.Name)
 		}
 	}
+	// Why each bypass rule is there, as the NodeRouting's bypassAddresses
+	// will say.
+	ruled := map[netip.Prefix]bool{}
+	for _, r := range result.Rules {
+		if r.Priority == cfg.PriorityBase+planner.OffsetBypass {
+			ruled[r.Dst] = true
+		}
+	}
+	for _, b := range result.Bypass {
+		if ruled[b.Prefix] {
+			fmt.Fprintf(stdout, "# bypass %s: %s\n", b.Prefix, strings.Join(b.Sources, ", "))
+		}
+	}
 	for _, line := range result.Commands(cfg.Protocol) {
 		fmt.Fprintln(stdout, line)
 	}

@@ -19,6 +19,11 @@ func TestPlanSeedExampleOnDescribedNode(t *testing.T) {
 	}
 	want := `# 1 of 1 Route(s) selected for this node
 # Route basic: Applied, table 100
+# bypass 10.114.0.3/32: gateway
+# bypass 10.114.0.4/32: gateway
+# bypass 169.254.169.254/32: metadata
+# bypass 198.51.100.53/32: dnsServers
+# bypass 203.0.113.100/32: controlPlane
 ip -4 rule add priority 30000 to 10.114.0.3/32 lookup main protocol 245
 ip -4 rule add priority 30000 to 10.114.0.4/32 lookup main protocol 245
 ip -4 rule add priority 30000 to 169.254.169.254/32 lookup main protocol 245
