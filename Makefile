@@ -53,7 +53,7 @@ test: deps
 	hack/verify-codegen.sh
 	$(MAKE) --no-print-directory vet
 	@# One pass of every benchmark, so they keep working; numbers come from make bench.
-	go test -count=1 -run '^$$' -bench . -benchtime 1x ./pkg/applier
+	go test -count=1 -run '^$$' -bench . -benchtime 1x ./pkg/applier ./pkg/connmark
 	@lab_bin=$$(hack/build-lab-tools.sh) && \
 	echo "lab control plane: $$lab_bin" && \
 	LAB_BIN_DIR=$$lab_bin go test -count=1 -timeout 30m ./...
@@ -63,6 +63,8 @@ test: deps
 # (Route-to-kernel latency, RSS, CPU, API requests at idle; ~4 minutes).
 bench: deps
 	go test -count=1 -run '^$$' -bench . -benchtime 20x ./pkg/applier
+	@# Forwarded pps with and without the connection-marking table (3 rounds of 2 s each).
+	go test -count=1 -run '^$$' -bench Forwarding ./pkg/connmark
 	LAB_BIN_DIR=$$(hack/build-lab-tools.sh) go test -count=1 -run '^$$' -bench . -benchtime 1x -timeout 20m ./test/agent
 
 # The product end to end in a lab of network namespaces: a control plane,

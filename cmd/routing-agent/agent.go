@@ -22,6 +22,7 @@ import (
 	"github.com/routing-agent/routing-agent/generated/clientset/versioned"
 	"github.com/routing-agent/routing-agent/pkg/agent"
 	"github.com/routing-agent/routing-agent/pkg/bypass"
+	"github.com/routing-agent/routing-agent/pkg/connmark"
 	"github.com/routing-agent/routing-agent/pkg/nodefacts"
 	"github.com/routing-agent/routing-agent/pkg/prober"
 )
@@ -128,7 +129,14 @@ func runAgent(args []string, stderr io.Writer) int {
 		return usageErr("%v", err)
 	}
 
+	// The connection-marking table, in the agent's own network namespace
+	// (the node's: the pod runs with hostNetwork).
+	marks, err := connmark.New(-1)
+	if err != nil {
+		return usageErr("%v", err)
+	}
 	a := agent.New(agent.Options{
+		Marker:            connmark.Planned{Table: marks},
 		NodeName:          *nodeName,
 		Planner:           *cfg,
 		ResyncPeriod:      *resync,

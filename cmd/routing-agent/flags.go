@@ -4,6 +4,7 @@ import (
 	"flag"
 	"fmt"
 	"net/netip"
+	"strconv"
 	"strings"
 
 	"github.com/routing-agent/routing-agent/pkg/planner"
@@ -33,6 +34,17 @@ func plannerFlags(fs *flag.FlagSet) *planner.Config {
 		cfg.Metadata = addrs
 		return err
 	})
+	fs.Func("connmark", fmt.Sprintf("conntrack and packet mark bit(s) of connections that came in from outside, whose replies go back through main (default %#x; 0 turns marking off). Must stay clear of kube-proxy's 0x4000 and 0x8000 and of what the CNI uses (Calico 0xffff0000, Cilium 0x0f00)", planner.DefaultConnMark), func(s string) error {
+		v, err := strconv.ParseUint(s, 0, 32)
+		if err != nil {
+			return fmt.Errorf("%q is not a number (0x1000 or 4096)", s)
+		}
+		if v&kubeProxyMarks != 0 {
+			return fmt.Errorf("%#x overlaps kube-proxy's masquerade and drop marks (%#x)", v, kubeProxyMarks)
+		}
+		cfg.ConnMark = uint32(v)
+		return nil
+	})
 	fs.Func("bypass", "extra CIDRs that always use the main table, comma-separated", func(s string) error {
 		prefixes, err := parseList(s, netip.ParsePrefix)
 		cfg.ExtraBypass = prefixes
@@ -40,6 +52,10 @@ func plannerFlags(fs *flag.FlagSet) *planner.Config {
 	})
 	return &cfg
 }
+
+// kubeProxyMarks are kube-proxy's masquerade (0x4000) and drop (0x8000)
+// bits, on every node that runs it.
+const kubeProxyMarks = 0x4000 | 0x8000
 
 // checkPlannerConfig rejects a band or range that would collide with the
 // kernel's own tables and rules.

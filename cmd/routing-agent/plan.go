@@ -13,6 +13,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	v1alpha1 "github.com/routing-agent/routing-agent/apis/networking/v1alpha1"
+	"github.com/routing-agent/routing-agent/pkg/connmark"
 	"github.com/routing-agent/routing-agent/pkg/nodefacts"
 	"github.com/routing-agent/routing-agent/pkg/planner"
 	"github.com/routing-agent/routing-agent/pkg/selection"
@@ -141,6 +142,10 @@ func plan(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	}
 	for _, line := range result.Commands(cfg.Protocol) {
 		fmt.Fprintln(stdout, line)
+	}
+	if table := connmark.ForPlan(result.ConnMark).Render(); table != "" {
+		// The connection marks the symmetric-replies fwmark rule matches.
+		fmt.Fprintf(stdout, "nft -f - <<'EOF'\n%sEOF\n", table)
 	}
 	return 0
 }

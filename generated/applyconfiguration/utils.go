@@ -34,6 +34,8 @@ func ForKind(kind schema.GroupVersionKind) interface{} {
 	// Group=networking.doks.digitalocean.com, Version=v1alpha1
 	case v1alpha1.SchemeGroupVersion.WithKind("BypassAddress"):
 		return &networkingv1alpha1.BypassAddressApplyConfiguration{}
+	case v1alpha1.SchemeGroupVersion.WithKind("ConnectionMarking"):
+		return &networkingv1alpha1.ConnectionMarkingApplyConfiguration{}
 	case v1alpha1.SchemeGroupVersion.WithKind("DestinationState"):
 		return &networkingv1alpha1.DestinationStateApplyConfiguration{}
 	case v1alpha1.SchemeGroupVersion.WithKind("GatewayState"):

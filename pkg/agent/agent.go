@@ -82,6 +82,9 @@ type Options struct {
 	SysctlRoot string
 	// Probe paces the gateway health probes.
 	Probe prober.Config
+	// Marker writes the connection-marking nftables table (pkg/connmark) in
+	// the agent's own namespace; nil leaves nftables alone.
+	Marker applier.Marker
 	// StartupTaint, when set, is the key of a taint the node registers
 	// with (kubelet --register-with-taints) to keep workloads off it until
 	// its Routes are in place; the agent removes it from its own Node after
@@ -166,6 +169,9 @@ func New(opts Options, client versioned.Interface, kube kubernetes.Interface, ha
 		status:  statusState{writes: map[string]int64{}},
 	}
 	a.applier = applier.New(handle, opts.Planner, log.WithName("kernel"))
+	if opts.Marker != nil {
+		a.applier.SetMarker(opts.Marker)
+	}
 	if a.opts.Learned == nil {
 		a.opts.Learned = bypass.NewLearned(bypass.DefaultRetention)
 	}

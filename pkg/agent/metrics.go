@@ -21,6 +21,7 @@ type metrics struct {
 	statusWrites      prometheus.Counter
 	apiRequests       *prometheus.CounterVec
 	probeRTT          *prometheus.HistogramVec
+	connMarking       prometheus.Gauge
 }
 
 func newMetrics() *metrics {
@@ -56,6 +57,10 @@ func newMetrics() *metrics {
 			Name: "routing_agent_status_writes_total",
 			Help: "Server-side applies of this node's NodeRouting.",
 		}),
+		connMarking: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "routing_agent_connection_marking_active",
+			Help: "1 when replies to connections that came in from outside go back through main by connection mark (the nftables table and its fwmark rule are in place), else 0.",
+		}),
 	}
 	m.apiRequests = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "routing_agent_api_requests_total",
@@ -69,7 +74,7 @@ func newMetrics() *metrics {
 		Buckets: prometheus.ExponentialBuckets(0.0001, 2, 14),
 	}, []string{"gateway"})
 	m.registry.MustRegister(m.apiRequests, m.probeRTT)
-	m.registry.MustRegister(m.reconcileDuration, m.reconcileErrors, m.netlinkWrites, m.routes, m.gatewayUp, m.applyLatency, m.statusWrites,
+	m.registry.MustRegister(m.reconcileDuration, m.reconcileErrors, m.netlinkWrites, m.routes, m.gatewayUp, m.applyLatency, m.statusWrites, m.connMarking,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

@@ -62,6 +62,11 @@ func (a *Agent) reconcile() error {
 		a.removePreviousLayout()
 	}
 	a.metrics.reconcileDuration.Observe(time.Since(begin).Seconds())
+	marking := 0.0
+	if rep.Marking {
+		marking = 1
+	}
+	a.metrics.connMarking.Set(marking)
 	a.countWrites()
 	if applyErr == nil {
 		now := time.Now()
@@ -194,6 +199,7 @@ func (a *Agent) countWrites() {
 	for op, n := range map[string]int64{
 		"route_replace": w.RouteReplace.Load(), "route_delete": w.RouteDelete.Load(),
 		"rule_add": w.RuleAdd.Load(), "rule_delete": w.RuleDelete.Load(),
+		"nftables": w.Nftables.Load(),
 	} {
 		if d := n - a.status.writes[op]; d > 0 {
 			a.metrics.netlinkWrites.WithLabelValues(op).Add(float64(d))

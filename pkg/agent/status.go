@@ -111,6 +111,7 @@ func (a *Agent) buildStatus(plan planner.Plan, gateways map[netip.Addr]prober.St
 		status.WithBypass(entry)
 	}
 	status.WithForeignRules(rep.Foreign...)
+	status.WithConnectionMarking(connectionMarking(a.opts.Planner, plan, rep))
 	status.WithSummary(summary).WithLastApplyTime(*st.lastApply)
 	cfg := a.opts.Planner
 	status.WithKernel(apply.KernelLayout().WithProtocol(int32(cfg.Protocol)).WithPriorityBase(int32(cfg.PriorityBase)).
@@ -301,4 +302,23 @@ func withRejections(results []planner.Result, rejected map[uint32][]applier.Reje
 		out[i] = r
 	}
 	return out
+}
+
+// connectionMarking reports the nftables part of the plan as applied.
+func connectionMarking(cfg planner.Config, plan planner.Plan, rep applier.Report) *apply.ConnectionMarkingApplyConfiguration {
+	c := apply.ConnectionMarking().WithActive(rep.Marking).WithCollisions(rep.MarkCollisions...)
+	if cfg.ConnMark != 0 {
+		c.WithMark(fmt.Sprintf("%#x", cfg.ConnMark))
+	}
+	switch {
+	case cfg.ConnMark == 0:
+		c.WithMessage("turned off (--connmark=0): replies to connections from outside go back through main only by the source-address rules")
+	case rep.MarkingErr != nil:
+		c.WithMessage(bounded("the nftables table cannot be written: " + rep.MarkingErr.Error()))
+	case plan.ConnMark == nil:
+		c.WithMessage("no Route is applied on this node")
+	default:
+		c.WithUnmarked(plan.ConnMark.Exclude...)
+	}
+	return c
 }

@@ -25,9 +25,10 @@ import (
 
 // Applier writes plans into one network namespace through a netlink handle.
 type Applier struct {
-	h   *netlink.Handle
-	cfg planner.Config
-	log logr.Logger
+	h     *netlink.Handle
+	cfg   planner.Config
+	log   logr.Logger
+	marks Marker
 	// Writes counts every netlink write since the Applier was made.
 	Writes Counters
 }
@@ -35,12 +36,26 @@ type Applier struct {
 // Counters count netlink writes by kind.
 type Counters struct {
 	RouteReplace, RouteDelete, RuleAdd, RuleDelete atomic.Int64
+	// Nftables counts writes of the connection-marking table (each one
+	// netlink batch).
+	Nftables atomic.Int64
 }
 
 // Total is the number of writes of every kind.
 func (c *Counters) Total() int64 {
-	return c.RouteReplace.Load() + c.RouteDelete.Load() + c.RuleAdd.Load() + c.RuleDelete.Load()
+	return c.RouteReplace.Load() + c.RouteDelete.Load() + c.RuleAdd.Load() + c.RuleDelete.Load() + c.Nftables.Load()
 }
+
+// Marker keeps the agent's nftables table (pkg/connmark) as a plan says:
+// nil removes it. Apply reports whether it wrote anything.
+type Marker interface {
+	Apply(m *planner.ConnMark) (changed bool, err error)
+}
+
+// SetMarker makes the Applier manage the connection-marking table through
+// m, which must write into the same network namespace as its handle.
+// Without one, Apply leaves nftables alone.
+func (a *Applier) SetMarker(m Marker) { a.marks = m }
 
 // New returns an Applier that writes through h with the table range, band
 // and protocol of cfg.
@@ -59,6 +74,13 @@ type Report struct {
 	// Their destinations fail closed behind their backstops; they are the
 	// Route's problem, reported on it, not the node's.
 	Rejected map[uint32][]Rejection
+	// MarkCollisions are rules of others that use the connection mark bit.
+	MarkCollisions []string
+	// Marking is whether the connection-marking table is in place (with a
+	// Marker, and a plan that has one).
+	Marking bool
+	// MarkingErr is why it is not, when writing it failed.
+	MarkingErr error
 }
 
 // Rejection is one route the kernel refused.
@@ -93,7 +115,23 @@ func (a *Applier) Apply(plan planner.Plan) (Report, error) {
 }
 
 func (a *Applier) applyTo(plan planner.Plan, actual *State) (Report, error) {
-	rep := Report{Foreign: actual.Foreign}
+	rep := Report{Foreign: actual.Foreign, MarkCollisions: actual.MarkUsers}
+	// The marks first: the fwmark rule added below is of use at once. A
+	// table that cannot be written leaves replies to the source rules and
+	// is reported; it holds back nothing else.
+	if a.marks != nil {
+		changed, err := a.marks.Apply(plan.ConnMark)
+		switch {
+		case err != nil:
+			rep.MarkingErr = err
+			a.log.Error(err, "writing the connection-marking table")
+		case changed:
+			rep.Changes++
+			a.Writes.Nftables.Add(1)
+			a.log.Info("kernel change", "op", "nftables table "+planner.ConnMarkTable, "marking", plan.ConnMark != nil)
+		}
+		rep.Marking = err == nil && plan.ConnMark != nil
+	}
 	var errs []error
 	do := func(what string, op func() error, counter *atomic.Int64) error {
 		if err := op(); err != nil {
@@ -290,6 +328,10 @@ func (a *Applier) toNetlinkRule(r planner.Rule) *netlink.Rule {
 	}
 	if r.Dst.IsValid() {
 		nl.Dst = nlutil.IPNet(r.Dst)
+	}
+	if r.Mask != 0 {
+		mask := r.Mask
+		nl.Mark, nl.Mask = r.Mark, &mask
 	}
 	return nl
 }

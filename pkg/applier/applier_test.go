@@ -367,7 +367,11 @@ func TestDefaultOverride(t *testing.T) {
 	e.wantPath("fd00:114::4", "dev vpc0")
 	e.wantPath("203.0.113.77", "203.0.113.77 dev pub0 src 203.0.113.10") // connected
 	e.wantPath("198.51.100.10", "via 203.0.113.1 dev pub0", "from", "203.0.113.10")
-	e.wantPath("2001:db8:100::10", "via 2001:db8:203::1 dev pub0", "from", "2001:db8:203::10")
+	// Over IPv6 the public address has no source rule while the marks are
+	// on (see planner.sourceRules); a reply carries the connection's mark.
+	e.wantPath("2001:db8:100::10", "dev vpc0 table "+table, "from", "2001:db8:203::10")
+	e.wantPath("2001:db8:100::10", "via 2001:db8:203::1 dev pub0", "from", "2001:db8:203::10", "mark", "0x1000")
+	e.wantPath("198.51.100.10", "via 203.0.113.1 dev pub0", "mark", "0x1000")
 
 	// A real TCP exchange from the external host to the node's public
 	// address: the replies must not go through the gateways.
@@ -604,15 +608,17 @@ func TestFailClosedWhenTheLinkGoes(t *testing.T) {
 			t.Errorf("ip route get %s with vpc0 down: %q, %v; want No route to host (the backstop)", dst, out, err)
 		}
 	}
-	// IPv4 only: an unbound IPv6 socket whose route lookup fails is looked
+	// IPv6 too: an unbound IPv6 socket whose route lookup fails is looked
 	// up again by the kernel with a source address it picks, here the
-	// public one, which the symmetric-reply rule (from <public address>
-	// lookup main) sends out of the uplink. Connection marks in place of
-	// that rule are what close it; until then the README says so.
+	// public one; a `from <public address> lookup main` rule would send it
+	// out of the uplink. With connection marks on there is no IPv6 source
+	// rule (planner.sourceRules), and that path is closed.
+	external6 := netip.AddrPortFrom(e.lab.ExternalAddr6, 9000)
 	sendOnly := func() {
 		for i := range 8 {
 			// Refused by the kernel (no route to host): that is the point.
 			_ = topology.SendUDP(e.lab.Node, external, []byte(fmt.Sprintf("leak? %d", i)))
+			_ = topology.SendUDP(e.lab.Node, external6, []byte(fmt.Sprintf("leak? %d", i)))
 		}
 	}
 	sendOnly()
@@ -675,10 +681,10 @@ func TestRemoveLayout(t *testing.T) {
 		wantRuleDels, wantRouteDels int64
 	}{
 		// Same protocol and tables: the routes are the new agent's too;
-		// only the old band's seven rules go.
-		{"band", func(c *planner.Config) { c.PriorityBase = 20000 }, 7, 0},
+		// only the old band's eight rules go.
+		{"band", func(c *planner.Config) { c.PriorityBase = 20000 }, 8, 0},
 		// Everything moves: the old rules and the route and its backstop.
-		{"protocol and tables", func(c *planner.Config) { c.Protocol, c.TableMin, c.TableMax = 246, 50000, 59999 }, 7, 2},
+		{"protocol and tables", func(c *planner.Config) { c.Protocol, c.TableMin, c.TableMax = 246, 50000, 59999 }, 8, 2},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			e.t = t

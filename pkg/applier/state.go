@@ -27,6 +27,9 @@ type State struct {
 	metrics map[routeKey]int
 	// Foreign rules in the band, as `ip rule` would show them.
 	Foreign []string
+	// MarkUsers are rules of others, anywhere, that match a fwmark bit of
+	// the agent's connection mark: another component using the bit.
+	MarkUsers []string
 }
 
 // routeKey identifies one of the agent's routes: a destination of a table
@@ -52,10 +55,14 @@ func (a *Applier) Read() (*State, error) {
 			return nil, fmt.Errorf("listing ip rules: %w", err)
 		}
 		for _, r := range rules {
-			if r.Priority < a.cfg.PriorityBase || r.Priority >= a.cfg.PriorityBase+planner.BandWidth {
+			pr, plain := fromNetlinkRule(r, family == netlink.FAMILY_V6)
+			inBand := r.Priority >= a.cfg.PriorityBase && r.Priority < a.cfg.PriorityBase+planner.BandWidth
+			if mask := ruleMarkMask(r); a.cfg.ConnMark != 0 && mask&a.cfg.ConnMark != 0 && (r.Protocol != a.cfg.Protocol || !inBand) {
+				st.MarkUsers = append(st.MarkUsers, describeForeign(pr, r.Protocol, plain)+fmt.Sprintf(" fwmark %#x/%#x", r.Mark, mask))
+			}
+			if !inBand {
 				continue
 			}
-			pr, plain := fromNetlinkRule(r, family == netlink.FAMILY_V6)
 			if r.Protocol != a.cfg.Protocol || !plain {
 				st.Foreign = append(st.Foreign, describeForeign(pr, r.Protocol, plain))
 				continue
@@ -81,7 +88,20 @@ func (a *Applier) Read() (*State, error) {
 		}
 	}
 	slices.Sort(st.Foreign)
+	slices.Sort(st.MarkUsers)
 	return st, nil
+}
+
+// ruleMarkMask is the fwmark bits a rule matches: its mask, or every bit
+// of a mark given without one.
+func ruleMarkMask(r netlink.Rule) uint32 {
+	if r.Mask != nil {
+		return *r.Mask
+	}
+	if r.Mark != 0 {
+		return 0xffffffff
+	}
+	return 0
 }
 
 // ruleKey identifies a rule by everything the kernel compares: its family
@@ -106,7 +126,13 @@ func fromNetlinkRule(r netlink.Rule, ipv6 bool) (planner.Rule, bool) {
 	if r.Dst != nil {
 		pr.Dst = nlutil.Prefix(r.Dst, ipv6)
 	}
-	plain := r.Mark == 0 && r.Mask == nil && r.Tos == 0 && r.Goto <= 0 && r.IifName == "" && r.OifName == "" &&
+	// fwmark with a mask is the agent's symmetric-replies rule; a mark
+	// without a mask (all bits) never is.
+	marked := r.Mask != nil && *r.Mask != 0
+	if marked {
+		pr.Mark, pr.Mask = r.Mark, *r.Mask
+	}
+	plain := (r.Mark == 0 && r.Mask == nil || marked) && r.Tos == 0 && r.Goto <= 0 && r.IifName == "" && r.OifName == "" &&
 		r.Invert == false && r.Dport == nil && r.Sport == nil && r.IPProto == 0 && r.UIDRange == nil &&
 		(r.Type == 0 || r.Type == unix.RTN_UNICAST) && r.SuppressIfgroup <= 0 && r.Flow <= 0
 	return pr, plain

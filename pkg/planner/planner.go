@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"fmt"
 	"hash/fnv"
+	"maps"
 	"net/netip"
 	"slices"
 	"strings"
@@ -91,7 +92,8 @@ func Compute(in Input) Plan {
 	plan.Routes = tableRoutes(applied, in.Down)
 	plan.Gateways = gateways(applied, in.Down)
 	plan.Bypass = bypass(in, plan.Gateways)
-	plan.Rules = rules(in, applied, plan.Bypass)
+	plan.Rules = rules(in, applied, plan.Bypass, plan.Gateways)
+	plan.ConnMark = connMark(in, plan.Rules, plan.Gateways)
 	for _, c := range cands {
 		plan.Results = append(plan.Results, c.result)
 	}
@@ -448,12 +450,11 @@ func BypassPrefix(a netip.Addr) (netip.Prefix, bool) {
 
 // rules builds the band, per address family in use by an applied Route:
 // bypass, symmetric replies, main's specific routes, one lookup per Route.
-func rules(in Input, applied []*candidate, bypass []Bypass) []Rule {
+func rules(in Input, applied []*candidate, bypass []Bypass, gws []Gateway) []Rule {
 	base := in.Config.PriorityBase
 	var out []Rule
 	for _, ipv6 := range []bool{false, true} {
 		var routeRules []Rule
-		gatewayLinks := map[int]bool{}
 		for _, c := range applied {
 			uses := false
 			for _, d := range c.installed() {
@@ -461,11 +462,6 @@ func rules(in Input, applied []*candidate, bypass []Bypass) []Rule {
 			}
 			if !uses {
 				continue
-			}
-			for _, nh := range c.nexthops {
-				if nh.Gateway.Is6() == ipv6 {
-					gatewayLinks[nh.LinkIndex] = true
-				}
 			}
 			routeRules = append(routeRules, Rule{Priority: base + OffsetRoutes, IPv6: ipv6, Table: c.result.Table, SuppressPrefixlen: -1})
 		}
@@ -477,23 +473,79 @@ func rules(in Input, applied []*candidate, bypass []Bypass) []Rule {
 				out = append(out, Rule{Priority: base + OffsetBypass, IPv6: ipv6, Dst: b.Prefix, Table: MainTable, SuppressPrefixlen: -1})
 			}
 		}
-		// Replies to connections that came in through the default route's
-		// interface leave through it. Where a Route's gateway sits behind
-		// that interface the kernel would pick its address as the source of
-		// new connections too, and this rule would undo the Route.
-		if link, ok := defaultLink(in.Node, ipv6); ok && !gatewayLinks[link] {
-			for _, a := range in.Node.Addresses {
-				addr := a.Prefix.Addr()
-				if a.LinkIndex == link && addr.Is6() == ipv6 && addr.IsGlobalUnicast() {
-					out = append(out, Rule{Priority: base + OffsetSymmetric, IPv6: ipv6, Src: netip.PrefixFrom(addr, addr.BitLen()), Table: MainTable, SuppressPrefixlen: -1})
-				}
-			}
+		// Replies to connections that came in from outside leave the way
+		// they came: marked by the agent's nftables table (ConnMark), they
+		// go back to main by fwmark, DNATed ones to pods included.
+		out = append(out, sourceRules(in, ipv6, gws)...)
+		if in.Config.ConnMark != 0 {
+			out = append(out, Rule{Priority: base + OffsetSymmetric, IPv6: ipv6, Mark: in.Config.ConnMark, Mask: in.Config.ConnMark, Table: MainTable, SuppressPrefixlen: -1})
 		}
 		out = append(out, Rule{Priority: base + OffsetSuppress, IPv6: ipv6, Table: MainTable, SuppressPrefixlen: 0})
 		slices.SortFunc(routeRules, func(a, b Rule) int { return cmp.Compare(a.Table, b.Table) })
 		out = append(out, routeRules...)
 	}
 	return out
+}
+
+// sourceRules complement the marks (covering connections older than the
+// agent's table) with `from <address> lookup main` for the global addresses
+// of the default route's interface. Never for an address whose subnet
+// holds a Route's gateway: the kernel picks that address as the source of
+// new connections to the gateway's side, and the rule would undo the Route
+// (a single NIC with a public and a VPC address). Over IPv6 none while the
+// marks are on: when a Route's table holds only its backstops, the kernel
+// retries an unbound socket's lookup with a source address it picked
+// (ip6_dst_lookup_tail), and this rule would send that traffic out of the
+// node's own uplink.
+func sourceRules(in Input, ipv6 bool, gws []Gateway) []Rule {
+	if ipv6 && in.Config.ConnMark != 0 {
+		return nil
+	}
+	link, ok := defaultLink(in.Node, ipv6)
+	if !ok {
+		return nil
+	}
+	var out []Rule
+	for _, a := range in.Node.Addresses {
+		addr := a.Prefix.Addr()
+		if a.LinkIndex != link || addr.Is6() != ipv6 || !addr.IsGlobalUnicast() {
+			continue
+		}
+		holdsGateway := false
+		for _, g := range gws {
+			holdsGateway = holdsGateway || a.Prefix.Masked().Contains(g.Address)
+		}
+		if !holdsGateway {
+			out = append(out, Rule{Priority: in.Config.PriorityBase + OffsetSymmetric, IPv6: ipv6, Src: netip.PrefixFrom(addr, addr.BitLen()), Table: MainTable, SuppressPrefixlen: -1})
+		}
+	}
+	return out
+}
+
+// connMark is the nftables part of the plan: with marking on and a band in
+// use, new connections arriving on any interface but loopback and those
+// only Routes send through (a gateway's link that is not also the default
+// route's) are marked. Pods' own interfaces are marked too: that only sends
+// the replies of pod-originated connections back to the pod through main,
+// where the pod's route is anyway, and keeps the table the same size however
+// many pods come and go.
+func connMark(in Input, rules []Rule, gws []Gateway) *ConnMark {
+	if in.Config.ConnMark == 0 || len(rules) == 0 {
+		return nil
+	}
+	defaults := map[int]bool{}
+	for _, ipv6 := range []bool{false, true} {
+		if link, ok := defaultLink(in.Node, ipv6); ok {
+			defaults[link] = true
+		}
+	}
+	exclude := map[string]bool{"lo": true}
+	for _, g := range gws {
+		if !defaults[g.LinkIndex] && g.LinkName != "" {
+			exclude[g.LinkName] = true
+		}
+	}
+	return &ConnMark{Mark: in.Config.ConnMark, Exclude: slices.Sorted(maps.Keys(exclude))}
 }
 
 // defaultLink is the link of the main table's preferred default route.

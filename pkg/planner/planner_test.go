@@ -71,6 +71,7 @@ func TestCompute(t *testing.T) {
 		want: `ip -4 rule add priority 30000 to 10.114.0.3/32 lookup main protocol 245
 ` + bypass4 + `
 ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
+ip -4 rule add priority 30100 fwmark 0x1000/0x1000 lookup main protocol 245
 ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
 ip -4 rule add priority 30300 lookup 10001 protocol 245
 ip -4 route replace 0.0.0.0/5 table 10001 proto 245 via 10.114.0.3 dev vpc0
@@ -83,6 +84,7 @@ ip -4 route replace unreachable 0.0.0.0/5 table 10001 proto 245 metric 429496729
 ip -4 rule add priority 30000 to 10.114.0.4/32 lookup main protocol 245
 ` + bypass4 + `
 ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
+ip -4 rule add priority 30100 fwmark 0x1000/0x1000 lookup main protocol 245
 ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
 ip -4 rule add priority 30300 lookup 10001 protocol 245
 ip -4 route replace 0.0.0.0/0 table 10001 proto 245 nexthop via 10.114.0.3 dev vpc0 weight 1 nexthop via 10.114.0.4 dev vpc0 weight 1
@@ -96,6 +98,7 @@ ip -4 route replace unreachable 0.0.0.0/0 table 10001 proto 245 metric 429496729
 ip -4 rule add priority 30000 to 10.114.0.4/32 lookup main protocol 245
 ` + bypass4 + `
 ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
+ip -4 rule add priority 30100 fwmark 0x1000/0x1000 lookup main protocol 245
 ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
 ip -4 rule add priority 30300 lookup 10001 protocol 245
 ip -4 route replace 0.0.0.0/0 table 10001 proto 245 via 10.114.0.3 dev vpc0
@@ -109,6 +112,7 @@ ip -4 route replace unreachable 0.0.0.0/0 table 10001 proto 245 metric 429496729
 ip -4 rule add priority 30000 to 10.114.0.4/32 lookup main protocol 245
 ` + bypass4 + `
 ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
+ip -4 rule add priority 30100 fwmark 0x1000/0x1000 lookup main protocol 245
 ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
 ip -4 rule add priority 30300 lookup 10001 protocol 245
 ip -4 route replace 0.0.0.0/0 table 10001 proto 245 nexthop via 10.114.0.3 dev vpc0 weight 1 nexthop via 10.114.0.4 dev vpc0 weight 1
@@ -121,6 +125,7 @@ ip -4 route replace unreachable 0.0.0.0/0 table 10001 proto 245 metric 429496729
 ip -4 rule add priority 30000 to 198.51.100.53/32 lookup main protocol 245
 ip -4 rule add priority 30000 to 203.0.113.5/32 lookup main protocol 245
 ip -4 rule add priority 30000 to 203.0.113.100/32 lookup main protocol 245
+ip -4 rule add priority 30100 fwmark 0x1000/0x1000 lookup main protocol 245
 ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
 ip -4 rule add priority 30300 lookup 10001 protocol 245
 ip -4 route replace 0.0.0.0/0 table 10001 proto 245 via 203.0.113.5 dev pub0
@@ -136,6 +141,7 @@ ip -4 route replace unreachable 0.0.0.0/0 table 10001 proto 245 metric 429496729
 ip -4 rule add priority 30000 to 10.114.0.4/32 lookup main protocol 245
 ` + bypass4 + `
 ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
+ip -4 rule add priority 30100 fwmark 0x1000/0x1000 lookup main protocol 245
 ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
 ip -4 rule add priority 30300 lookup 10001 protocol 245
 ip -4 rule add priority 30300 lookup 10002 protocol 245
@@ -156,7 +162,7 @@ ip -4 route replace unreachable 10.1.2.0/24 table 10002 proto 245 metric 4294967
 		want: `ip -6 rule add priority 30000 to fd00:114::3/128 lookup main protocol 245
 ip -6 rule add priority 30000 to fd00:ec2::254/128 lookup main protocol 245
 ip -6 rule add priority 30000 to fd20:ce::254/128 lookup main protocol 245
-ip -6 rule add priority 30100 from 2001:db8:203::10/128 lookup main protocol 245
+ip -6 rule add priority 30100 fwmark 0x1000/0x1000 lookup main protocol 245
 ip -6 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
 ip -6 rule add priority 30300 lookup 10001 protocol 245
 ip -6 route replace ::/0 table 10001 proto 245 via fd00:114::3 dev vpc0
@@ -178,6 +184,7 @@ ip -6 route replace unreachable 2001:db8:100::/48 table 10001 proto 245 metric 4
 ip -4 rule add priority 30000 to 10.114.0.4/32 lookup main protocol 245
 ` + bypass4 + `
 ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
+ip -4 rule add priority 30100 fwmark 0x1000/0x1000 lookup main protocol 245
 ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
 ip -4 rule add priority 30300 lookup 10001 protocol 245
 ip -4 rule add priority 30300 lookup 10002 protocol 245
@@ -201,6 +208,7 @@ ip -4 route replace unreachable 203.0.113.0/25 table 10003 proto 245 metric 4294
 ip -4 rule add priority 30000 to 10.114.0.4/32 lookup main protocol 245
 ` + bypass4 + `
 ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
+ip -4 rule add priority 30100 fwmark 0x1000/0x1000 lookup main protocol 245
 ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
 ip -4 rule add priority 30300 lookup 10001 protocol 245
 ip -4 rule add priority 30300 lookup 10002 protocol 245
@@ -220,6 +228,7 @@ ip -4 route replace throw 192.0.2.0/24 table 10002 proto 245`,
 		want: `ip -4 rule add priority 30000 to 10.114.0.3/32 lookup main protocol 245
 ` + bypass4 + `
 ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
+ip -4 rule add priority 30100 fwmark 0x1000/0x1000 lookup main protocol 245
 ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
 ip -4 rule add priority 30300 lookup 10001 protocol 245
 ip -4 rule add priority 30300 lookup 10003 protocol 245
@@ -416,5 +425,77 @@ func TestBypassSources(t *testing.T) {
 		if r.IPv6 {
 			t.Errorf("IPv6 rule without an IPv6 Route: %+v", r)
 		}
+	}
+}
+
+// TestSymmetricReplies: the fwmark rule and the nftables part per layout;
+// source rules only for addresses whose subnet holds no gateway, and none
+// over IPv6 while the marks are on.
+func TestSymmetricReplies(t *testing.T) {
+	singleNIC := Node{
+		Links: []Link{{Index: 1, Name: "lo"}, {Index: 2, Name: "eth0"}},
+		Addresses: []Address{
+			{LinkIndex: 2, Prefix: netip.MustParsePrefix("203.0.113.10/24")},
+			{LinkIndex: 2, Prefix: netip.MustParsePrefix("10.114.0.10/16")},
+		},
+		MainRoutes: []MainRoute{
+			{Dst: netip.MustParsePrefix("0.0.0.0/0"), Gateway: netip.MustParseAddr("203.0.113.1"), LinkIndex: 2},
+			{Dst: netip.MustParsePrefix("203.0.113.0/24"), LinkIndex: 2},
+			{Dst: netip.MustParsePrefix("10.114.0.0/16"), LinkIndex: 2},
+		},
+	}
+	override := []*v1alpha1.Route{route("basic", 0, list("0.0.0.0/0"), list("10.114.0.3"))}
+	dual := []*v1alpha1.Route{route("basic", 0, list("0.0.0.0/0", "::/0"), list("10.114.0.3", "fd00:114::3"))}
+	for _, tc := range []struct {
+		name      string
+		node      Node
+		routes    []*v1alpha1.Route
+		connMark  uint32
+		symmetric string // the 30100 rules
+		exclude   string // ConnMark.Exclude, or "none" for no table
+	}{{
+		name: "two NICs", node: testNode(), routes: dual, connMark: DefaultConnMark,
+		symmetric: "ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245\n" +
+			"ip -4 rule add priority 30100 fwmark 0x1000/0x1000 lookup main protocol 245\n" +
+			"ip -6 rule add priority 30100 fwmark 0x1000/0x1000 lookup main protocol 245",
+		exclude: "lo,vpc0",
+	}, {
+		name: "two NICs, marking off: source rules for both families", node: testNode(), routes: dual,
+		symmetric: "ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245\n" +
+			"ip -6 rule add priority 30100 from 2001:db8:203::10/128 lookup main protocol 245",
+		exclude: "none",
+	}, {
+		name: "one NIC with a public and a VPC address: the VPC address gets no source rule, the NIC is marked", node: singleNIC, routes: override, connMark: DefaultConnMark,
+		symmetric: "ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245\n" +
+			"ip -4 rule add priority 30100 fwmark 0x1000/0x1000 lookup main protocol 245",
+		exclude: "lo",
+	}} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := DefaultConfig()
+			cfg.ConnMark = tc.connMark
+			plan := Compute(Input{Config: cfg, Node: tc.node, Routes: tc.routes})
+			var symmetric []string
+			for _, line := range plan.Commands(cfg.Protocol) {
+				if strings.Contains(line, "priority 30100 ") {
+					symmetric = append(symmetric, line)
+				}
+			}
+			if got := strings.Join(symmetric, "\n"); got != tc.symmetric {
+				t.Errorf("symmetric rules:\n%s\nwant:\n%s", got, tc.symmetric)
+			}
+			exclude := "none"
+			if plan.ConnMark != nil {
+				exclude = strings.Join(plan.ConnMark.Exclude, ",")
+				if plan.ConnMark.Mark != tc.connMark {
+					t.Errorf("mark %#x, want %#x", plan.ConnMark.Mark, tc.connMark)
+				}
+			}
+			if exclude != tc.exclude {
+				t.Errorf("excluded interfaces %s, want %s", exclude, tc.exclude)
+			}
+		})
+	}
+	if plan := Compute(Input{Config: DefaultConfig(), Node: testNode()}); plan.ConnMark != nil {
+		t.Errorf("no Route, yet a connmark table: %+v", plan.ConnMark)
 	}
 }

@@ -30,6 +30,9 @@ func (r Rule) Batch(protocol uint8) string {
 	if r.Dst.IsValid() {
 		fmt.Fprintf(&b, " to %s", r.Dst)
 	}
+	if r.Mask != 0 {
+		fmt.Fprintf(&b, " fwmark %#x/%#x", r.Mark, r.Mask)
+	}
 	fmt.Fprintf(&b, " lookup %s", tableName(r.Table))
 	if r.SuppressPrefixlen >= 0 {
 		fmt.Fprintf(&b, " suppress_prefixlength %d", r.SuppressPrefixlen)

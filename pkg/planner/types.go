@@ -50,6 +50,28 @@ type Config struct {
 	// Protocol marks every route and rule the agent creates, so it can find
 	// and garbage-collect exactly what it owns.
 	Protocol uint8
+	// ConnMark is the conntrack and packet mark bit of connections that
+	// came in from outside, whose replies go back through main; 0 turns
+	// connection marking off.
+	ConnMark uint32
+}
+
+// ConnMarkTable is the agent's nftables table (family inet).
+const ConnMarkTable = "routing-agent"
+
+// DefaultConnMark is the connection mark bit unless told otherwise: clear
+// of kube-proxy's 0x4000 and 0x8000, Calico's 0xffff0000, Cilium's 0x0f00,
+// Istio's 0x539 and the AWS VPC CNI's 0x80.
+const DefaultConnMark = 0x1000
+
+// ConnMark is the agent's nftables table: conntrack marks for connections
+// that came in from outside, restored on their replies as the fwmark the
+// symmetric-replies rule matches.
+type ConnMark struct {
+	Mark uint32
+	// Exclude are the interfaces whose new connections are not marked:
+	// loopback, and those only Routes send through.
+	Exclude []string
 }
 
 // CheckLayout rejects a table range, band or protocol that would collide
@@ -77,6 +99,7 @@ func DefaultConfig() Config {
 		TableMax:     49999,
 		PriorityBase: 30000,
 		Protocol:     DefaultProtocol,
+		ConnMark:     DefaultConnMark,
 		Metadata:     DefaultMetadata(),
 	}
 }
@@ -147,6 +170,9 @@ type Plan struct {
 	Gateways []Gateway
 	// Bypass are the addresses that keep using the main table.
 	Bypass []Bypass
+	// ConnMark is the nftables part; nil when marking is off or no Route
+	// is applied.
+	ConnMark *ConnMark
 }
 
 // Bypass is one prefix kept on the main table and the sources that asked
@@ -156,14 +182,16 @@ type Bypass struct {
 	Sources []string
 }
 
-// Rule is one ip rule. Exactly one of Dst, Src or SuppressPrefixlen >= 0
-// is set, or none for a plain lookup.
+// Rule is one ip rule. Exactly one of Dst, Src, Mark or SuppressPrefixlen
+// >= 0 is set, or none for a plain lookup.
 type Rule struct {
 	Priority int
 	IPv6     bool
 	Dst      netip.Prefix
 	Src      netip.Prefix
-	Table    uint32
+	// Mark and Mask: `fwmark Mark/Mask`.
+	Mark, Mask uint32
+	Table      uint32
 	// SuppressPrefixlen is -1 when unset.
 	SuppressPrefixlen int
 }

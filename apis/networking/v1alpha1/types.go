@@ -107,6 +107,11 @@ type NodeRoutingStatus struct {
 	// +optional
 	Bypass []BypassAddress `json:"bypassAddresses,omitempty"`
 
+	// ConnectionMarking says whether replies to connections that came in
+	// from outside are sent back through the main table by connection mark.
+	// +optional
+	ConnectionMarking *ConnectionMarking `json:"connectionMarking,omitempty"`
+
 	// ForeignRules lists ip rules found inside the agent's priority band
 	// that the agent did not create. They are reported, never removed.
 	// +optional
@@ -142,6 +147,26 @@ type BypassAddress struct {
 	// have answered without it for the agent's --bypass-retention.
 	// +optional
 	UnlistedSince *metav1.Time `json:"unlistedSince,omitempty"`
+}
+
+// ConnectionMarking is the state of the agent's nftables table.
+type ConnectionMarking struct {
+	// Active: the table and its fwmark rule are in place.
+	Active bool `json:"active"`
+	// Mark is the conntrack and packet mark bit, in hex.
+	// +optional
+	Mark string `json:"mark,omitempty"`
+	// Unmarked are the interfaces whose new connections are not marked:
+	// loopback and those only Routes send through.
+	// +optional
+	Unmarked []string `json:"unmarked,omitempty"`
+	// Collisions are rules of others on this node that use the mark bit
+	// (ip rules matching it), as `ip rule` shows them.
+	// +optional
+	Collisions []string `json:"collisions,omitempty"`
+	// Message says why marking is not active.
+	// +optional
+	Message string `json:"message,omitempty"`
 }
 
 // KernelLayout is the part of the agent's flags that says what it owns in

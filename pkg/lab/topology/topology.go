@@ -2,13 +2,16 @@
 // VPC for tests of the routing agent: worker nodes with a public uplink and
 // a VPC interface, gateway hosts on the same VPC bridge that forward to an
 // "internet" router, an external host behind that router and, optionally, a
-// control plane host on the nodes' public network.
+// control plane host on the nodes' public network and pods behind the nodes.
 //
 //	External ── Router ── public bridge br-pub, 203.0.113.1/24 (in Router)
 //	198.51.100.10 │           │                           │
 //	198.51.100.53 │         pub0 Node j vpc0 ──┐        eth0 ControlPlane
-//	              │   203.0.113.(10+j)         │        203.0.113.100
-//	              │                     10.114.0.(10+j)
+//	              │   203.0.113.(10+j)  pod0   │        203.0.113.100
+//	              │        10.244.j.1    │     │
+//	              │                    eth0    │
+//	              │      10.244.j.2    Pod j   │
+//	              │     (AddPod)        10.114.0.(10+j)
 //	              │ 192.0.2.(4i+1)/30          │
 //	              └── up0 Gateway i vpc0 ── VPC bridge br0 (in VPC)
 //	                      10.114.0.(3+i)
@@ -16,10 +19,22 @@
 // The public network is one L2 segment: nodes and the control plane reach
 // each other on it directly, and everything else through the router.
 //
+// With Options.SingleNIC a node has no vpc0: its pub0 holds both its public
+// and its VPC address, and the two bridges are joined into one L2 segment
+// by a veth (port "vpc" of br-pub, port "pub" of br0), as on a cloud whose
+// instances have one NIC:
+//
+//	Router br-pub ── vpc ══ pub ── br0 VPC
+//	          │                     │
+//	        pub0 Node j           vpc0 Gateway i
+//	203.0.113.(10+j), 10.114.0.(10+j)
+//
 // The external host's second address, 198.51.100.53 (ExternalDNS), is the
 // nameserver the lab's nodes are configured with: a caller serves DNS there
 // (package dnsserver). AddAPIVIP makes the router a TCP load balancer in
-// front of the control plane's API server, as a cloud's would be.
+// front of the control plane's API server, as a cloud's would be. AddPod
+// and AddNodePort put a pod behind a node and a kube-proxy-like NodePort in
+// front of it.
 //
 // Nothing is created in the machine's own namespace: every veth pair is made
 // inside a lab namespace with its peer placed straight into another one, so
@@ -45,16 +60,21 @@ import (
 
 // Interface names inside the lab namespaces. In a hub namespace (VPC bridge,
 // Router) the port towards a host is named after that host ("node" for node
-// 0, "node1", "gw0", "ext", "cp").
+// 0, "node1", "gw0", "ext", "cp"; with Options.SingleNIC "vpc" in the Router
+// and "pub" in the VPC for the veth joining the two bridges).
 const (
 	NodePublicIf = "pub0"   // node's uplink, a port of the router's public bridge
-	VPCIf        = "vpc0"   // node's and gateways' interface on the VPC bridge
+	VPCIf        = "vpc0"   // gateways' and (without SingleNIC) nodes' interface on the VPC bridge
 	UplinkIf     = "up0"    // gateway's uplink to the router
 	ExternalIf   = "eth0"   // external host's link to the router
 	BridgeIf     = "br0"    // the VPC bridge, in the VPC namespace
 	PublicBridge = "br-pub" // the public segment's bridge, in the Router namespace
 	ControlIf    = "eth0"   // control plane host's link to the public bridge
 )
+
+// routerPublicMAC is br-pub's fixed MAC: frames a node sends to it are what
+// leaves the node through its default route, via 203.0.113.1.
+const routerPublicMAC = "02:00:cb:00:71:01"
 
 // MaxGateways bounds Options.Gateways: gateway i's uplink is the /30 at
 // 192.0.2.4i, so 63 is the last one that fits. But gateway i's VPC address
@@ -77,6 +97,10 @@ type Options struct {
 	// NAT makes the gateways masquerade what they forward out of their
 	// uplinks (nftables), as a NAT gateway gives a static egress IP.
 	NAT bool
+	// SingleNIC gives each node one interface, pub0, holding both its
+	// public and its VPC addresses, on one L2 segment with the router and
+	// the gateways (see the package comment).
+	SingleNIC bool
 }
 
 // Lab is a built topology. Namespace names are those of `ip netns`.
@@ -92,14 +116,19 @@ type Lab struct {
 	// network with ControlPlaneAddr; set only with Options.ControlPlane.
 	ControlPlane string
 
-	IPv6 bool // whether the IPv6 addresses below are configured
-	NAT  bool // whether the gateways masquerade (Options.NAT)
+	IPv6      bool // whether the IPv6 addresses below are configured
+	NAT       bool // whether the gateways masquerade (Options.NAT)
+	SingleNIC bool // Options.SingleNIC
+
+	// NodeVPCIf is the node interface holding the VPC addresses: VPCIf, or
+	// NodePublicIf with SingleNIC.
+	NodeVPCIf string
 
 	NodePublic    netip.Addr   // 203.0.113.10 on the node's pub0, NodePublics[0]
 	NodePublics   []netip.Addr // 203.0.113.(10+j) on node j's pub0
 	RouterPublic  netip.Addr   // 203.0.113.1, the nodes' default gateway
-	NodeVPC       netip.Addr   // 10.114.0.10 on the node's vpc0, NodeVPCs[0]
-	NodeVPCs      []netip.Addr // 10.114.0.(10+j) on node j's vpc0
+	NodeVPC       netip.Addr   // 10.114.0.10 on the node's NodeVPCIf, NodeVPCs[0]
+	NodeVPCs      []netip.Addr // 10.114.0.(10+j) on node j's NodeVPCIf
 	GatewayVPC    []netip.Addr // 10.114.0.(3+i) on gateway i's vpc0
 	GatewayUplink []netip.Addr // 192.0.2.(4i+2) on gateway i's up0
 	RouterUplink  []netip.Addr // 192.0.2.(4i+1), the router's end of gateway i's uplink
@@ -117,7 +146,7 @@ type Lab struct {
 	NodePublics6   []netip.Addr // 2001:db8:203::(10+j) on node j's pub0, in decimal digits
 	RouterPublic6  netip.Addr   // 2001:db8:203::1
 	NodeVPC6       netip.Addr   // fd00:114::10, NodeVPCs6[0]
-	NodeVPCs6      []netip.Addr // fd00:114::(10+j) on node j's vpc0, in decimal digits
+	NodeVPCs6      []netip.Addr // fd00:114::(10+j) on node j's NodeVPCIf, in decimal digits
 	GatewayVPC6    []netip.Addr // fd00:114::(3+i)
 	GatewayUplink6 []netip.Addr // 2001:db8:192:i::2
 	RouterUplink6  []netip.Addr // 2001:db8:192:i::1
@@ -132,6 +161,9 @@ type Lab struct {
 
 	apiLB   bool                // AddAPIVIP has set up the router's load balancer table
 	apiVIPs map[netip.Addr]bool // VIPs AddAPIVIP added: true while served, false once removed
+
+	pods      []*Pod                  // what AddPod added, in order
+	nodePorts map[int]map[uint16]bool // node → ports AddNodePort DNATs there
 }
 
 // New builds the lab. On error it tears down whatever it had built.
@@ -170,12 +202,14 @@ func layout(opts Options) (*Lab, error) {
 
 	name := func(role string) string { return netns.Name(opts.Purpose + "-" + role) }
 	l := &Lab{
-		Router:   name("router"),
-		External: name("ext"),
-		VPC:      name("vpc"),
-		IPv6:     opts.IPv6,
-		NAT:      opts.NAT,
-		purpose:  opts.Purpose,
+		Router:    name("router"),
+		External:  name("ext"),
+		VPC:       name("vpc"),
+		IPv6:      opts.IPv6,
+		NAT:       opts.NAT,
+		SingleNIC: opts.SingleNIC,
+		NodeVPCIf: VPCIf,
+		purpose:   opts.Purpose,
 
 		RouterPublic: netip.MustParseAddr("203.0.113.1"),
 		ExternalAddr: netip.MustParseAddr("198.51.100.10"),
@@ -189,6 +223,9 @@ func layout(opts Options) (*Lab, error) {
 		l.NodeVPCs = append(l.NodeVPCs, netip.AddrFrom4([4]byte{10, 114, 0, byte(10 + j)}))
 	}
 	l.Node, l.NodePublic, l.NodeVPC = l.Nodes[0], l.NodePublics[0], l.NodeVPCs[0]
+	if l.SingleNIC {
+		l.NodeVPCIf = NodePublicIf
+	}
 	if opts.ControlPlane {
 		l.ControlPlane = name("cp")
 		l.ControlPlaneAddr = netip.MustParseAddr("203.0.113.100")
@@ -274,6 +311,10 @@ func (l *Lab) owners() (map[netip.Addr]string, error) {
 			add("gateway "+strconv.Itoa(i), l.GatewayVPC6[i], l.GatewayUplink6[i], l.RouterUplink6[i])
 		}
 	}
+	for _, p := range l.pods {
+		add("node "+strconv.Itoa(p.Node), p.NodeAddr, p.NodeAddr6)
+		add("node "+strconv.Itoa(p.Node)+"'s pod", p.Addr, p.Addr6)
+	}
 	return owner, err
 }
 
@@ -307,12 +348,19 @@ func (l *Lab) setUp() error {
 // masquerade makes every gateway source-NAT what it forwards out of its
 // uplink to its uplink address.
 func (l *Lab) masquerade() error {
+	families := []string{"ip"}
+	if l.IPv6 {
+		families = append(families, "ip6") // a NAT gateway gives a static egress IP in both
+	}
 	for _, ns := range l.Gateways {
-		for _, rule := range []string{
-			"add table ip nat",
-			"add chain ip nat post { type nat hook postrouting priority 100 ; }",
-			"add rule ip nat post oifname " + UplinkIf + " masquerade",
-		} {
+		var rules []string
+		for _, f := range families {
+			rules = append(rules,
+				"add table "+f+" nat",
+				"add chain "+f+" nat post { type nat hook postrouting priority 100 ; }",
+				"add rule "+f+" nat post oifname "+UplinkIf+" masquerade")
+		}
+		for _, rule := range rules {
 			if out, err := exec.Command("ip", append([]string{"netns", "exec", ns, "nft"}, strings.Fields(rule)...)...).CombinedOutput(); err != nil {
 				return fmt.Errorf("topology: nft %s in %s: %v: %s", rule, ns, err, out)
 			}
@@ -326,8 +374,18 @@ func (l *Lab) masquerade() error {
 // both ends are set up, and a node agent rightly treats such a link's
 // gateways as unreachable.
 func (l *Lab) waitOperUp(timeout time.Duration) error {
+	namespaces := l.all()
+	for _, p := range l.pods {
+		namespaces = append(namespaces, p.NS)
+	}
+	return waitUp(timeout, namespaces...)
+}
+
+// waitUp waits until every link but loopback in namespaces is operationally
+// up.
+func waitUp(timeout time.Duration, namespaces ...string) error {
 	deadline := time.Now().Add(timeout)
-	for _, ns := range l.all() {
+	for _, ns := range namespaces {
 		for {
 			out, err := exec.Command("ip", "-n", ns, "-j", "link", "show").Output()
 			if err != nil {
@@ -405,28 +463,42 @@ func (l *Lab) build() error {
 	// router's address, with a port per node and one for the control plane.
 	// Its MAC is fixed (02:00 and 203.0.113.1) rather than taken from the
 	// lowest port, so it never changes under the hosts' neighbour caches.
-	r.ip(l.Router, "link", "add", PublicBridge, "address", "02:00:cb:00:71:01", "type", "bridge", "stp_state", "0", "forward_delay", "0", "mcast_snooping", "0")
+	r.ip(l.Router, "link", "add", PublicBridge, "address", routerPublicMAC, "type", "bridge", "stp_state", "0", "forward_delay", "0", "mcast_snooping", "0")
 	r.addr(l.Router, PublicBridge, l.RouterPublic, 24)
 	if l.IPv6 {
 		r.addr(l.Router, PublicBridge, l.RouterPublic6, 64)
 	}
 	r.ip(l.Router, "link", "set", "dev", PublicBridge, "up")
 
-	// Nodes.
+	// With SingleNIC the public network and the VPC are one L2 segment, as
+	// behind a cloud instance's only NIC: a veth joins the two bridges
+	// (one link, so no loop).
+	if l.SingleNIC {
+		r.veth(l.Router, "vpc", l.VPC, "pub")
+		r.ip(l.Router, "link", "set", "vpc", "master", PublicBridge, "up")
+		r.ip(l.VPC, "link", "set", "pub", "master", BridgeIf, "up")
+	}
+
+	// Nodes. The public address goes first on pub0: with SingleNIC it is
+	// then the source the kernel picks where no subnet decides.
 	for j, node := range l.Nodes {
 		port := nodePort(j)
 		r.veth(node, NodePublicIf, l.Router, port)
 		r.ip(l.Router, "link", "set", port, "master", PublicBridge, "up")
-		r.veth(node, VPCIf, l.VPC, port)
-		r.ip(l.VPC, "link", "set", port, "master", BridgeIf, "up")
+		if !l.SingleNIC {
+			r.veth(node, VPCIf, l.VPC, port)
+			r.ip(l.VPC, "link", "set", port, "master", BridgeIf, "up")
+		}
 		r.addr(node, NodePublicIf, l.NodePublics[j], 24)
-		r.addr(node, VPCIf, l.NodeVPCs[j], 20)
+		r.addr(node, l.NodeVPCIf, l.NodeVPCs[j], 20)
 		if l.IPv6 {
 			r.addr(node, NodePublicIf, l.NodePublics6[j], 64)
-			r.addr(node, VPCIf, l.NodeVPCs6[j], 64)
+			r.addr(node, l.NodeVPCIf, l.NodeVPCs6[j], 64)
 		}
 		r.ip(node, "link", "set", NodePublicIf, "up")
-		r.ip(node, "link", "set", VPCIf, "up")
+		if !l.SingleNIC {
+			r.ip(node, "link", "set", VPCIf, "up")
+		}
 		r.ip(node, "route", "add", "default", "via", l.RouterPublic.String(), "dev", NodePublicIf)
 		if l.IPv6 {
 			r.ip(node, "-6", "route", "add", "default", "via", l.RouterPublic6.String(), "dev", NodePublicIf)
@@ -536,6 +608,22 @@ func (l *Lab) sysctls(ns string, forward bool) error {
 			[2]string{"ipv6/conf/default/forwarding", on[forward]},
 		)
 	}
+	// The bridges are switches, not firewalls: with br_netfilter loaded
+	// (its settings are per namespace, on by default) the frames they
+	// bridge would go through the hub's IP hooks, and the router's NAT
+	// (AddAPIVIP) would rewrite what a node sends to a gateway across
+	// br-pub with SingleNIC. Only a loaded br_netfilter has these files,
+	// in every namespace alike, so a look in this thread's one is enough.
+	if _, err := os.Stat("/proc/sys/net/bridge"); err == nil && (ns == l.Router || ns == l.VPC) {
+		for _, f := range []string{"iptables", "ip6tables", "arptables"} {
+			set = append(set, [2]string{"bridge/bridge-nf-call-" + f, "0"})
+		}
+	}
+	return writeSysctls(ns, set)
+}
+
+// writeSysctls writes settings under /proc/sys/net from a thread inside ns.
+func writeSysctls(ns string, set [][2]string) error {
 	return netns.Do(ns, func() error {
 		for _, kv := range set {
 			if err := os.WriteFile("/proc/sys/net/"+kv[0], []byte(kv[1]), 0o644); err != nil {
@@ -621,7 +709,8 @@ func (l *Lab) SilenceGateway(i int, on bool) error {
 
 // GatewayForwarded returns the packets gateway i has received on its VPC
 // interface (its rx_packets), to count traffic sent through it. The count
-// includes the little ARP and neighbour discovery traffic the VPC carries.
+// includes the little ARP and neighbour discovery traffic the VPC carries
+// (with SingleNIC, the public network's too).
 func (l *Lab) GatewayForwarded(i int) (uint64, error) {
 	if i < 0 || i >= len(l.Gateways) {
 		return 0, fmt.Errorf("topology: no gateway %d", i)
@@ -680,25 +769,29 @@ func (l *Lab) ExternalPackets(i int) (uint64, error) {
 	return n, nil
 }
 
-// CountUplinkTraffic starts counting the packets node j sends out of its
-// own uplink (pub0, main's default route) to the external host's network
-// (198.51.100.0/24, 2001:db8:100::/64): the wrong path for traffic a Route
-// sends through a gateway. The
-// counter sits on the router's end of that link (netdev ingress), outside
-// the node and ahead of everything the node could do to the packet;
-// UplinkPackets reads it.
+// CountUplinkTraffic starts counting the packets node j sends through its
+// own default route, to the router's MAC out of pub0, for the external
+// host's network (198.51.100.0/24, 2001:db8:100::/64): the wrong path for
+// traffic a Route sends through a gateway. The counter sits on the router's
+// end of that link (netdev ingress), outside the node and ahead of
+// everything the node could do to the packet; UplinkPackets reads it.
+//
+// It counts by destination MAC because, with SingleNIC, pub0 also carries
+// what the node sends to a gateway, across the router's bridge: those
+// frames, addressed to the gateway, are not counted.
 func (l *Lab) CountUplinkTraffic(j int) error {
 	if j < 0 || j >= len(l.Nodes) {
 		return fmt.Errorf("topology: no node %d", j)
 	}
 	table := "lab-uplink-" + nodePort(j)
+	rule := "add rule netdev " + table + " in ether daddr " + routerPublicMAC
 	rules := []string{
 		"add table netdev " + table,
 		"add chain netdev " + table + " in { type filter hook ingress device " + nodePort(j) + " priority -500 ; }",
-		"add rule netdev " + table + " in ip daddr " + netip.PrefixFrom(l.ExternalAddr, 24).Masked().String() + " counter",
+		rule + " ip daddr " + netip.PrefixFrom(l.ExternalAddr, 24).Masked().String() + " counter",
 	}
 	if l.IPv6 {
-		rules = append(rules, "add rule netdev "+table+" in ip6 daddr "+netip.PrefixFrom(l.ExternalAddr6, 64).Masked().String()+" counter")
+		rules = append(rules, rule+" ip6 daddr "+netip.PrefixFrom(l.ExternalAddr6, 64).Masked().String()+" counter")
 	}
 	for _, rule := range rules {
 		if out, err := l.Exec(l.Router, append([]string{"nft"}, strings.Fields(rule)...)...); err != nil {
@@ -771,9 +864,10 @@ const apiLBTable = "lab-apilb"
 // vip:6443, from any host whose route to vip goes through the router,
 // reaches ControlPlaneAddr:6443. It needs Options.ControlPlane. vip must be
 // an IPv4 address that no host of the lab holds and outside the networks
-// the nodes are connected to (203.0.113.0/24, the VPC): a node must reach
-// it through its default route, 203.0.113.1, as 198.51.100.100 is; on a
-// connected network it would ask for vip's MAC and nobody would answer.
+// the nodes are connected to (203.0.113.0/24, the VPC, a pod's /24): a
+// node must reach it through its default route, 203.0.113.1, as
+// 198.51.100.100 is; on a connected network it would ask for vip's MAC and
+// nobody would answer.
 //
 // The router DNATs the connection to the control plane and masquerades it
 // to its own public address, 203.0.113.1, which the API server then sees as
@@ -796,7 +890,11 @@ func (l *Lab) AddAPIVIP(vip netip.Addr) error {
 	if who, ok := owners[vip]; ok {
 		return fmt.Errorf("topology: API VIP %v is an address of %s", vip, who)
 	}
-	for _, p := range []netip.Prefix{netip.PrefixFrom(l.RouterPublic, 24).Masked(), l.VPCPrefix} {
+	connected := []netip.Prefix{netip.PrefixFrom(l.RouterPublic, 24).Masked(), l.VPCPrefix}
+	for _, p := range l.pods {
+		connected = append(connected, netip.PrefixFrom(p.NodeAddr, 24).Masked())
+	}
+	for _, p := range connected {
 		if p.Contains(vip) {
 			return fmt.Errorf("topology: API VIP %v is inside %v, which nodes reach without the router", vip, p)
 		}

@@ -363,6 +363,13 @@ func TestLayoutAddresses(t *testing.T) {
 		t.Errorf("default layout: Nodes %v, ControlPlane %q %v, all %v", d.Nodes, d.ControlPlane, d.ControlPlaneAddr, d.all())
 	}
 
+	if d.NodeVPCIf != VPCIf || d.SingleNIC {
+		t.Errorf("default layout: NodeVPCIf %q, SingleNIC %v", d.NodeVPCIf, d.SingleNIC)
+	}
+	if s, err := layout(Options{Purpose: "t7s", SingleNIC: true}); err != nil || s.NodeVPCIf != NodePublicIf || s.NodeVPC != d.NodeVPC {
+		t.Errorf("single-NIC layout: %v, NodeVPCIf %q, NodeVPC %v", err, s.NodeVPCIf, s.NodeVPC)
+	}
+
 	for _, bad := range []Options{{Nodes: -1}, {Nodes: MaxNodes + 1}, {Gateways: 8}} {
 		if _, err := layout(bad); err == nil {
 			t.Errorf("layout(%+v) succeeded", bad)
@@ -732,4 +739,325 @@ func noDial(t *testing.T, ns string, addr netip.AddrPort) {
 	if err != nil {
 		t.Fatalf("from %s to %v: %v, want no connection", ns, addr, err)
 	}
+}
+
+// sourceOf sends a datagram from ns to dst and returns the source address
+// it arrives from at a listener on dst inside recvNS.
+func sourceOf(t *testing.T, ns, recvNS string, dst netip.Addr) netip.Addr {
+	t.Helper()
+	to := netip.AddrPortFrom(dst, port)
+	conn, err := ListenUDP(recvNS, to)
+	if err != nil {
+		t.Fatalf("listening on %v in %s: %v", to, recvNS, err)
+	}
+	defer conn.Close()
+	if err := SendUDP(ns, to, []byte("who sent this?")); err != nil {
+		t.Fatalf("sending to %v from %s: %v", to, ns, err)
+	}
+	conn.SetReadDeadline(time.Now().Add(3 * time.Second))
+	_, from, err := conn.ReadFromUDPAddrPort(make([]byte, 1500))
+	if err != nil {
+		t.Fatalf("datagram from %s to %v did not arrive in %s: %v", ns, to, recvNS, err)
+	}
+	return from.Addr().Unmap()
+}
+
+// routeGet checks that `ip route get dst` in ns contains every one of want.
+func routeGet(t *testing.T, l *Lab, ns string, dst netip.Addr, want ...string) {
+	t.Helper()
+	out, err := l.Exec(ns, "ip", "route", "get", dst.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, w := range want {
+		if !strings.Contains(out, w) {
+			t.Errorf("in %s: ip route get %v = %q, want it to contain %q", ns, dst, strings.TrimSpace(out), w)
+		}
+	}
+}
+
+// serveEcho runs ServeEcho on addr inside ns until the test ends.
+func serveEcho(t *testing.T, ns string, addr netip.AddrPort) {
+	t.Helper()
+	ln, err := ListenTCP(ns, addr)
+	if err != nil {
+		t.Fatalf("listening on %v in %s: %v", addr, ns, err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		ServeEcho(ln)
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		<-done
+	})
+}
+
+// answers dials addr from ns n times and checks that every connection is
+// answered with want as the source the server saw.
+func answers(t *testing.T, ns string, addr netip.AddrPort, want netip.Addr, n int) {
+	t.Helper()
+	for i := range n {
+		got, err := DialTCP(ns, addr, 3*time.Second)
+		if err != nil {
+			t.Fatalf("connection %d of %d from %s to %v: %v", i+1, n, ns, addr, err)
+		}
+		if got != want.String() {
+			t.Fatalf("connection %d from %s to %v: the server saw %q, want %v", i+1, ns, addr, got, want)
+		}
+	}
+}
+
+// TestPodAndNodePorts: a pod behind node 1 reaches the external host
+// through the node's default route (masqueraded to the node's public
+// address), and NodePorts on the node bring the external host's
+// connections to it, with the external host's address or, masquerading,
+// the node's as their source, IPv4 and IPv6.
+func TestPodAndNodePorts(t *testing.T) {
+	l := newLab(t, Options{Purpose: "t11", Nodes: 2, IPv6: true})
+	pod, err := l.AddPod(1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := Pod{NS: netns.Name("t11-pod1"), Node: 1, NodeSide: PodNodeIf,
+		Addr: netip.MustParseAddr("10.244.1.2"), Addr6: netip.MustParseAddr("fd00:244:1::2"),
+		NodeAddr: netip.MustParseAddr("10.244.1.1"), NodeAddr6: netip.MustParseAddr("fd00:244:1::1")}
+	if *pod != want {
+		t.Errorf("AddPod(1) = %+v, want %+v", *pod, want)
+	}
+	for _, j := range []int{1, 2, -1} {
+		if _, err := l.AddPod(j); err == nil {
+			t.Errorf("AddPod(%d) succeeded", j)
+		} else {
+			t.Logf("AddPod(%d): %v", j, err)
+		}
+	}
+	for _, f := range []string{"ipv4/ip_forward", "ipv6/conf/all/forwarding", "ipv6/conf/" + PodNodeIf + "/forwarding"} {
+		if out, err := l.Exec(l.Nodes[1], "cat", "/proc/sys/net/"+f); err != nil || strings.TrimSpace(out) != "1" {
+			t.Errorf("node 1's %s = %q, %v; want 1", f, out, err)
+		}
+	}
+
+	t.Run("egress through the node's default route", func(t *testing.T) {
+		routeGet(t, l, pod.NS, l.ExternalAddr, "via "+pod.NodeAddr.String()+" dev "+PodIf)
+		routeGet(t, l, pod.NS, l.ExternalAddr6, "via "+pod.NodeAddr6.String()+" dev "+PodIf)
+		if err := l.CountUplinkTraffic(1); err != nil {
+			t.Fatal(err)
+		}
+		for _, c := range []struct{ dst, from netip.Addr }{{l.ExternalAddr, l.NodePublics[1]}, {l.ExternalAddr6, l.NodePublics6[1]}} {
+			// Ping needs the way back too.
+			if out, err := l.Exec(pod.NS, "ping", "-c", "1", "-W", "3", c.dst.String()); err != nil {
+				t.Errorf("pod pinging %v: %v\n%s", c.dst, err, out)
+			}
+			if got := sourceOf(t, pod.NS, l.External, c.dst); got != c.from {
+				t.Errorf("the external host got the pod's datagram from %v, want from node 1's public %v", got, c.from)
+			}
+		}
+		// 2 pings and 2 datagrams.
+		if n, err := l.UplinkPackets(1); err != nil || n < 4 {
+			t.Errorf("node 1's uplink counted %d packets (%v), want at least 4", n, err)
+		}
+	})
+
+	t.Run("NodePorts", func(t *testing.T) {
+		serveEcho(t, pod.NS, netip.AddrPortFrom(netip.IPv6Unspecified(), 8080))
+		if err := l.AddNodePort(1, 30080, pod, 8080, false); err != nil {
+			t.Fatal(err)
+		}
+		if err := l.AddNodePort(1, 30081, pod, 8080, true); err != nil {
+			t.Fatal(err)
+		}
+		at := func(a netip.Addr, p uint16) netip.AddrPort { return netip.AddrPortFrom(a, p) }
+		for _, c := range []struct {
+			ns   string
+			to   netip.AddrPort
+			want netip.Addr
+		}{
+			{l.External, at(l.NodePublics[1], 30080), l.ExternalAddr},
+			{l.External, at(l.NodePublics[1], 30081), pod.NodeAddr},
+			{l.External, at(l.NodePublics6[1], 30080), l.ExternalAddr6},
+			{l.External, at(l.NodePublics6[1], 30081), pod.NodeAddr6},
+			// Any of the node's addresses, here from the VPC.
+			{l.Gateways[0], at(l.NodeVPCs[1], 30080), l.GatewayVPC[0]},
+			{l.Nodes[0], at(l.NodeVPCs6[1], 30081), pod.NodeAddr6},
+		} {
+			answers(t, c.ns, c.to, c.want, 3)
+			t.Logf("%s to %v: answered, the pod saw %v", c.ns, c.to, c.want)
+		}
+
+		// The masquerading port's connections carry kube-proxy's mark when
+		// the node routes their first packet, the other's do not: a rule
+		// on that bit alone stops the first and leaves the second.
+		mark := fmt.Sprintf("0x%x/0x%x", KubeProxyMasqueradeMark, KubeProxyMasqueradeMark)
+		if _, err := l.Exec(l.Nodes[1], "ip", "rule", "add", "priority", "50", "fwmark", mark, "prohibit"); err != nil {
+			t.Fatal(err)
+		}
+		if got, err := DialTCP(l.External, at(l.NodePublics[1], 30081), time.Second); err == nil {
+			t.Errorf("with marked packets prohibited, NodePort 30081 answered %q", got)
+		} else {
+			t.Logf("with marked packets prohibited, NodePort 30081: %v", err)
+		}
+		answers(t, l.External, at(l.NodePublics[1], 30080), l.ExternalAddr, 1)
+		if _, err := l.Exec(l.Nodes[1], "ip", "rule", "del", "priority", "50"); err != nil {
+			t.Fatal(err)
+		}
+		answers(t, l.External, at(l.NodePublics[1], 30081), pod.NodeAddr, 1)
+
+		for _, bad := range []struct {
+			j    int
+			port uint16
+			pod  *Pod
+		}{{1, 30080, pod}, {0, 30090, pod}, {1, 30090, nil}, {1, 0, pod}, {1, 30090, &Pod{Node: 1}}} {
+			if err := l.AddNodePort(bad.j, bad.port, bad.pod, 8080, false); err == nil {
+				t.Errorf("AddNodePort(%d, %d, %v) succeeded", bad.j, bad.port, bad.pod)
+			} else {
+				t.Logf("AddNodePort(%d, %d, ...): %v", bad.j, bad.port, err)
+			}
+		}
+	})
+
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if missing := missingNamespaces(t, []string{pod.NS}); len(missing) != 1 {
+		t.Errorf("after Close, %s is still listed", pod.NS)
+	}
+}
+
+// TestSingleNIC: with one interface per node, pub0 reaches the router and
+// the gateways' VPC addresses directly; the default route, a Route through
+// a NAT gateway, the gateway helpers, the uplink counter, the API VIP and
+// NodePorts all keep working.
+func TestSingleNIC(t *testing.T) {
+	l := newLab(t, Options{Purpose: "t12", Nodes: 2, SingleNIC: true, IPv6: true, NAT: true, ControlPlane: true})
+	if l.NodeVPCIf != NodePublicIf || !l.SingleNIC {
+		t.Errorf("NodeVPCIf = %q, SingleNIC = %v", l.NodeVPCIf, l.SingleNIC)
+	}
+	for _, hub := range []string{l.Router, l.VPC} {
+		if out, err := l.Exec(hub, "cat", "/proc/sys/net/bridge/bridge-nf-call-iptables"); err == nil && strings.TrimSpace(out) != "0" {
+			t.Errorf("bridge-nf-call-iptables in %s = %q, want 0", hub, out)
+		}
+	}
+	for j, node := range l.Nodes {
+		if out, err := l.Exec(node, "ip", "link", "show", VPCIf); err == nil {
+			t.Errorf("node %d has %s: %s", j, VPCIf, out)
+		}
+		dev := " dev " + NodePublicIf + " "
+		routeGet(t, l, node, l.GatewayVPC[0], l.GatewayVPC[0].String()+dev+"src "+l.NodeVPCs[j].String())
+		routeGet(t, l, node, l.RouterPublic, l.RouterPublic.String()+dev+"src "+l.NodePublics[j].String())
+		routeGet(t, l, node, l.ExternalAddr, "via "+l.RouterPublic.String()+dev+"src "+l.NodePublics[j].String())
+		routeGet(t, l, node, l.GatewayVPC6[1], dev, "src "+l.NodeVPCs6[j].String())
+		routeGet(t, l, node, l.ExternalAddr6, "via "+l.RouterPublic6.String()+dev, "src "+l.NodePublics6[j].String())
+	}
+
+	t.Run("reachability", func(t *testing.T) {
+		deliver(t, l.Node, l.Gateways[0], l.GatewayVPC[0], 1)
+		deliver(t, l.Nodes[1], l.Gateways[1], l.GatewayVPC6[1], 1)
+		deliver(t, l.Nodes[1], l.Nodes[0], l.NodeVPCs[0], 1)
+		deliver(t, l.Nodes[0], l.Nodes[1], l.NodeVPCs6[1], 1)
+		deliver(t, l.Node, l.ControlPlane, l.ControlPlaneAddr, 1)
+		for _, dst := range []netip.Addr{l.RouterPublic, l.RouterPublic6} {
+			if out, err := l.Exec(l.Node, "ping", "-c", "1", "-W", "3", dst.String()); err != nil {
+				t.Errorf("pinging %v: %v\n%s", dst, err, out)
+			}
+		}
+		if got := sourceOf(t, l.Node, l.External, l.ExternalAddr); got != l.NodePublic {
+			t.Errorf("the external host got the node's datagram from %v, want %v", got, l.NodePublic)
+		}
+		if got := sourceOf(t, l.Node, l.External, l.ExternalAddr6); got != l.NodePublic6 {
+			t.Errorf("the external host got the node's datagram from %v, want %v", got, l.NodePublic6)
+		}
+	})
+
+	t.Run("Route through a NAT gateway", func(t *testing.T) {
+		if err := l.CountUplinkTraffic(0); err != nil {
+			t.Fatal(err)
+		}
+		if err := l.CountExternalTraffic(0); err != nil {
+			t.Fatal(err)
+		}
+		count := func() (uplink, gw uint64) {
+			t.Helper()
+			uplink, err := l.UplinkPackets(0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if gw, err = l.ExternalPackets(0); err != nil {
+				t.Fatal(err)
+			}
+			return uplink, gw
+		}
+		const n = 5
+		u0, g0 := count()
+		deliver(t, l.Node, l.External, l.ExternalAddr, n)
+		u1, g1 := count()
+		if u1-u0 != n || g1 != g0 {
+			t.Errorf("through the default route: uplink counted %d, gateway 0 %d; want %d and 0", u1-u0, g1-g0, n)
+		}
+
+		for _, args := range [][]string{
+			{"route", "add", "198.51.100.0/24", "via", l.GatewayVPC[0].String(), "dev", NodePublicIf, "table", "100"},
+			{"rule", "add", "to", "198.51.100.0/24", "lookup", "100", "priority", "100"},
+		} {
+			if _, err := l.Exec(l.Node, append([]string{"ip"}, args...)...); err != nil {
+				t.Fatal(err)
+			}
+		}
+		routeGet(t, l, l.Node, l.ExternalAddr, "via "+l.GatewayVPC[0].String()+" dev "+NodePublicIf)
+		deliver(t, l.Node, l.External, l.ExternalAddr, n)
+		u2, g2 := count()
+		// The frames to the gateway cross the router's port of node 0 but
+		// are not counted as the uplink's.
+		if u2 != u1 || g2-g1 < n {
+			t.Errorf("through gateway 0: uplink counted %d, gateway 0 %d; want 0 and at least %d", u2-u1, g2-g1, n)
+		}
+		if got := sourceOf(t, l.Node, l.External, l.ExternalAddr); got != l.GatewayUplink[0] {
+			t.Errorf("through gateway 0, the external host got the node's datagram from %v, want the gateway's %v", got, l.GatewayUplink[0])
+		}
+
+		// The API VIP behind the router, reached through the gateway: the
+		// router's bridge leaves the frames to the gateway alone.
+		serveEcho(t, l.ControlPlane, netip.AddrPortFrom(l.ControlPlaneAddr, APIPort))
+		vip := netip.MustParseAddr("198.51.100.100")
+		if err := l.AddAPIVIP(vip); err != nil {
+			t.Fatal(err)
+		}
+		_, g3 := count()
+		answers(t, l.Node, netip.AddrPortFrom(vip, APIPort), l.RouterPublic, 2)
+		if _, g4 := count(); g4-g3 < 6 {
+			t.Errorf("gateway 0 received %d packets of 2 connections to the API VIP, want at least 6", g4-g3)
+		}
+
+		for _, silence := range []func(bool) error{
+			func(on bool) error { return l.SilenceGateway(0, on) },
+			func(up bool) error { return l.SetGatewayLink(0, !up) },
+		} {
+			if err := silence(true); err != nil {
+				t.Fatal(err)
+			}
+			lost(t, l.Node, l.External, l.ExternalAddr)
+			if err := silence(false); err != nil {
+				t.Fatal(err)
+			}
+			deliver(t, l.Node, l.External, l.ExternalAddr, 1)
+		}
+	})
+
+	t.Run("NodePort", func(t *testing.T) {
+		pod, err := l.AddPod(1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		serveEcho(t, pod.NS, netip.AddrPortFrom(netip.IPv6Unspecified(), 8080))
+		if err := l.AddNodePort(1, 30080, pod, 8080, false); err != nil {
+			t.Fatal(err)
+		}
+		answers(t, l.External, netip.AddrPortFrom(l.NodePublics[1], 30080), l.ExternalAddr, 3)
+		answers(t, l.External, netip.AddrPortFrom(l.NodePublics6[1], 30080), l.ExternalAddr6, 3)
+		answers(t, l.Gateways[1], netip.AddrPortFrom(l.NodeVPCs[1], 30080), l.GatewayVPC[1], 3)
+		if got := sourceOf(t, pod.NS, l.External, l.ExternalAddr); got != l.NodePublics[1] {
+			t.Errorf("the external host got the pod's datagram from %v, want node 1's %v", got, l.NodePublics[1])
+		}
+	})
 }

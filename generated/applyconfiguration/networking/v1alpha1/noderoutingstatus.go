@@ -42,6 +42,9 @@ type NodeRoutingStatusApplyConfiguration struct {
 	// bypassAddresses since the list of plain strings it replaces, "bypass",
 	// so a status written by an older agent still decodes.)
 	Bypass []BypassAddressApplyConfiguration `json:"bypassAddresses,omitempty"`
+	// ConnectionMarking says whether replies to connections that came in
+	// from outside are sent back through the main table by connection mark.
+	ConnectionMarking *ConnectionMarkingApplyConfiguration `json:"connectionMarking,omitempty"`
 	// ForeignRules lists ip rules found inside the agent's priority band
 	// that the agent did not create. They are reported, never removed.
 	ForeignRules []string `json:"foreignRules,omitempty"`
@@ -105,6 +108,14 @@ func (b *NodeRoutingStatusApplyConfiguration) WithBypass(values ...*BypassAddres
 		}
 		b.Bypass = append(b.Bypass, *values[i])
 	}
+	return b
+}
+
+// WithConnectionMarking sets the ConnectionMarking field in the declarative configuration to the given value
+// and returns the receiver, so that objects can be built by chaining "With" function invocations.
+// If called multiple times, the ConnectionMarking field is set to the value of the last call.
+func (b *NodeRoutingStatusApplyConfiguration) WithConnectionMarking(value *ConnectionMarkingApplyConfiguration) *NodeRoutingStatusApplyConfiguration {
+	b.ConnectionMarking = value
 	return b
 }
 
