@@ -3,12 +3,14 @@ package main
 import (
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/go-logr/logr"
 
 	"github.com/routing-agent/routing-agent/pkg/applier"
+	"github.com/routing-agent/routing-agent/pkg/connmark"
 	"github.com/routing-agent/routing-agent/pkg/lab/netns"
 	"github.com/routing-agent/routing-agent/pkg/lab/topology"
 	"github.com/routing-agent/routing-agent/pkg/nodefacts"
@@ -90,8 +92,19 @@ func TestPlanAndCleanupInNamespace(t *testing.T) {
 		t.Fatal(err)
 	}
 	selected, _ := selection.Filter(routes, nil)
-	if _, err := applier.New(h, planner.DefaultConfig(), logr.Discard()).Apply(planner.Compute(planner.Input{Config: planner.DefaultConfig(), Node: node, Routes: selected})); err != nil {
+	nsFile, err := os.Open(filepath.Join("/run/netns", lab.Node))
+	if err != nil {
 		t.Fatal(err)
+	}
+	defer nsFile.Close()
+	marks, err := connmark.New(int(nsFile.Fd()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ap := applier.New(h, planner.DefaultConfig(), logr.Discard())
+	ap.SetMarker(connmark.Planned{Table: marks})
+	if rep, err := ap.Apply(planner.Compute(planner.Input{Config: planner.DefaultConfig(), Node: node, Routes: selected})); err != nil || !rep.Marking {
+		t.Fatalf("apply: %v, marking %v (%v)", err, rep.Marking, rep.MarkingErr)
 	}
 	if out, err := lab.Exec(lab.Node, "ip", "rule", "add", "priority", "30400", "lookup", "777"); err != nil {
 		t.Fatalf("%v: %s", err, out)
@@ -101,8 +114,11 @@ func TestPlanAndCleanupInNamespace(t *testing.T) {
 	if err != nil {
 		t.Fatalf("cleanup: %v\n%s", err, out)
 	}
-	if !strings.Contains(out, "removed 7 rules and 2 routes") || !strings.Contains(out, "lookup 777") {
+	if !strings.Contains(out, "removed 7 rules and 2 routes and the nftables table inet routing-agent") || !strings.Contains(out, "lookup 777") {
 		t.Errorf("cleanup said:\n%s", out)
+	}
+	if tables, _ := lab.Exec(lab.Node, "nft", "list", "tables"); strings.Contains(tables, "routing-agent") {
+		t.Errorf("after cleanup the nftables table is still there:\n%s", tables)
 	}
 	rules, _ := lab.Exec(lab.Node, "ip", "rule")
 	if strings.Contains(rules, "proto 245") || !strings.Contains(rules, "lookup 777") {

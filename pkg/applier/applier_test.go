@@ -728,3 +728,16 @@ func TestRemoveLayout(t *testing.T) {
 		})
 	}
 }
+
+// TestMarkCollisionsReported: a rule of someone else matching a bit of the
+// connection mark is reported; one on other bits, or the agent's own, is not.
+func TestMarkCollisionsReported(t *testing.T) {
+	e := newEnv(t, "markuse")
+	e.apply(route("default", 0, []string{"0.0.0.0/0"}, "10.114.0.3"))
+	e.ip("rule", "add", "priority", "100", "fwmark", "0x1000/0xf000", "lookup", "100") // overlaps 0x1000
+	e.ip("rule", "add", "priority", "101", "fwmark", "0xa00/0xf00", "lookup", "101")   // Cilium's bits: clear
+	_, rep := e.apply(route("default", 0, []string{"0.0.0.0/0"}, "10.114.0.3"))
+	if len(rep.MarkCollisions) != 1 || !strings.Contains(rep.MarkCollisions[0], "lookup 100") || !strings.Contains(rep.MarkCollisions[0], "0x1000/0xf000") {
+		t.Errorf("mark collisions %q, want only the priority 100 rule", rep.MarkCollisions)
+	}
+}
