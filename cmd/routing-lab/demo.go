@@ -110,6 +110,8 @@ func demo(ctx context.Context, repo, binDir, archive, image string) (err error) 
 		if n == 2 {
 			fmt.Println("  what stays on the main table under the override, and why (the kubelet's VIP among them):")
 			l.kubectl("get", "noderouting", workers[0].Name, "-o", `jsonpath={range .status.bypassAddresses[*]}{.address}{"\t"}{.sources}{"\n"}{end}`)
+			fmt.Println("  replies to connections from outside go back the way they came: the agent's connection marks")
+			l.run("    ", 0, "nft", "list", "table", "inet", "routing-agent")
 			if err := l.failover(); err != nil {
 				return err
 			}
