@@ -37,7 +37,7 @@ func plannerFlags(fs *flag.FlagSet) *planner.Config {
 	fs.Func("connmark", fmt.Sprintf("conntrack and packet mark bit(s) of connections that came in from outside, whose replies go back through main (default %#x; 0 turns marking off). Must stay clear of kube-proxy's 0x4000 and 0x8000 and of what the CNI uses (Calico 0xffff0000, Cilium 0x0f00)", planner.DefaultConnMark), func(s string) error {
 		v, err := strconv.ParseUint(s, 0, 32)
 		if err != nil {
-			return fmt.Errorf("%q is not a number (0x1000 or 4096)", s)
+			return fmt.Errorf("%q is not a number (0x2000 or 8192)", s)
 		}
 		if v&kubeProxyMarks != 0 {
 			return fmt.Errorf("%#x overlaps kube-proxy's masquerade and drop marks (%#x)", v, kubeProxyMarks)

@@ -69,7 +69,7 @@ func TestPlanAndCleanupInNamespace(t *testing.T) {
 		"# Route basic: Applied, table ",
 		"ip -4 rule add priority 30000 to 198.51.100.53/32 lookup main protocol 245",
 		"ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245",
-		"ip -4 rule add priority 30100 fwmark 0x1000/0x1000 lookup main protocol 245",
+		"ip -4 rule add priority 30100 fwmark 0x2000/0x2000 lookup main protocol 245",
 		" proto 245 nexthop via 10.114.0.3 dev vpc0 weight 1 nexthop via 10.114.0.4 dev vpc0 weight 1",
 	} {
 		if !strings.Contains(out, want) {

@@ -30,7 +30,7 @@ ip -4 rule add priority 30000 to 169.254.169.254/32 lookup main protocol 245
 ip -4 rule add priority 30000 to 198.51.100.53/32 lookup main protocol 245
 ip -4 rule add priority 30000 to 203.0.113.100/32 lookup main protocol 245
 ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
-ip -4 rule add priority 30100 fwmark 0x1000/0x1000 lookup main protocol 245
+ip -4 rule add priority 30100 fwmark 0x2000/0x2000 lookup main protocol 245
 ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
 ip -4 rule add priority 30300 lookup 100 protocol 245
 ip -4 route replace 0.0.0.0/5 table 100 proto 245 nexthop via 10.114.0.3 dev eth1 weight 1 nexthop via 10.114.0.4 dev eth1 weight 1
@@ -39,13 +39,13 @@ nft -f - <<'EOF'
 table inet routing-agent {
 	chain prerouting {
 		type filter hook prerouting priority mangle; policy accept;
-		iifname != "eth1" iifname != "lo" ct direction original ct mark set ct mark | 0x00001000 comment "routing-agent:57782191893b9ff0"
-		ct direction reply ct mark & 0x00001000 == 0x00001000 meta mark set meta mark | 0x00001000 comment "routing-agent:57782191893b9ff0"
+		iifname != "eth1" iifname != "lo" ct direction original ct mark set ct mark | 0x00002000 comment "routing-agent:034bb68c1ddfb7d6"
+		ct direction reply ct mark & 0x00002000 == 0x00002000 meta mark set meta mark | 0x00002000 comment "routing-agent:034bb68c1ddfb7d6"
 	}
 
 	chain output {
 		type route hook output priority mangle; policy accept;
-		ct direction reply ct mark & 0x00001000 == 0x00001000 meta mark set meta mark | 0x00001000 comment "routing-agent:57782191893b9ff0"
+		ct direction reply ct mark & 0x00002000 == 0x00002000 meta mark set meta mark | 0x00002000 comment "routing-agent:034bb68c1ddfb7d6"
 	}
 }
 EOF

@@ -92,6 +92,10 @@ type Options struct {
 	StartupTaint string
 }
 
+// markingRetry is how long the agent plans without connection marking
+// after the kernel refused its nftables table, before trying again.
+const markingRetry = time.Minute
+
 // key is the workqueue's only item: the node is reconciled as a whole.
 const key = "node"
 
@@ -145,6 +149,13 @@ type Agent struct {
 	last   *planner.Plan
 	tables map[string]uint32
 	status statusState
+
+	// marking remembers a connection-marking table the kernel refused
+	// (no nf_tables): the agent plans without marking until retryAt.
+	marking struct {
+		err     error
+		retryAt time.Time
+	}
 
 	statusWriter *statusWriter
 	taints       *taintRemover

@@ -51,12 +51,25 @@ func (a *Agent) reconcile() error {
 	facts.DNSServers = a.dnsServers()
 	facts.ControlPlane = a.controlPlane(begin)
 
-	input := planner.Input{Config: a.opts.Planner, Node: facts, Routes: selected, Tables: a.tables, Down: a.prober.Down()}
+	cfg := a.opts.Planner
+	if begin.Before(a.marking.retryAt) {
+		// The table could not be written: plan as with marking off (the
+		// IPv6 source rules come back) until the next try.
+		cfg.ConnMark = 0
+	}
+	input := planner.Input{Config: cfg, Node: facts, Routes: selected, Tables: a.tables, Down: a.prober.Down()}
 	plan := planner.Compute(input)
 	if a.last == nil {
 		plan = a.carryOverGatewayHealth(input, plan)
 	}
 	rep, applyErr := a.applier.Apply(plan)
+	switch {
+	case rep.MarkingErr != nil && cfg.ConnMark != 0:
+		a.marking.err, a.marking.retryAt = rep.MarkingErr, begin.Add(markingRetry)
+		a.queue.Add(key) // at once, planned without marking
+	case cfg.ConnMark != 0:
+		a.marking.err = nil
+	}
 	plan.Results = withRejections(plan.Results, rep.Rejected)
 	if applyErr == nil && a.previousLayout != nil {
 		a.removePreviousLayout()

@@ -111,7 +111,7 @@ func (a *Agent) buildStatus(plan planner.Plan, gateways map[netip.Addr]prober.St
 		status.WithBypass(entry)
 	}
 	status.WithForeignRules(rep.Foreign...)
-	status.WithConnectionMarking(connectionMarking(a.opts.Planner, plan, rep))
+	status.WithConnectionMarking(connectionMarking(a.opts.Planner, plan, rep, a.marking.err))
 	status.WithSummary(summary).WithLastApplyTime(*st.lastApply)
 	cfg := a.opts.Planner
 	status.WithKernel(apply.KernelLayout().WithProtocol(int32(cfg.Protocol)).WithPriorityBase(int32(cfg.PriorityBase)).
@@ -305,7 +305,7 @@ func withRejections(results []planner.Result, rejected map[uint32][]applier.Reje
 }
 
 // connectionMarking reports the nftables part of the plan as applied.
-func connectionMarking(cfg planner.Config, plan planner.Plan, rep applier.Report) *apply.ConnectionMarkingApplyConfiguration {
+func connectionMarking(cfg planner.Config, plan planner.Plan, rep applier.Report, refused error) *apply.ConnectionMarkingApplyConfiguration {
 	c := apply.ConnectionMarking().WithActive(rep.Marking).WithCollisions(rep.MarkCollisions...)
 	if cfg.ConnMark != 0 {
 		c.WithMark(fmt.Sprintf("%#x", cfg.ConnMark))
@@ -313,8 +313,8 @@ func connectionMarking(cfg planner.Config, plan planner.Plan, rep applier.Report
 	switch {
 	case cfg.ConnMark == 0:
 		c.WithMessage("turned off (--connmark=0): replies to connections from outside go back through main only by the source-address rules")
-	case rep.MarkingErr != nil:
-		c.WithMessage(bounded("the nftables table cannot be written: " + rep.MarkingErr.Error()))
+	case refused != nil:
+		c.WithMessage(bounded("the nftables table cannot be written (" + refused.Error() + "); planned without marking, IPv6 source rules included, and tried again every minute"))
 	case plan.ConnMark == nil:
 		c.WithMessage("no Route is applied on this node")
 	default:

@@ -370,8 +370,8 @@ func TestDefaultOverride(t *testing.T) {
 	// Over IPv6 the public address has no source rule while the marks are
 	// on (see planner.sourceRules); a reply carries the connection's mark.
 	e.wantPath("2001:db8:100::10", "dev vpc0 table "+table, "from", "2001:db8:203::10")
-	e.wantPath("2001:db8:100::10", "via 2001:db8:203::1 dev pub0", "from", "2001:db8:203::10", "mark", "0x1000")
-	e.wantPath("198.51.100.10", "via 203.0.113.1 dev pub0", "mark", "0x1000")
+	e.wantPath("2001:db8:100::10", "via 2001:db8:203::1 dev pub0", "from", "2001:db8:203::10", "mark", "0x2000")
+	e.wantPath("198.51.100.10", "via 203.0.113.1 dev pub0", "mark", "0x2000")
 
 	// A real TCP exchange from the external host to the node's public
 	// address: the replies must not go through the gateways.
@@ -734,10 +734,10 @@ func TestRemoveLayout(t *testing.T) {
 func TestMarkCollisionsReported(t *testing.T) {
 	e := newEnv(t, "markuse")
 	e.apply(route("default", 0, []string{"0.0.0.0/0"}, "10.114.0.3"))
-	e.ip("rule", "add", "priority", "100", "fwmark", "0x1000/0xf000", "lookup", "100") // overlaps 0x1000
+	e.ip("rule", "add", "priority", "100", "fwmark", "0x2000/0xf000", "lookup", "100") // overlaps 0x2000
 	e.ip("rule", "add", "priority", "101", "fwmark", "0xa00/0xf00", "lookup", "101")   // Cilium's bits: clear
 	_, rep := e.apply(route("default", 0, []string{"0.0.0.0/0"}, "10.114.0.3"))
-	if len(rep.MarkCollisions) != 1 || !strings.Contains(rep.MarkCollisions[0], "lookup 100") || !strings.Contains(rep.MarkCollisions[0], "0x1000/0xf000") {
+	if len(rep.MarkCollisions) != 1 || !strings.Contains(rep.MarkCollisions[0], "lookup 100") || !strings.Contains(rep.MarkCollisions[0], "0x2000/0xf000") {
 		t.Errorf("mark collisions %q, want only the priority 100 rule", rep.MarkCollisions)
 	}
 }

@@ -57,8 +57,14 @@ func (a *Applier) Read() (*State, error) {
 		for _, r := range rules {
 			pr, plain := fromNetlinkRule(r, family == netlink.FAMILY_V6)
 			inBand := r.Priority >= a.cfg.PriorityBase && r.Priority < a.cfg.PriorityBase+planner.BandWidth
-			if mask := ruleMarkMask(r); a.cfg.ConnMark != 0 && mask&a.cfg.ConnMark != 0 && (r.Protocol != a.cfg.Protocol || !inBand) {
-				st.MarkUsers = append(st.MarkUsers, describeForeign(pr, r.Protocol, plain)+fmt.Sprintf(" fwmark %#x/%#x", r.Mark, mask))
+			// The agent's own protocol is never a collision, in its band
+			// or in one it is moving away from.
+			if mask := ruleMarkMask(r); a.cfg.ConnMark != 0 && mask&a.cfg.ConnMark != 0 && r.Protocol != a.cfg.Protocol {
+				text := describeForeign(pr, r.Protocol, plain)
+				if !plain { // a plain rule's rendering already shows its fwmark
+					text += fmt.Sprintf(" fwmark %#x/%#x", r.Mark, mask)
+				}
+				st.MarkUsers = append(st.MarkUsers, text)
 			}
 			if !inBand {
 				continue
@@ -92,8 +98,8 @@ func (a *Applier) Read() (*State, error) {
 	return st, nil
 }
 
-// ruleMarkMask is the fwmark bits a rule matches: its mask, or every bit
-// of a mark given without one.
+// ruleMarkMask is the fwmark bits a rule matches: its mask (the kernel
+// reports 0xffffffff for a mark given without one; nil is for safety).
 func ruleMarkMask(r netlink.Rule) uint32 {
 	if r.Mask != nil {
 		return *r.Mask
@@ -126,8 +132,8 @@ func fromNetlinkRule(r netlink.Rule, ipv6 bool) (planner.Rule, bool) {
 	if r.Dst != nil {
 		pr.Dst = nlutil.Prefix(r.Dst, ipv6)
 	}
-	// fwmark with a mask is the agent's symmetric-replies rule; a mark
-	// without a mask (all bits) never is.
+	// fwmark with a mask is the agent's symmetric-replies rule (the kernel
+	// reports the mask of every fwmark rule, 0xffffffff when none was given).
 	marked := r.Mask != nil && *r.Mask != 0
 	if marked {
 		pr.Mark, pr.Mask = r.Mark, *r.Mask

@@ -193,8 +193,8 @@ func TestRepliesLeaveTheWayTheyCame(t *testing.T) {
 	// (between two specs that both mark in0), every connection is answered.
 	t.Run("replace-under-traffic", func(t *testing.T) {
 		other := Spec{Mark: labMark, Exclude: []string{"lo", "out0", "eth9"}}
-		// Connections that began before the table existed are never marked
-		// (only a NEW connection's first packet is), so start with it.
+		// The table is in place before the traffic starts: what is measured
+		// is the replacement, not a connection's first marked packet.
 		if _, err := tbl.Apply(spec); err != nil {
 			t.Fatal(err)
 		}

@@ -113,6 +113,9 @@ func (t *Table) find(name string) (*nftables.Table, error) {
 	// Listing the family and picking by name avoids telling "no such
 	// table" apart from other errors of a targeted GETTABLE.
 	tables, err := t.conn.ListTablesOfFamily(family)
+	if errors.Is(err, unix.EPROTONOSUPPORT) || errors.Is(err, unix.EOPNOTSUPP) {
+		return nil, nil // a kernel without nf_tables holds no table
+	}
 	if err != nil {
 		return nil, fmt.Errorf("connmark: listing inet tables: %w", err)
 	}

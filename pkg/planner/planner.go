@@ -487,14 +487,17 @@ func rules(in Input, applied []*candidate, bypass []Bypass, gws []Gateway) []Rul
 	return out
 }
 
-// sourceRules complement the marks (covering connections older than the
-// agent's table) with `from <address> lookup main` for the global addresses
-// of the default route's interface. Never for an address whose subnet
-// holds a Route's gateway: the kernel picks that address as the source of
-// new connections to the gateway's side, and the rule would undo the Route
-// (a single NIC with a public and a VPC address). Over IPv6 none while the
-// marks are on: when a Route's table holds only its backstops, the kernel
-// retries an unbound socket's lookup with a source address it picked
+// sourceRules complement the marks (a fallback for traffic conntrack does
+// not track, and the only symmetric rule with marking off) with `from
+// <address> lookup main` for the global addresses of the default route's
+// interface. Never for an IPv4 address whose subnet holds a Route's
+// gateway: the kernel picks that address as the source of new connections
+// to the gateway's side, and the rule would undo the Route (a single NIC
+// with a public and a VPC address). IPv6 chooses its source without regard
+// to the gateway's subnet (a link-local or ULA gateway), so there a gateway
+// anywhere behind the interface rules them all out. And over IPv6 none while
+// the marks are on: when a Route's table holds only its backstops, the
+// kernel retries an unbound socket's lookup with a source address it picked
 // (ip6_dst_lookup_tail), and this rule would send that traffic out of the
 // node's own uplink.
 func sourceRules(in Input, ipv6 bool, gws []Gateway) []Rule {
@@ -513,7 +516,7 @@ func sourceRules(in Input, ipv6 bool, gws []Gateway) []Rule {
 		}
 		holdsGateway := false
 		for _, g := range gws {
-			holdsGateway = holdsGateway || a.Prefix.Masked().Contains(g.Address)
+			holdsGateway = holdsGateway || a.Prefix.Masked().Contains(g.Address) || ipv6 && g.Address.Is6() && g.LinkIndex == link
 		}
 		if !holdsGateway {
 			out = append(out, Rule{Priority: in.Config.PriorityBase + OffsetSymmetric, IPv6: ipv6, Src: netip.PrefixFrom(addr, addr.BitLen()), Table: MainTable, SuppressPrefixlen: -1})

@@ -71,7 +71,7 @@ func TestCompute(t *testing.T) {
 		want: `ip -4 rule add priority 30000 to 10.114.0.3/32 lookup main protocol 245
 ` + bypass4 + `
 ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
-ip -4 rule add priority 30100 fwmark 0x1000/0x1000 lookup main protocol 245
+ip -4 rule add priority 30100 fwmark 0x2000/0x2000 lookup main protocol 245
 ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
 ip -4 rule add priority 30300 lookup 10001 protocol 245
 ip -4 route replace 0.0.0.0/5 table 10001 proto 245 via 10.114.0.3 dev vpc0
@@ -84,7 +84,7 @@ ip -4 route replace unreachable 0.0.0.0/5 table 10001 proto 245 metric 429496729
 ip -4 rule add priority 30000 to 10.114.0.4/32 lookup main protocol 245
 ` + bypass4 + `
 ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
-ip -4 rule add priority 30100 fwmark 0x1000/0x1000 lookup main protocol 245
+ip -4 rule add priority 30100 fwmark 0x2000/0x2000 lookup main protocol 245
 ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
 ip -4 rule add priority 30300 lookup 10001 protocol 245
 ip -4 route replace 0.0.0.0/0 table 10001 proto 245 nexthop via 10.114.0.3 dev vpc0 weight 1 nexthop via 10.114.0.4 dev vpc0 weight 1
@@ -98,7 +98,7 @@ ip -4 route replace unreachable 0.0.0.0/0 table 10001 proto 245 metric 429496729
 ip -4 rule add priority 30000 to 10.114.0.4/32 lookup main protocol 245
 ` + bypass4 + `
 ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
-ip -4 rule add priority 30100 fwmark 0x1000/0x1000 lookup main protocol 245
+ip -4 rule add priority 30100 fwmark 0x2000/0x2000 lookup main protocol 245
 ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
 ip -4 rule add priority 30300 lookup 10001 protocol 245
 ip -4 route replace 0.0.0.0/0 table 10001 proto 245 via 10.114.0.3 dev vpc0
@@ -112,7 +112,7 @@ ip -4 route replace unreachable 0.0.0.0/0 table 10001 proto 245 metric 429496729
 ip -4 rule add priority 30000 to 10.114.0.4/32 lookup main protocol 245
 ` + bypass4 + `
 ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
-ip -4 rule add priority 30100 fwmark 0x1000/0x1000 lookup main protocol 245
+ip -4 rule add priority 30100 fwmark 0x2000/0x2000 lookup main protocol 245
 ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
 ip -4 rule add priority 30300 lookup 10001 protocol 245
 ip -4 route replace 0.0.0.0/0 table 10001 proto 245 nexthop via 10.114.0.3 dev vpc0 weight 1 nexthop via 10.114.0.4 dev vpc0 weight 1
@@ -125,7 +125,7 @@ ip -4 route replace unreachable 0.0.0.0/0 table 10001 proto 245 metric 429496729
 ip -4 rule add priority 30000 to 198.51.100.53/32 lookup main protocol 245
 ip -4 rule add priority 30000 to 203.0.113.5/32 lookup main protocol 245
 ip -4 rule add priority 30000 to 203.0.113.100/32 lookup main protocol 245
-ip -4 rule add priority 30100 fwmark 0x1000/0x1000 lookup main protocol 245
+ip -4 rule add priority 30100 fwmark 0x2000/0x2000 lookup main protocol 245
 ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
 ip -4 rule add priority 30300 lookup 10001 protocol 245
 ip -4 route replace 0.0.0.0/0 table 10001 proto 245 via 203.0.113.5 dev pub0
@@ -141,7 +141,7 @@ ip -4 route replace unreachable 0.0.0.0/0 table 10001 proto 245 metric 429496729
 ip -4 rule add priority 30000 to 10.114.0.4/32 lookup main protocol 245
 ` + bypass4 + `
 ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
-ip -4 rule add priority 30100 fwmark 0x1000/0x1000 lookup main protocol 245
+ip -4 rule add priority 30100 fwmark 0x2000/0x2000 lookup main protocol 245
 ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
 ip -4 rule add priority 30300 lookup 10001 protocol 245
 ip -4 rule add priority 30300 lookup 10002 protocol 245
@@ -162,7 +162,7 @@ ip -4 route replace unreachable 10.1.2.0/24 table 10002 proto 245 metric 4294967
 		want: `ip -6 rule add priority 30000 to fd00:114::3/128 lookup main protocol 245
 ip -6 rule add priority 30000 to fd00:ec2::254/128 lookup main protocol 245
 ip -6 rule add priority 30000 to fd20:ce::254/128 lookup main protocol 245
-ip -6 rule add priority 30100 fwmark 0x1000/0x1000 lookup main protocol 245
+ip -6 rule add priority 30100 fwmark 0x2000/0x2000 lookup main protocol 245
 ip -6 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
 ip -6 rule add priority 30300 lookup 10001 protocol 245
 ip -6 route replace ::/0 table 10001 proto 245 via fd00:114::3 dev vpc0
@@ -184,7 +184,7 @@ ip -6 route replace unreachable 2001:db8:100::/48 table 10001 proto 245 metric 4
 ip -4 rule add priority 30000 to 10.114.0.4/32 lookup main protocol 245
 ` + bypass4 + `
 ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
-ip -4 rule add priority 30100 fwmark 0x1000/0x1000 lookup main protocol 245
+ip -4 rule add priority 30100 fwmark 0x2000/0x2000 lookup main protocol 245
 ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
 ip -4 rule add priority 30300 lookup 10001 protocol 245
 ip -4 rule add priority 30300 lookup 10002 protocol 245
@@ -208,7 +208,7 @@ ip -4 route replace unreachable 203.0.113.0/25 table 10003 proto 245 metric 4294
 ip -4 rule add priority 30000 to 10.114.0.4/32 lookup main protocol 245
 ` + bypass4 + `
 ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
-ip -4 rule add priority 30100 fwmark 0x1000/0x1000 lookup main protocol 245
+ip -4 rule add priority 30100 fwmark 0x2000/0x2000 lookup main protocol 245
 ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
 ip -4 rule add priority 30300 lookup 10001 protocol 245
 ip -4 rule add priority 30300 lookup 10002 protocol 245
@@ -228,7 +228,7 @@ ip -4 route replace throw 192.0.2.0/24 table 10002 proto 245`,
 		want: `ip -4 rule add priority 30000 to 10.114.0.3/32 lookup main protocol 245
 ` + bypass4 + `
 ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
-ip -4 rule add priority 30100 fwmark 0x1000/0x1000 lookup main protocol 245
+ip -4 rule add priority 30100 fwmark 0x2000/0x2000 lookup main protocol 245
 ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
 ip -4 rule add priority 30300 lookup 10001 protocol 245
 ip -4 rule add priority 30300 lookup 10003 protocol 245
@@ -456,8 +456,8 @@ func TestSymmetricReplies(t *testing.T) {
 	}{{
 		name: "two NICs", node: testNode(), routes: dual, connMark: DefaultConnMark,
 		symmetric: "ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245\n" +
-			"ip -4 rule add priority 30100 fwmark 0x1000/0x1000 lookup main protocol 245\n" +
-			"ip -6 rule add priority 30100 fwmark 0x1000/0x1000 lookup main protocol 245",
+			"ip -4 rule add priority 30100 fwmark 0x2000/0x2000 lookup main protocol 245\n" +
+			"ip -6 rule add priority 30100 fwmark 0x2000/0x2000 lookup main protocol 245",
 		exclude: "lo,vpc0",
 	}, {
 		name: "two NICs, marking off: source rules for both families", node: testNode(), routes: dual,
@@ -467,7 +467,7 @@ func TestSymmetricReplies(t *testing.T) {
 	}, {
 		name: "one NIC with a public and a VPC address: the VPC address gets no source rule, the NIC is marked", node: singleNIC, routes: override, connMark: DefaultConnMark,
 		symmetric: "ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245\n" +
-			"ip -4 rule add priority 30100 fwmark 0x1000/0x1000 lookup main protocol 245",
+			"ip -4 rule add priority 30100 fwmark 0x2000/0x2000 lookup main protocol 245",
 		exclude: "lo",
 	}} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -60,9 +60,11 @@ type Config struct {
 const ConnMarkTable = "routing-agent"
 
 // DefaultConnMark is the connection mark bit unless told otherwise: clear
-// of kube-proxy's 0x4000 and 0x8000, Calico's 0xffff0000, Cilium's 0x0f00,
-// Istio's 0x539 and the AWS VPC CNI's 0x80.
-const DefaultConnMark = 0x1000
+// of kube-proxy's 0x4000 and 0x8000, Calico's 0xffff0000, Cilium's magic
+// 0x0f00 and its WireGuard 0x1000 (Cilium's identities use 0xffff00ff: with
+// it, choose after reading its configuration), Istio's 0x539 and the AWS
+// VPC CNI's 0x80.
+const DefaultConnMark = 0x2000
 
 // ConnMark is the agent's nftables table: conntrack marks for connections
 // that came in from outside, restored on their replies as the fwmark the

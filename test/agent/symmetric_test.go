@@ -49,7 +49,7 @@ func TestRepliesLeaveTheWayTheyCame(t *testing.T) {
 				if layout.single {
 					unmarked = "lo"
 				}
-				ok := m.Active && m.Mark == "0x1000" && strings.Join(m.Unmarked, ",") == unmarked && e.metric(0, "routing_agent_connection_marking_active") == 1
+				ok := m.Active && m.Mark == "0x2000" && strings.Join(m.Unmarked, ",") == unmarked && e.metric(0, "routing_agent_connection_marking_active") == 1
 				return ok, fmt.Sprintf("%+v", *m)
 			})
 
