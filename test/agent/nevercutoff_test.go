@@ -10,9 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"regexp"
 	"slices"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -46,24 +44,15 @@ func TestNeverCutOff(t *testing.T) {
 	}, "30s", "--resolv-conf", resolv, "--kubelet-kubeconfig", kubeletKubeconfig, "--resolve-interval", "1s")
 	// The gateways drop whatever is for the API server's port, wherever
 	// it goes: a control-plane connection that takes the override dies.
-	for _, gw := range e.lab.Gateways {
-		if out, err := e.lab.Exec(gw, "nft", "add table ip guard ; add chain ip guard forwarded { type filter hook forward priority 0 ; } ; add rule ip guard forwarded tcp dport 6443 counter drop"); err != nil {
-			t.Fatalf("%v: %s", err, out)
-		}
+	if err := e.lab.DropAPIPortAtGateways(); err != nil {
+		t.Fatal(err)
 	}
-	guardDrops := func() int {
-		total := 0
-		for _, gw := range e.lab.Gateways {
-			out, err := e.lab.Exec(gw, "nft", "list", "chain", "ip", "guard", "forwarded")
-			if err != nil {
-				t.Fatalf("%v: %s", err, out)
-			}
-			if m := regexp.MustCompile(`packets (\d+)`).FindStringSubmatch(out); m != nil {
-				n, _ := strconv.Atoi(m[1])
-				total += n
-			}
+	guardDrops := func() uint64 {
+		n, err := e.lab.APIPortDrops()
+		if err != nil {
+			t.Fatal(err)
 		}
-		return total
+		return n
 	}
 	bypassed := func(a netip.Addr) bool { return slices.Contains(e.bypassRules(0), a) }
 

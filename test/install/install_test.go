@@ -12,10 +12,8 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"regexp"
 	"runtime"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -88,10 +86,8 @@ func TestInstallFromManifests(t *testing.T) {
 	})
 	// The gateways refuse anything for the control plane: an agent whose
 	// API connection took the override would lose it, and this test.
-	for _, gw := range c.Net.Gateways {
-		if out, err := c.Net.Exec(gw, "nft", "add table ip guard ; add chain ip guard forwarded { type filter hook forward priority 0 ; } ; add rule ip guard forwarded ip daddr "+c.Net.ControlPlaneAddr.String()+" drop ; add rule ip guard forwarded tcp dport 6443 counter drop"); err != nil {
-			t.Fatalf("%v: %s", err, out)
-		}
+	if err := c.Net.DropAPIPortAtGateways(); err != nil {
+		t.Fatal(err)
 	}
 	for i := range c.Net.Gateways {
 		if err := c.Net.CountExternalTraffic(i); err != nil {
@@ -788,20 +784,13 @@ func (l *lab) checkTaintPolicy() {
 	}
 }
 
-// guardDrops counts what the gateways dropped for the API server's port.
-func (l *lab) guardDrops() int {
-	total := 0
-	for _, gw := range l.c.Net.Gateways {
-		out, err := l.c.Net.Exec(gw, "nft", "list", "chain", "ip", "guard", "forwarded")
-		if err != nil {
-			l.t.Fatalf("%v: %s", err, out)
-		}
-		if m := regexp.MustCompile(`packets (\d+)`).FindStringSubmatch(out); m != nil {
-			n, _ := strconv.Atoi(m[1])
-			total += n
-		}
+// guardDrops counts what the gateways dropped for the API server.
+func (l *lab) guardDrops() uint64 {
+	n, err := l.c.Net.APIPortDrops()
+	if err != nil {
+		l.t.Fatal(err)
 	}
-	return total
+	return n
 }
 
 // leaseRenewed is when node's kubelet last renewed its Lease.

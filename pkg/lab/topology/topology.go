@@ -813,6 +813,38 @@ func (l *Lab) UplinkPackets(j int) (uint64, error) {
 	return n, nil
 }
 
+// DropAPIPortAtGateways makes every gateway drop, and count, what it would
+// forward to the API server: TCP to APIPort anywhere and, with a control
+// plane, anything to its address. That is an API server that allow-lists
+// node addresses, seen through a Route's NAT gateway: a control-plane
+// connection that takes a Route dies, and APIPortDrops says so.
+func (l *Lab) DropAPIPortAtGateways() error {
+	rules := fmt.Sprintf("add table ip guard ; add chain ip guard forwarded { type filter hook forward priority 0 ; } ; add rule ip guard forwarded tcp dport %d counter drop", APIPort)
+	if l.ControlPlaneAddr.IsValid() {
+		rules += " ; add rule ip guard forwarded ip daddr " + l.ControlPlaneAddr.String() + " counter drop"
+	}
+	for _, gw := range l.Gateways {
+		if out, err := l.Exec(gw, "nft", rules); err != nil {
+			return fmt.Errorf("topology: the API guard on %s: %w: %s", gw, err, out)
+		}
+	}
+	return nil
+}
+
+// APIPortDrops counts what the gateways dropped for the API server since
+// DropAPIPortAtGateways.
+func (l *Lab) APIPortDrops() (uint64, error) {
+	var total uint64
+	for _, gw := range l.Gateways {
+		n, err := l.counted(gw, "ip", "guard", "forwarded")
+		if err != nil {
+			return 0, fmt.Errorf("topology: API guard counters of %s: %w", gw, err)
+		}
+		total += n
+	}
+	return total, nil
+}
+
 // counted sums the packets of every counter in an nftables chain.
 func (l *Lab) counted(ns, family, table, chain string) (uint64, error) {
 	out, err := l.Exec(ns, "nft", "-j", "list", "chain", family, table, chain)
