@@ -333,6 +333,9 @@ func (a *Applier) toNetlinkRule(r planner.Rule) *netlink.Rule {
 		mask := r.Mask
 		nl.Mark, nl.Mask = r.Mark, &mask
 	}
+	if r.IsSkip() {
+		nl.Table, nl.Goto, nl.Invert = -1, r.Goto, r.Invert
+	}
 	return nl
 }
 

@@ -125,7 +125,12 @@ func (a *Applier) ruleKey(r planner.Rule) string {
 // actions the agent does not use), which is then foreign whatever its
 // protocol says.
 func fromNetlinkRule(r netlink.Rule, ipv6 bool) (planner.Rule, bool) {
-	pr := planner.Rule{Priority: r.Priority, IPv6: ipv6, Table: uint32(r.Table), SuppressPrefixlen: r.SuppressPrefixlen}
+	pr := planner.Rule{Priority: r.Priority, IPv6: ipv6, Table: uint32(r.Table), SuppressPrefixlen: r.SuppressPrefixlen, Invert: r.Invert}
+	// The library fills Goto only from FRA_GOTO, which only a jump has.
+	skip := r.Goto > 0
+	if skip {
+		pr.Goto, pr.Table = r.Goto, 0
+	}
 	if r.Src != nil {
 		pr.Src = nlutil.Prefix(r.Src, ipv6)
 	}
@@ -138,8 +143,10 @@ func fromNetlinkRule(r netlink.Rule, ipv6 bool) (planner.Rule, bool) {
 	if marked {
 		pr.Mark, pr.Mask = r.Mark, *r.Mask
 	}
-	plain := (r.Mark == 0 && r.Mask == nil || marked) && r.Tos == 0 && r.Goto <= 0 && r.IifName == "" && r.OifName == "" &&
-		r.Invert == false && r.Dport == nil && r.Sport == nil && r.IPProto == 0 && r.UIDRange == nil &&
+	// A skip is `not to <region> goto <priority>`, nothing else.
+	skipShape := !skip || r.Invert && r.Dst != nil && r.Src == nil && !marked && r.SuppressPrefixlen < 0
+	plain := (r.Mark == 0 && r.Mask == nil || marked) && r.Tos == 0 && (r.Goto <= 0 || skip) && r.IifName == "" && r.OifName == "" &&
+		(r.Invert == false || skip) && skipShape && r.Dport == nil && r.Sport == nil && r.IPProto == 0 && r.UIDRange == nil &&
 		(r.Type == 0 || r.Type == unix.RTN_UNICAST) && r.SuppressIfgroup <= 0 && r.Flow <= 0
 	return pr, plain
 }

@@ -27,11 +27,18 @@ func (r Rule) Batch(protocol uint8) string {
 	if r.Src.IsValid() {
 		fmt.Fprintf(&b, " from %s", r.Src)
 	}
+	if r.Invert {
+		b.WriteString(" not")
+	}
 	if r.Dst.IsValid() {
 		fmt.Fprintf(&b, " to %s", r.Dst)
 	}
 	if r.Mask != 0 {
 		fmt.Fprintf(&b, " fwmark %#x/%#x", r.Mark, r.Mask)
+	}
+	if r.IsSkip() {
+		fmt.Fprintf(&b, " goto %d protocol %d", r.Goto, protocol)
+		return b.String()
 	}
 	fmt.Fprintf(&b, " lookup %s", tableName(r.Table))
 	if r.SuppressPrefixlen >= 0 {

@@ -196,7 +196,15 @@ type Rule struct {
 	Table      uint32
 	// SuppressPrefixlen is -1 when unset.
 	SuppressPrefixlen int
+	// Goto, when set, makes the rule a jump (`goto Goto`) instead of a
+	// lookup: the dispatch's skips, `not to <region> goto <priority>`,
+	// with Invert set. Table is then 0.
+	Goto   int
+	Invert bool
 }
+
+// IsSkip says whether r is one of the dispatch's jumps.
+func (r Rule) IsSkip() bool { return r.Goto > 0 }
 
 // Route is one route in one of the agent's tables.
 type Route struct {
