@@ -114,7 +114,7 @@ func TestPlanAndCleanupInNamespace(t *testing.T) {
 	if err != nil {
 		t.Fatalf("cleanup: %v\n%s", err, out)
 	}
-	if !strings.Contains(out, "removed 7 rules and 2 routes and the nftables table inet routing-agent") || !strings.Contains(out, "lookup 777") {
+	if !strings.Contains(out, "removed 8 rules and 2 routes and the nftables table inet routing-agent") || !strings.Contains(out, "lookup 777") {
 		t.Errorf("cleanup said:\n%s", out)
 	}
 	if tables, _ := lab.Exec(lab.Node, "nft", "list", "tables"); strings.Contains(tables, "routing-agent") {

@@ -57,7 +57,7 @@ func (a *Agent) reconcile() error {
 		// IPv6 source rules come back) until the next try.
 		cfg.ConnMark = 0
 	}
-	input := planner.Input{Config: cfg, Node: facts, Routes: selected, Tables: a.tables, Down: a.prober.Down()}
+	input := planner.Input{Config: cfg, Node: facts, Routes: selected, Tables: a.tables, Down: a.prober.Down(), Layout: a.layout()}
 	plan := planner.Compute(input)
 	if a.last == nil {
 		plan = a.carryOverGatewayHealth(input, plan)
@@ -118,6 +118,20 @@ func (a *Agent) reconcile() error {
 	a.last = &plan
 	a.statusWriter.offer(node, a.buildStatus(plan, gateways, rep, applyErr, selectorErrs))
 	return applyErr
+}
+
+// layout is where the dispatch's rules sit, so that a change moves only
+// the rules around it: as the last plan put them, or on this process's
+// first reconcile as the kernel holds them (a restart rewrites nothing).
+func (a *Agent) layout() map[string]int {
+	if a.last != nil {
+		return planner.LayoutOf(a.last.Rules)
+	}
+	kernel, err := a.applier.Read()
+	if err != nil {
+		return nil // Apply reads again and reports the error
+	}
+	return kernel.Layout()
 }
 
 // removePreviousLayout removes, once this agent's own rules are in place,

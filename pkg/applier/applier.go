@@ -95,6 +95,8 @@ type Rejection struct {
 //
 // The order never lets a Route's traffic through main's default route:
 //
+//  0. stale skips of the dispatch go (a packet then walks more rules, never
+//     past its Route's);
 //  1. tables are filled (live routes and their backstops) before a rule
 //     points at them;
 //  2. missing rules are added;
@@ -102,7 +104,7 @@ type Rejection struct {
 //     Route's table on to the rules after it: the table that holds it is
 //     reachable by now;
 //  4. throws that hand over to a Route that is going go before its rule;
-//  5. stale and doubled rules go;
+//  5. stale and doubled rules go, and only then missing skips are added;
 //  6. last, the routes nobody wants (live ones before their backstops, a
 //     supernet before the throws carved out of it), among them the
 //     routes of tables no rule leads to any more.
@@ -170,25 +172,53 @@ func (a *Applier) applyTo(plan planner.Plan, actual *State) (Report, error) {
 	for _, r := range plan.Routes {
 		wanted[keyOf(r)] = true
 	}
+	wantedRules := map[string]bool{}
+	for _, r := range plan.Rules {
+		wantedRules[a.ruleKey(r)] = true
+	}
+	removeRules := func(key string, skips bool) {
+		have := actual.Rules[key]
+		if have[0].IsSkip() != skips {
+			return
+		}
+		extra := have
+		if wantedRules[key] {
+			extra = have[1:]
+		}
+		for _, r := range extra {
+			nl := a.toNetlinkRule(r)
+			if err := do(strings.Replace(key, "rule add", "rule del", 1), func() error { return a.h.RuleDel(nl) }, &a.Writes.RuleDelete); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	addRules := func(skips bool) {
+		for _, r := range plan.Rules {
+			key := a.ruleKey(r)
+			if r.IsSkip() != skips || len(actual.Rules[key]) > 0 {
+				continue
+			}
+			nl := a.toNetlinkRule(r)
+			if err := do(key, func() error { return a.h.RuleAdd(nl) }, &a.Writes.RuleAdd); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	// 0. Stale skips go before anything moves: the dispatch's skips only
+	// ever jump over rules that cannot match, and a stale one might jump
+	// over a rule added below. Without them a packet walks more rules,
+	// never fewer.
+	for _, key := range sortedKeys(actual.Rules) {
+		removeRules(key, true)
+	}
 	// 1. Fill and repair tables.
 	for _, r := range plan.Routes {
 		if !r.Throw {
 			replace(r)
 		}
 	}
-	// 2. Add missing rules.
-	wantedRules := map[string]bool{}
-	for _, r := range plan.Rules {
-		key := a.ruleKey(r)
-		wantedRules[key] = true
-		if len(actual.Rules[key]) > 0 {
-			continue
-		}
-		nl := a.toNetlinkRule(r)
-		if err := do(key, func() error { return a.h.RuleAdd(nl) }, &a.Writes.RuleAdd); err != nil {
-			errs = append(errs, err)
-		}
-	}
+	// 2. Add missing rules, skips aside.
+	addRules(false)
 	// 3. Throws, now that the tables they hand over to are reachable.
 	for _, r := range plan.Routes {
 		if r.Throw {
@@ -221,20 +251,12 @@ func (a *Applier) applyTo(plan planner.Plan, actual *State) (Report, error) {
 	for _, key := range early {
 		remove(key)
 	}
-	// 5. Stale and doubled rules.
+	// 5. Stale and doubled rules, then the missing skips, now that every
+	// rule they jump over is the plan's.
 	for _, key := range sortedKeys(actual.Rules) {
-		have := actual.Rules[key]
-		extra := have
-		if wantedRules[key] {
-			extra = have[1:]
-		}
-		for _, r := range extra {
-			nl := a.toNetlinkRule(r)
-			if err := do(strings.Replace(key, "rule add", "rule del", 1), func() error { return a.h.RuleDel(nl) }, &a.Writes.RuleDelete); err != nil {
-				errs = append(errs, err)
-			}
-		}
+		removeRules(key, false)
 	}
+	addRules(true)
 	// 6. Routes nobody wants any more, live before backstop
 	// (sortedRouteKeys), and the remaining throws.
 	for _, key := range late {
@@ -333,11 +355,17 @@ func (a *Applier) toNetlinkRule(r planner.Rule) *netlink.Rule {
 		mask := r.Mask
 		nl.Mark, nl.Mask = r.Mark, &mask
 	}
-	if r.IsSkip() {
+	switch {
+	case r.IsSkip():
 		nl.Table, nl.Goto, nl.Invert = -1, r.Goto, r.Invert
+	case r.Nop:
+		nl.Table, nl.Type = -1, nlFRActNop
 	}
 	return nl
 }
+
+// nlFRActNop is FR_ACT_NOP, a rule that does nothing.
+const nlFRActNop = 3
 
 func family(a netip.Addr) int {
 	if a.Is6() {

@@ -77,7 +77,11 @@ func (e *env) plan(routes ...*v1alpha1.Route) planner.Plan {
 	}
 	node.ControlPlane = []planner.Endpoint{{Addr: controlPlane, Source: "test"}}
 	node.DNSServers = []planner.Endpoint{{Addr: dnsServer, Source: "test"}}
-	return planner.Compute(planner.Input{Config: e.cfg, Node: node, Routes: routes})
+	kernel, err := e.ap.Read()
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return planner.Compute(planner.Input{Config: e.cfg, Node: node, Routes: routes, Layout: kernel.Layout()})
 }
 
 func (e *env) apply(routes ...*v1alpha1.Route) (planner.Plan, applier.Report) {
@@ -238,7 +242,7 @@ func TestSeedExamples(t *testing.T) {
 				"30000:\tfrom all to 203.0.113.100 lookup main proto 245",
 				"30100:\tfrom 203.0.113.10 lookup main proto 245",
 				"30200:\tfrom all lookup main suppress_prefixlength 0 proto 245",
-				fmt.Sprintf("30300:\tfrom all lookup %d proto 245", table),
+				fmt.Sprintf("30301:\tfrom all to %s lookup %d proto 245", map[bool]string{false: "0.0.0.0/5", true: "0.0.0.0/1"}[tc.default_], table),
 			} {
 				if !strings.Contains(rules, want+"\n") {
 					t.Errorf("ip rule lacks %q:\n%s", want, rules)
@@ -482,7 +486,7 @@ func TestIdempotenceAndDrift(t *testing.T) {
 	}
 
 	keepTable := fmt.Sprint(tableOf(t, plan, "keep"))
-	e.ip("rule", "del", "priority", "30300", "lookup", keepTable)
+	e.ip("rule", "del", "to", "198.51.100.0/24", "lookup", keepTable)
 	e.ip("route", "replace", "198.51.100.0/24", "via", "10.114.0.4", "dev", "vpc0", "table", keepTable, "proto", "245")
 	e.ip("route", "del", "2001:db8:100::/48", "table", keepTable)
 	e.ip("rule", "add", "priority", "30000", "to", "192.0.2.1", "lookup", "main", "protocol", "245") // ours in form, unwanted
@@ -512,8 +516,10 @@ func TestIdempotenceAndDrift(t *testing.T) {
 	if n := restarted.Writes.RouteReplace.Load() + restarted.Writes.RuleAdd.Load(); n != 0 {
 		t.Errorf("restart rewrote %d routes or rules of the surviving Route", n)
 	}
-	if restarted.Writes.RuleDelete.Load() != 1 || restarted.Writes.RouteDelete.Load() != 2 {
-		t.Errorf("collecting gone: %d rule and %d route deletes, want 1 and 2 (its route and backstop)", restarted.Writes.RuleDelete.Load(), restarted.Writes.RouteDelete.Load())
+	// gone's rule, and the skip over the two Routes' rules and the nop it
+	// lands on, which one rule does not need.
+	if restarted.Writes.RuleDelete.Load() != 3 || restarted.Writes.RouteDelete.Load() != 2 {
+		t.Errorf("collecting gone: %d rule and %d route deletes, want 3 and 2 (its rule, the skip and the nop; its route and backstop)", restarted.Writes.RuleDelete.Load(), restarted.Writes.RouteDelete.Load())
 	}
 	if strings.Contains(e.ip("route", "show", "table", "all", "proto", "245"), "192.0.2.128/25") {
 		t.Error("the deleted Route's route is still installed")
@@ -681,10 +687,11 @@ func TestRemoveLayout(t *testing.T) {
 		wantRuleDels, wantRouteDels int64
 	}{
 		// Same protocol and tables: the routes are the new agent's too;
-		// only the old band's eight rules go.
-		{"band", func(c *planner.Config) { c.PriorityBase = 20000 }, 8, 0},
+		// only the old band's nine rules go (the /0 is two, 0.0.0.0/1 and
+		// 128.0.0.0/1).
+		{"band", func(c *planner.Config) { c.PriorityBase = 20000 }, 9, 0},
 		// Everything moves: the old rules and the route and its backstop.
-		{"protocol and tables", func(c *planner.Config) { c.Protocol, c.TableMin, c.TableMax = 246, 50000, 59999 }, 8, 2},
+		{"protocol and tables", func(c *planner.Config) { c.Protocol, c.TableMin, c.TableMax = 246, 50000, 59999 }, 9, 2},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			e.t = t

@@ -131,6 +131,12 @@ func fromNetlinkRule(r netlink.Rule, ipv6 bool) (planner.Rule, bool) {
 	if skip {
 		pr.Goto, pr.Table = r.Goto, 0
 	}
+	// The library does not report a rule's action; the agent's rules with
+	// no table and no goto are its nop (the kernel refuses a lookup of
+	// table 0).
+	if !skip && r.Table == 0 {
+		pr.Nop = true
+	}
 	if r.Src != nil {
 		pr.Src = nlutil.Prefix(r.Src, ipv6)
 	}
@@ -179,6 +185,16 @@ func describeForeign(r planner.Rule, protocol uint8, plain bool) string {
 		text += " (and selectors or actions the agent never uses)"
 	}
 	return text
+}
+
+// Layout is where the dispatch's rules sit in the kernel, for
+// planner.Input.Layout.
+func (s *State) Layout() map[string]int {
+	var rules []planner.Rule
+	for _, rs := range s.Rules {
+		rules = append(rules, rs...)
+	}
+	return planner.LayoutOf(rules)
 }
 
 // Route returns the agent's installed live (or throw) route for dst in

@@ -24,6 +24,10 @@ type Input struct {
 	// Tables are the table ids Routes had so far, by Route name; a Route
 	// keeps its id whenever it is still free and in range.
 	Tables map[string]uint32
+	// Layout is where the dispatch's rules sit now (LayoutOf the kernel's
+	// rules or the previous plan's): they stay there when the order allows,
+	// so a change rewrites only the rules around it.
+	Layout map[string]int
 }
 
 // candidate is a Route on its way through the planner.
@@ -449,23 +453,21 @@ func BypassPrefix(a netip.Addr) (netip.Prefix, bool) {
 }
 
 // rules builds the band, per address family in use by an applied Route:
-// bypass, symmetric replies, main's specific routes, one lookup per Route.
+// bypass, symmetric replies, main's specific routes, then the dispatch to
+// the Routes' tables (dispatch.go).
 func rules(in Input, applied []*candidate, bypass []Bypass, gws []Gateway) []Rule {
 	base := in.Config.PriorityBase
 	var out []Rule
 	for _, ipv6 := range []bool{false, true} {
-		var routeRules []Rule
+		var items []dispatchItem
 		for _, c := range applied {
-			uses := false
 			for _, d := range c.installed() {
-				uses = uses || d.Addr().Is6() == ipv6
+				if d.Addr().Is6() == ipv6 {
+					items = append(items, dispatchItem{dst: d, table: c.result.Table})
+				}
 			}
-			if !uses {
-				continue
-			}
-			routeRules = append(routeRules, Rule{Priority: base + OffsetRoutes, IPv6: ipv6, Table: c.result.Table, SuppressPrefixlen: -1})
 		}
-		if len(routeRules) == 0 {
+		if len(items) == 0 {
 			continue // nothing of this family to protect
 		}
 		for _, b := range bypass {
@@ -481,8 +483,7 @@ func rules(in Input, applied []*candidate, bypass []Bypass, gws []Gateway) []Rul
 			out = append(out, Rule{Priority: base + OffsetSymmetric, IPv6: ipv6, Mark: in.Config.ConnMark, Mask: in.Config.ConnMark, Table: MainTable, SuppressPrefixlen: -1})
 		}
 		out = append(out, Rule{Priority: base + OffsetSuppress, IPv6: ipv6, Table: MainTable, SuppressPrefixlen: 0})
-		slices.SortFunc(routeRules, func(a, b Rule) int { return cmp.Compare(a.Table, b.Table) })
-		out = append(out, routeRules...)
+		out = append(out, dispatchRules(items, ipv6, base+OffsetDispatch, base+DispatchEnd, layoutFor(in.Layout, ipv6))...)
 	}
 	return out
 }

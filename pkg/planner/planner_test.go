@@ -73,7 +73,7 @@ func TestCompute(t *testing.T) {
 ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
 ip -4 rule add priority 30100 fwmark 0x2000/0x2000 lookup main protocol 245
 ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
-ip -4 rule add priority 30300 lookup 10001 protocol 245
+ip -4 rule add priority 30301 to 0.0.0.0/5 lookup 10001 protocol 245
 ip -4 route replace 0.0.0.0/5 table 10001 proto 245 via 10.114.0.3 dev vpc0
 ip -4 route replace unreachable 0.0.0.0/5 table 10001 proto 245 metric 4294967295`,
 	}, {
@@ -86,7 +86,8 @@ ip -4 rule add priority 30000 to 10.114.0.4/32 lookup main protocol 245
 ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
 ip -4 rule add priority 30100 fwmark 0x2000/0x2000 lookup main protocol 245
 ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
-ip -4 rule add priority 30300 lookup 10001 protocol 245
+ip -4 rule add priority 30301 to 0.0.0.0/1 lookup 10001 protocol 245
+ip -4 rule add priority 30301 to 128.0.0.0/1 lookup 10001 protocol 245
 ip -4 route replace 0.0.0.0/0 table 10001 proto 245 nexthop via 10.114.0.3 dev vpc0 weight 1 nexthop via 10.114.0.4 dev vpc0 weight 1
 ip -4 route replace unreachable 0.0.0.0/0 table 10001 proto 245 metric 4294967295`,
 	}, {
@@ -100,7 +101,8 @@ ip -4 rule add priority 30000 to 10.114.0.4/32 lookup main protocol 245
 ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
 ip -4 rule add priority 30100 fwmark 0x2000/0x2000 lookup main protocol 245
 ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
-ip -4 rule add priority 30300 lookup 10001 protocol 245
+ip -4 rule add priority 30301 to 0.0.0.0/1 lookup 10001 protocol 245
+ip -4 rule add priority 30301 to 128.0.0.0/1 lookup 10001 protocol 245
 ip -4 route replace 0.0.0.0/0 table 10001 proto 245 via 10.114.0.3 dev vpc0
 ip -4 route replace unreachable 0.0.0.0/0 table 10001 proto 245 metric 4294967295`,
 	}, {
@@ -114,7 +116,8 @@ ip -4 rule add priority 30000 to 10.114.0.4/32 lookup main protocol 245
 ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
 ip -4 rule add priority 30100 fwmark 0x2000/0x2000 lookup main protocol 245
 ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
-ip -4 rule add priority 30300 lookup 10001 protocol 245
+ip -4 rule add priority 30301 to 0.0.0.0/1 lookup 10001 protocol 245
+ip -4 rule add priority 30301 to 128.0.0.0/1 lookup 10001 protocol 245
 ip -4 route replace 0.0.0.0/0 table 10001 proto 245 nexthop via 10.114.0.3 dev vpc0 weight 1 nexthop via 10.114.0.4 dev vpc0 weight 1
 ip -4 route replace unreachable 0.0.0.0/0 table 10001 proto 245 metric 4294967295`,
 	}, {
@@ -127,7 +130,8 @@ ip -4 rule add priority 30000 to 203.0.113.5/32 lookup main protocol 245
 ip -4 rule add priority 30000 to 203.0.113.100/32 lookup main protocol 245
 ip -4 rule add priority 30100 fwmark 0x2000/0x2000 lookup main protocol 245
 ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
-ip -4 rule add priority 30300 lookup 10001 protocol 245
+ip -4 rule add priority 30301 to 0.0.0.0/1 lookup 10001 protocol 245
+ip -4 rule add priority 30301 to 128.0.0.0/1 lookup 10001 protocol 245
 ip -4 route replace 0.0.0.0/0 table 10001 proto 245 via 203.0.113.5 dev pub0
 ip -4 route replace unreachable 0.0.0.0/0 table 10001 proto 245 metric 4294967295`,
 	}, {
@@ -143,8 +147,10 @@ ip -4 rule add priority 30000 to 10.114.0.4/32 lookup main protocol 245
 ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
 ip -4 rule add priority 30100 fwmark 0x2000/0x2000 lookup main protocol 245
 ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
-ip -4 rule add priority 30300 lookup 10001 protocol 245
-ip -4 rule add priority 30300 lookup 10002 protocol 245
+ip -4 rule add priority 30301 to 10.1.2.0/24 lookup 10002 protocol 245
+ip -4 rule add priority 30301 to 198.51.100.0/24 lookup 10001 protocol 245
+ip -4 rule add priority 30301 to 10.1.0.0/16 lookup 10002 protocol 245
+ip -4 rule add priority 30301 to 10.0.0.0/8 lookup 10001 protocol 245
 ip -4 route replace 10.0.0.0/8 table 10001 proto 245 via 10.114.0.3 dev vpc0
 ip -4 route replace unreachable 10.0.0.0/8 table 10001 proto 245 metric 4294967295
 ip -4 route replace throw 10.1.0.0/16 table 10001 proto 245
@@ -164,7 +170,8 @@ ip -6 rule add priority 30000 to fd00:ec2::254/128 lookup main protocol 245
 ip -6 rule add priority 30000 to fd20:ce::254/128 lookup main protocol 245
 ip -6 rule add priority 30100 fwmark 0x2000/0x2000 lookup main protocol 245
 ip -6 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
-ip -6 rule add priority 30300 lookup 10001 protocol 245
+ip -6 rule add priority 30301 to ::/1 lookup 10001 protocol 245
+ip -6 rule add priority 30301 to 8000::/1 lookup 10001 protocol 245
 ip -6 route replace ::/0 table 10001 proto 245 via fd00:114::3 dev vpc0
 ip -6 route replace unreachable ::/0 table 10001 proto 245 metric 4294967295
 ip -6 route replace 2001:db8:100::/48 table 10001 proto 245 via fd00:114::3 dev vpc0
@@ -186,9 +193,10 @@ ip -4 rule add priority 30000 to 10.114.0.4/32 lookup main protocol 245
 ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
 ip -4 rule add priority 30100 fwmark 0x2000/0x2000 lookup main protocol 245
 ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
-ip -4 rule add priority 30300 lookup 10001 protocol 245
-ip -4 rule add priority 30300 lookup 10002 protocol 245
-ip -4 rule add priority 30300 lookup 10003 protocol 245
+ip -4 rule add priority 30301 to 203.0.113.0/25 lookup 10003 protocol 245
+ip -4 rule add priority 30301 to 10.244.1.0/24 lookup 10002 protocol 245
+ip -4 rule add priority 30301 to 198.18.0.0/15 lookup 10003 protocol 245
+ip -4 rule add priority 30301 to 0.0.0.0/5 lookup 10001 protocol 245
 ip -4 route replace 0.0.0.0/5 table 10001 proto 245 via 10.114.0.3 dev vpc0
 ip -4 route replace unreachable 0.0.0.0/5 table 10001 proto 245 metric 4294967295
 ip -4 route replace 10.244.1.0/24 table 10002 proto 245 via 10.114.0.3 dev vpc0
@@ -210,8 +218,9 @@ ip -4 rule add priority 30000 to 10.114.0.4/32 lookup main protocol 245
 ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
 ip -4 rule add priority 30100 fwmark 0x2000/0x2000 lookup main protocol 245
 ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
-ip -4 rule add priority 30300 lookup 10001 protocol 245
-ip -4 rule add priority 30300 lookup 10002 protocol 245
+ip -4 rule add priority 30301 to 192.0.2.0/24 lookup 10001 protocol 245
+ip -4 rule add priority 30301 to 0.0.0.0/1 lookup 10002 protocol 245
+ip -4 rule add priority 30301 to 128.0.0.0/1 lookup 10002 protocol 245
 ip -4 route replace 192.0.2.0/24 table 10001 proto 245 via 10.114.0.3 dev vpc0
 ip -4 route replace unreachable 192.0.2.0/24 table 10001 proto 245 metric 4294967295
 ip -4 route replace 0.0.0.0/0 table 10002 proto 245 via 10.114.0.4 dev vpc0
@@ -230,8 +239,9 @@ ip -4 route replace throw 192.0.2.0/24 table 10002 proto 245`,
 ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
 ip -4 rule add priority 30100 fwmark 0x2000/0x2000 lookup main protocol 245
 ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
-ip -4 rule add priority 30300 lookup 10001 protocol 245
-ip -4 rule add priority 30300 lookup 10003 protocol 245
+ip -4 rule add priority 30301 to 198.51.100.0/24 lookup 10003 protocol 245
+ip -4 rule add priority 30301 to 0.0.0.0/1 lookup 10001 protocol 245
+ip -4 rule add priority 30301 to 128.0.0.0/1 lookup 10001 protocol 245
 ip -4 route replace unreachable 0.0.0.0/0 table 10001 proto 245 metric 4294967295
 ip -4 route replace throw 198.51.100.0/24 table 10001 proto 245
 ip -4 route replace 198.51.100.0/24 table 10003 proto 245 via 10.114.0.3 dev vpc0

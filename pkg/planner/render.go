@@ -36,8 +36,12 @@ func (r Rule) Batch(protocol uint8) string {
 	if r.Mask != 0 {
 		fmt.Fprintf(&b, " fwmark %#x/%#x", r.Mark, r.Mask)
 	}
-	if r.IsSkip() {
+	switch {
+	case r.IsSkip():
 		fmt.Fprintf(&b, " goto %d protocol %d", r.Goto, protocol)
+		return b.String()
+	case r.Nop:
+		fmt.Fprintf(&b, " nop protocol %d", protocol)
 		return b.String()
 	}
 	fmt.Fprintf(&b, " lookup %s", tableName(r.Table))

@@ -20,6 +20,12 @@ const (
 	OffsetSymmetric = 100
 	OffsetSuppress  = 200
 	OffsetRoutes    = 300
+	// OffsetDispatch is where the per-Route rules start (dispatch.go). Not
+	// at OffsetRoutes itself: there earlier versions kept one `lookup
+	// <table>` per Route, and deleting such a rule, which names no
+	// destination, would take a rule of the same priority and table with
+	// it whatever its destination.
+	OffsetDispatch = OffsetRoutes + 1
 	// BandWidth is how many priorities the band spans from its base.
 	BandWidth = 1000
 )
@@ -201,6 +207,9 @@ type Rule struct {
 	// with Invert set. Table is then 0.
 	Goto   int
 	Invert bool
+	// Nop is the dispatch's last rule (`nop`), which does nothing but be
+	// there for skips to land on. Table is then 0.
+	Nop bool
 }
 
 // IsSkip says whether r is one of the dispatch's jumps.

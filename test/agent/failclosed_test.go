@@ -317,14 +317,15 @@ func TestFailClosed(t *testing.T) {
 
 	t.Run("a hand-deleted rule is back within a second", func(t *testing.T) {
 		e.t = t
-		rule := "priority 30300 lookup " + table("default")
+		// The default Route's /0 is two rules, 0.0.0.0/1 and 128.0.0.0/1.
+		rule := "to 0.0.0.0/1 lookup " + table("default")
 		var worst time.Duration
 		for range 5 {
 			if out, err := e.lab.Exec(e.ns(0), append([]string{"ip", "rule", "del"}, strings.Fields(rule)...)...); err != nil {
 				t.Fatalf("%v: %s", err, out)
 			}
 			deleted := time.Now()
-			for !strings.Contains(e.kernel(0), "30300:\tfrom all lookup "+defaultTable+" proto 245") {
+			for !strings.Contains(e.kernel(0), "from all to 0.0.0.0/1 lookup "+defaultTable+" proto 245") {
 				if time.Since(deleted) > 5*time.Second {
 					t.Fatalf("rule %q not restored within 5 s (resync is 30 s)\n%s", rule, tail(e.logs(0), 20))
 				}

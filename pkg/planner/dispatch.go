@@ -1,0 +1,319 @@
+package planner
+
+import (
+	"fmt"
+	"net/netip"
+	"slices"
+)
+
+// The dispatch: how a packet finds its Route's table among many without
+// walking one rule per Route.
+//
+// The kernel evaluates ip rules one after another, so N plain `lookup
+// <table>` rules cost every packet that no Route matches N table lookups
+// (1,000 Routes forward at 13 % of the rate with none). The agent instead
+// lays its per-Route rules out as a binary trie over their destinations:
+//
+//   - every rule that leads to a table carries `to <prefix>`, the
+//     destination (or, for a part of the trie whose destinations all belong
+//     to one Route, their common prefix), so a packet that is not for it
+//     passes on after a compare instead of a table lookup;
+//   - every block of the trie that holds more than one rule starts with a
+//     skip, `not to <block's prefix> goto <first priority after the
+//     block>`, so a packet outside the block jumps over it whole.
+//
+// A packet therefore meets about two skips per level of the trie and at
+// most dispatchLeaf rules at its end, whatever the number of Routes.
+//
+// Correctness never depends on the skips. Longest-prefix match across
+// Routes is kept by the throw routes in the tables (a table hands a more
+// specific prefix owned by another Route on to the rules after it), so the
+// lookup rules are right in any order; a skip only ever jumps over rules
+// whose `to` cannot match the packet. The applier adds skips after every
+// other rule and removes stale ones before anything else, so while it
+// rewrites the layout a packet at worst walks more rules, never past its
+// Route's. A goto whose target is missing is a no-op in the kernel.
+//
+// Priorities: the layout's slots are spread over the band's route range
+// with room between them, and a slot keeps the priority it has in the
+// kernel (Input.Layout) whenever the order allows, so adding or removing a
+// Route rewrites the few rules around it, not every rule after it.
+
+// dispatchLeaf is the most lookup rules a block of the trie holds before
+// it is split; doubled as long as the layout would not fit the band.
+const dispatchLeaf = 8
+
+// DispatchEnd is the offset of the band's last rule, `nop`: the target of
+// skips that jump past every Route's rule (a goto needs a rule to land on).
+const DispatchEnd = BandWidth - 1
+
+// dispatchItem is one destination of one Route's table.
+type dispatchItem struct {
+	dst   netip.Prefix
+	table uint32
+}
+
+// dispatchNode is a block of the trie: the rules of its children, then its
+// own lookups.
+type dispatchNode struct {
+	prefix   netip.Prefix
+	own      []dispatchItem
+	children []*dispatchNode
+	rules    int // lookup rules in the whole block
+}
+
+// buildDispatch builds the trie of items, which must be sorted and all
+// inside one family.
+func buildDispatch(items []dispatchItem, leaf int) *dispatchNode {
+	cp := commonPrefix(items)
+	n := &dispatchNode{prefix: cp}
+	if sameTable(items) {
+		// One Route: a single rule covers the lot. A packet inside cp that
+		// is for none of its destinations misses in the table and goes on.
+		n.own, n.rules = []dispatchItem{{cp, items[0].table}}, 1
+		return n
+	}
+	if len(items) <= leaf {
+		n.own, n.rules = items, len(items)
+		return n
+	}
+	var halves [2][]dispatchItem
+	for _, it := range items {
+		if it.dst.Bits() == cp.Bits() {
+			n.own = append(n.own, it) // cp itself, owned by one Route
+			continue
+		}
+		b := bitAt(it.dst.Addr(), cp.Bits())
+		halves[b] = append(halves[b], it)
+	}
+	n.rules = len(n.own)
+	for _, h := range halves {
+		if len(h) > 0 {
+			c := buildDispatch(h, leaf)
+			n.children = append(n.children, c)
+			n.rules += c.rules
+		}
+	}
+	return n
+}
+
+// dispatchSlot is one priority of the layout: a skip, or lookup rules.
+type dispatchSlot struct {
+	key   string // identity across plans, see slotKey
+	rules []Rule
+	skip  bool
+	end   int // for a skip: the index of the first slot after its block
+}
+
+// slots flattens the trie into priorities: a skip for a block of more than
+// one rule, the children's blocks, then the block's own lookups (after the
+// children: a packet for a child then needs no extra table lookup).
+func (n *dispatchNode) slots(ipv6 bool, out []dispatchSlot) []dispatchSlot {
+	skip := -1
+	if n.rules > 1 && n.prefix.Bits() > 0 { // everything is inside a /0
+		skip = len(out)
+		out = append(out, dispatchSlot{key: "skip " + n.prefix.String(), skip: true,
+			rules: []Rule{{IPv6: ipv6, Dst: n.prefix, Invert: true, SuppressPrefixlen: -1}}})
+	}
+	for _, c := range n.children {
+		out = c.slots(ipv6, out)
+	}
+	if len(n.own) > 0 {
+		// Most specific first: a packet for one of them then meets no
+		// supernet's table (whose throw would only send it on).
+		slices.SortStableFunc(n.own, func(a, b dispatchItem) int { return b.dst.Bits() - a.dst.Bits() })
+		var s dispatchSlot
+		for _, it := range n.own {
+			for _, dst := range selectors(it.dst) {
+				s.rules = append(s.rules, Rule{IPv6: ipv6, Dst: dst, Table: it.table, SuppressPrefixlen: -1})
+			}
+		}
+		s.key = fmt.Sprintf("lookup %s %d", s.rules[0].Dst, s.rules[0].Table)
+		out = append(out, s)
+	}
+	if skip >= 0 {
+		out[skip].end = len(out)
+	}
+	return out
+}
+
+// dispatchRules lays out the per-Route rules of one family inside
+// [first, end) of the band, end being the nop rule's priority; previous
+// gives the priorities the layout's slots have now.
+func dispatchRules(items []dispatchItem, ipv6 bool, first, end int, previous map[string]int) []Rule {
+	slices.SortFunc(items, func(a, b dispatchItem) int { return comparePrefix(a.dst, b.dst) })
+	var slots []dispatchSlot
+	for leaf := dispatchLeaf; ; leaf *= 2 {
+		slots = buildDispatch(items, leaf).slots(ipv6, nil)
+		if len(slots) <= end-first || leaf > len(items) {
+			break
+		}
+	}
+	prio := slotPriorities(slots, first, end, previous)
+	var out []Rule
+	skips := false
+	for i, s := range slots {
+		skips = skips || s.skip
+		for _, r := range s.rules {
+			r.Priority = prio[i]
+			if s.skip {
+				r.Goto = end
+				if s.end < len(slots) {
+					r.Goto = prio[s.end]
+				}
+			}
+			out = append(out, r)
+		}
+	}
+	if skips {
+		out = append(out, Rule{Priority: end, IPv6: ipv6, Nop: true, SuppressPrefixlen: -1})
+	}
+	return out
+}
+
+// slotPriorities gives slot i a priority in [first, end), increasing with
+// i. A slot keeps its previous priority when that still fits between its
+// neighbours' (with room for the new slots between them); new slots are
+// spread evenly over the gap they fall in, which leaves room for later
+// ones.
+func slotPriorities(slots []dispatchSlot, first, end int, previous map[string]int) []int {
+	n := len(slots)
+	prio := make([]int, n)
+	kept := make([]bool, n)
+	last, lastIdx := first-1, -1
+	for i, s := range slots {
+		p, ok := previous[s.key]
+		// Room for the slots since the last kept one, and for every slot
+		// after this one before end.
+		if ok && p > last+(i-lastIdx-1) && p < end-(n-1-i) {
+			prio[i], kept[i], last, lastIdx = p, true, p, i
+		}
+	}
+	// Fill each run of new slots between kept ones (or the range's ends).
+	lo, loIdx := first-1, -1
+	for i := 0; i <= n; i++ {
+		if i < n && !kept[i] {
+			continue
+		}
+		hi := end
+		if i < n {
+			hi = prio[i]
+		}
+		run := i - loIdx - 1
+		for j := 1; j <= run; j++ {
+			if loIdx < 0 {
+				// The first slots start at first: a layout built from
+				// nothing reads from the top of the range.
+				prio[j-1] = first + (hi-first)*(j-1)/run
+			} else {
+				prio[loIdx+j] = lo + (hi-lo)*j/(run+1)
+			}
+		}
+		if i < n {
+			lo, loIdx = prio[i], i
+		}
+	}
+	return prio
+}
+
+// selectors are the `to` prefixes of a rule for dst: dst itself, or for a
+// /0 its two halves (OpenVPN's def1). The kernel takes a rule given no
+// destination for any rule of the same priority and table: it refuses to
+// add one next to `to <prefix>` (EEXIST), and deleting one could take the
+// other with it.
+func selectors(dst netip.Prefix) []netip.Prefix {
+	if dst.Bits() > 0 {
+		return []netip.Prefix{dst}
+	}
+	lo, _ := dst.Addr().Prefix(1)
+	hi := dst.Addr().AsSlice()
+	hi[0] = 0x80
+	h, _ := netip.AddrFromSlice(hi)
+	return []netip.Prefix{lo, netip.PrefixFrom(h, 1)}
+}
+
+// LayoutOf reads the dispatch's slot identities back from rules (the
+// kernel's, or a previous plan's): what Input.Layout takes.
+func LayoutOf(rules []Rule) map[string]int {
+	out := map[string]int{}
+	for _, r := range rules {
+		var key string
+		switch {
+		case r.IsSkip():
+			key = "skip " + r.Dst.String()
+		case r.Dst.IsValid() && r.Table != MainTable && r.Table != 0:
+			key = fmt.Sprintf("lookup %s %d", r.Dst, r.Table)
+		default:
+			continue
+		}
+		family := "4 "
+		if r.IPv6 {
+			family = "6 "
+		}
+		if p, ok := out[family+key]; !ok || r.Priority < p {
+			out[family+key] = r.Priority
+		}
+	}
+	return out
+}
+
+// layoutFor is the part of a Layout of one family, keyed as slots are.
+func layoutFor(layout map[string]int, ipv6 bool) map[string]int {
+	family := "4 "
+	if ipv6 {
+		family = "6 "
+	}
+	out := map[string]int{}
+	for k, p := range layout {
+		if len(k) > 2 && k[:2] == family {
+			out[k[2:]] = p
+		}
+	}
+	return out
+}
+
+func sameTable(items []dispatchItem) bool {
+	for _, it := range items[1:] {
+		if it.table != items[0].table {
+			return false
+		}
+	}
+	return true
+}
+
+// commonPrefix is the longest prefix that holds every item.
+func commonPrefix(items []dispatchItem) netip.Prefix {
+	bits := items[0].dst.Bits()
+	first := items[0].dst.Addr()
+	for _, it := range items[1:] {
+		bits = min(bits, it.dst.Bits(), commonBits(first, it.dst.Addr()))
+	}
+	p, _ := first.Prefix(bits)
+	return p
+}
+
+// commonBits is how many leading bits a and b share.
+func commonBits(a, b netip.Addr) int {
+	x, y := a.As16(), b.As16()
+	offset := 0
+	if a.Is4() {
+		offset = 96
+	}
+	for i := range 16 {
+		if d := x[i] ^ y[i]; d != 0 {
+			n := i * 8
+			for d&0x80 == 0 {
+				d <<= 1
+				n++
+			}
+			return max(n-offset, 0)
+		}
+	}
+	return a.BitLen()
+}
+
+// bitAt is bit i (0 the most significant) of a.
+func bitAt(a netip.Addr, i int) int {
+	b := a.AsSlice()
+	return int(b[i/8]>>(7-i%8)) & 1
+}
