@@ -13,7 +13,7 @@ import (
 // rule is a no-op, a nop passes, a lookup in a table ends the walk unless
 // the table's best match is a throw or there is none.
 type kernelSim struct {
-	rules  []Rule // sorted by priority, stable (the kernel's list order)
+	rules  []Rule      // sorted by priority, stable (the kernel's list order)
 	first  map[int]int // priority -> index of its first rule
 	tables map[uint32][]Route
 }
