@@ -134,7 +134,9 @@ func datapathRoutes(n int) []*v1alpha1.Route {
 }
 
 // datapathDst is an address inside Route i's destination.
-func datapathDst(i int) netip.Addr { return netip.AddrFrom4([4]byte{172, byte(16 + i/256), byte(i % 256), 9}) }
+func datapathDst(i int) netip.Addr {
+	return netip.AddrFrom4([4]byte{172, byte(16 + i/256), byte(i % 256), 9})
+}
 
 // flatLayout replaces plan's dispatch with one plain lookup rule per table
 // at the start of the Routes' range, as the agent laid them out before.

@@ -88,4 +88,3 @@ table ip kube {
 	b.ReportMetric(with/without, "with/without")
 	b.ReportMetric(with/bare, "with/bare")
 }
-
