@@ -16,6 +16,7 @@ import (
 
 	v1alpha1 "github.com/routing-agent/routing-agent/apis/networking/v1alpha1"
 	"github.com/routing-agent/routing-agent/pkg/lab/topology"
+	"github.com/routing-agent/routing-agent/pkg/planner"
 )
 
 // TestFailClosed: while a Route stands, none of its traffic leaves through
@@ -371,7 +372,7 @@ func TestFailClosed(t *testing.T) {
 						return false, k
 					}
 				}
-				return strings.Contains(k, fmt.Sprintf("%d:\tfrom all lookup %s proto 245", base+300, defaultTable)), k
+				return strings.Contains(k, fmt.Sprintf("%d:\tfrom all to 0.0.0.0/1 lookup %s proto 245", base+planner.OffsetDispatch, defaultTable)), k
 			})
 		}
 		sent, lost := tr.Finish()
