@@ -121,6 +121,10 @@ func TestTooManyDestinations(t *testing.T) {
 	if errs := Validate(ok); len(errs) > 0 {
 		t.Fatalf("%d destinations: %v", v1alpha1.MaxDestinations, errs.ToAggregate())
 	}
+	longest := decode(t, corpus.LongestDestinations(v1alpha1.MaxDestinations).YAML)
+	if errs := Validate(longest); len(errs) > 0 {
+		t.Fatalf("%d of the longest destinations: %v", v1alpha1.MaxDestinations, errs.ToAggregate())
+	}
 	tooMany := decode(t, corpus.TooManyDestinations(v1alpha1.MaxDestinations+1).YAML)
 	errs := Validate(tooMany)
 	if len(errs) != 1 || errs[0].Field != "spec.destinations" {

@@ -63,6 +63,21 @@ func TooManyDestinations(n int) Case {
 	return Case{Name: "destinations-too-many", YAML: []byte(b.String())}
 }
 
+// LongestDestinations returns a valid Route with n destinations of the
+// longest form the schema allows (49 characters, an IPv6 CIDR with an
+// embedded IPv4 tail), all IPv6 but the last: the worst case for the size
+// of the object and for the runtime cost of the CEL rules, two of which
+// walk the whole list looking for an IPv4 destination.
+func LongestDestinations(n int) Case {
+	var b strings.Builder
+	b.WriteString("apiVersion: networking.doks.digitalocean.com/v1alpha1\nkind: Route\nmetadata:\n  name: destinations-longest\nspec:\n  gateways: [\"10.114.0.3\", \"2001:db8::3\"]\n  destinations:\n")
+	for i := 0; i < n-1; i++ {
+		fmt.Fprintf(&b, "    - \"2001:0db8:ffff:ffff:%04x:%04x:255.255.255.255/128\"\n", 0x1000+i/65536, i%65536)
+	}
+	b.WriteString("    - \"198.51.100.255/32\"\n")
+	return Case{Name: "destinations-longest", YAML: []byte(b.String())}
+}
+
 func load(kind string) ([]Case, error) {
 	files, err := filepath.Glob(filepath.Join(Dir(), kind, "*.yaml"))
 	if err != nil {

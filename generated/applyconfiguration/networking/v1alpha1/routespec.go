@@ -31,7 +31,10 @@ type RouteSpecApplyConfiguration struct {
 	// (non-canonical ones such as 1.2.3.4/5 are normalized to 0.0.0.0/5) or
 	// bare IPs (host routes). 0.0.0.0/0 and ::/0 override the node's
 	// default route without cutting it off its control plane, metadata
-	// service or DNS.
+	// service or DNS. 1 to MaxDestinations (16,384) entries. Client-side
+	// `kubectl apply` copies the Route into an annotation limited to
+	// 256 KiB, which holds about 15,000 IPv4 prefixes: apply larger Routes
+	// with `kubectl apply --server-side` or `kubectl create`.
 	Destinations []string `json:"destinations,omitempty"`
 	// Gateways are the next hops, on a network directly connected to the
 	// node. More than one means ECMP across the ones that answer probes.
