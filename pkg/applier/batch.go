@@ -136,7 +136,9 @@ func (a *Applier) routeRemoval(r planner.Route, metric int) write {
 	}
 	if a.conn == nil {
 		nl := a.toNetlinkRoute(r)
-		nl.Priority = metric
+		// Without its gateways: naming them would miss a route that uses
+		// a nexthop object.
+		nl.Priority, nl.Gw, nl.LinkIndex, nl.MultiPath = metric, nil, 0, nil
 		x.direct = func() error { return a.h.RouteDel(nl) }
 		return x
 	}
