@@ -146,7 +146,7 @@ func (a *Applier) Apply(plan planner.Plan) (Report, error) {
 	if err == nil && len(rep.Rejected) == 0 && len(preErrs) == 0 {
 		// Only after a clean apply: a route that failed to move off an
 		// object would go with it.
-		a.collectNexthops(nhs, &writer{a: a, rep: &rep, errs: &preErrs})
+		a.collectNexthops(nhs, &writer{a: a, rep: &rep, errs: &preErrs}, outsideRange(a.cfg), false)
 	}
 	return rep, errors.Join(append(preErrs, err)...)
 }
@@ -288,11 +288,14 @@ func (a *Applier) RemoveLayout(old planner.Config) (Report, error) {
 	prev := &Applier{h: a.h, cfg: old, log: a.log, conn: a.conn}
 	prev.nexthopsOff.Store(a.nexthopsOff.Load())
 	ours := old.Protocol == a.cfg.Protocol
-	// The old protocol's nexthop objects go after its routes; with the
-	// same protocol they are this Applier's own.
-	var nhs *nexthopState
-	if !ours {
-		nhs = prev.syncNexthops(planner.Plan{}, &writer{a: prev, rep: &Report{}, errs: new([]error)})
+	// The old layout's nexthop objects go after its routes. With the same
+	// protocol the ids are this Applier's too: only the groups of old
+	// tables outside its range go, and the gateways are its own to keep
+	// or collect.
+	nhs := prev.syncNexthops(planner.Plan{}, &writer{a: prev, rep: &Report{}, errs: new([]error)})
+	spare := outsideRange(old)
+	if ours {
+		spare = func(t uint32) bool { return outsideRange(old)(t) || !outsideRange(a.cfg)(t) }
 	}
 	st, err := prev.Read()
 	if err != nil {
@@ -311,7 +314,7 @@ func (a *Applier) RemoveLayout(old planner.Config) (Report, error) {
 	rep, err := prev.applyTo(planner.Plan{}, st, nil)
 	if err == nil {
 		var errs []error
-		prev.collectNexthops(nhs, &writer{a: prev, rep: &rep, errs: &errs})
+		prev.collectNexthops(nhs, &writer{a: prev, rep: &rep, errs: &errs}, spare, ours)
 		err = errors.Join(errs...)
 	}
 	a.Writes.RuleDelete.Add(prev.Writes.RuleDelete.Load())

@@ -418,18 +418,31 @@ func sameMembers(a, b []uint32) bool {
 
 // collectNexthops removes the agent's nexthop objects the plan no longer
 // uses, groups before gateways. It runs last, once no route of the agent's
-// uses them: deleting an object deletes the routes through it.
-func (a *Applier) collectNexthops(st *nexthopState, w *writer) {
+// uses them: deleting an object deletes the routes through it. A group
+// stays when its table is one spare says (a table outside this layout's
+// range: another layout's, see RemoveLayout), and so do its members; with
+// groupsOnly, every gateway object stays.
+func (a *Applier) collectNexthops(st *nexthopState, w *writer, spare func(table uint32) bool, groupsOnly bool) {
 	if st == nil {
 		return
 	}
 	var groups, gateways []uint32
+	members := map[uint32]bool{}
 	for id, o := range st.own {
-		switch {
-		case st.keep[id]:
-		case len(o.Group) > 0:
-			groups = append(groups, id)
-		default:
+		if len(o.Group) == 0 {
+			continue
+		}
+		table, _, isGroup := planner.GroupTable(a.cfg.Protocol, id)
+		if st.keep[id] || isGroup && spare(table) {
+			for _, m := range o.Group {
+				members[m] = true
+			}
+			continue
+		}
+		groups = append(groups, id)
+	}
+	for id, o := range st.own {
+		if len(o.Group) == 0 && !st.keep[id] && !members[id] && !groupsOnly {
 			gateways = append(gateways, id)
 		}
 	}
@@ -439,4 +452,9 @@ func (a *Applier) collectNexthops(st *nexthopState, w *writer) {
 		w.add(write{what: func() string { return fmt.Sprintf("nexthop del id %d", id) }, counter: &a.Writes.NexthopDelete, msg: nlbatch.DeleteNexthop(id)})
 	}
 	w.flush()
+}
+
+// outsideRange says whether table is outside cfg's table range.
+func outsideRange(cfg planner.Config) func(uint32) bool {
+	return func(t uint32) bool { return t < cfg.TableMin || t > cfg.TableMax }
 }

@@ -284,3 +284,44 @@ func TestFailClosedWhenTheLinkGoesWithNexthops(t *testing.T) {
 		})
 	}
 }
+
+// TestRemoveLayoutKeepsSharedNexthops: with the same protocol the nexthop
+// ids are the new layout's too; moving the table range removes the old
+// table's group (after its routes) and keeps the gateway objects the new
+// tables use.
+func TestRemoveLayoutKeepsSharedNexthops(t *testing.T) {
+	e := newEnv(t, "nhlayout")
+	r := route("nat", 0, []string{"0.0.0.0/0"}, "10.114.0.3", "10.114.0.4")
+	old := e.cfg
+	oldTable := tableOf(t, e.plan(r), "nat")
+	if _, err := e.ap.Apply(e.plan(r)); err != nil {
+		t.Fatal(err)
+	}
+	e.cfg.TableMin, e.cfg.TableMax = 50000, 59999
+	moved := e.newApplier(e.cfg)
+	plan := e.plan(r)
+	if _, err := moved.Apply(plan); err != nil {
+		t.Fatal(err)
+	}
+	oldGroup, _ := planner.GroupID(old.Protocol, oldTable, false)
+	if got := e.ip("nexthop", "show", "id", fmt.Sprint(oldGroup)); !strings.Contains(got, "group") {
+		t.Errorf("the new layout's apply removed the old table's group before its routes: %q", got)
+	}
+	if _, err := moved.RemoveLayout(old); err != nil {
+		t.Fatal(err)
+	}
+	if n := moved.Writes.NexthopDelete.Load(); n != 1 {
+		t.Errorf("%d nexthop deletes, want 1 (the old table's group)", n)
+	}
+	newGroup, _ := planner.GroupID(e.cfg.Protocol, tableOf(t, plan, "nat"), false)
+	objs := e.ip("nexthop", "show", "protocol", "245")
+	if strings.Count(objs, "\n") != 3 || !strings.Contains(objs, fmt.Sprintf("id %d group", newGroup)) {
+		t.Errorf("nexthop objects after the move:\n%s", objs)
+	}
+	if got := e.sendFlows(netip.AddrPortFrom(e.lab.ExternalAddr, 9000), e.lab.External, 4); got != 4 {
+		t.Errorf("%d of 4 flows arrived through the moved layout", got)
+	}
+	if rep, err := moved.Apply(plan); err != nil || rep.Changes != 0 {
+		t.Errorf("apply after the move: %d writes, %v", rep.Changes, err)
+	}
+}

@@ -62,6 +62,16 @@ func GroupID(protocol uint8, table uint32, ipv6 bool) (uint32, bool) {
 	return NexthopIDBase(protocol) + nexthopGroupOffset + uint32(off), true
 }
 
+// GroupTable is the table and family whose group id is; ok is false for
+// an id that is no table's group.
+func GroupTable(protocol uint8, id uint32) (table uint32, ipv6, ok bool) {
+	if !IsGroupID(protocol, id) {
+		return 0, false, false
+	}
+	off := id - NexthopIDBase(protocol) - nexthopGroupOffset
+	return off / 2, off%2 == 1, true
+}
+
 // NexthopObject is one of the agent's kernel nexthop objects: a gateway on
 // a link, or a group of gateway objects.
 type NexthopObject struct {
