@@ -33,9 +33,12 @@ var ErrDumpInterrupted = errors.New("netlink dump interrupted")
 // Conn is a NETLINK_ROUTE socket in one network namespace. It is safe for
 // use by one goroutine at a time (calls are serialized).
 type Conn struct {
-	mu   sync.Mutex
-	fd   int
-	seq  uint32
+	mu sync.Mutex
+	fd int
+	// chunk is how many requests go in one sendmsg: maxChunkMsgs, fewer
+	// if the receive buffer could not be raised.
+	chunk int
+	seq   uint32
 	rbuf []byte
 	wbuf []byte
 }
@@ -71,6 +74,10 @@ func (c *Conn) setup() error {
 			return fmt.Errorf("netlink receive buffer: %w", err)
 		}
 	}
+	c.chunk = maxChunkMsgs
+	if got, err := unix.GetsockoptInt(c.fd, unix.SOL_SOCKET, unix.SO_RCVBUF); err == nil && got/2048 < c.chunk {
+		c.chunk = max(got/2048, 16)
+	}
 	if unix.SetsockoptInt(c.fd, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, sndBuf) != nil {
 		_ = unix.SetsockoptInt(c.fd, unix.SOL_SOCKET, unix.SO_SNDBUF, sndBuf)
 	}
@@ -105,7 +112,7 @@ func (c *Conn) Send(msgs []Msg) []error {
 	errs := make([]error, len(msgs))
 	for start := 0; start < len(msgs); {
 		end, size := start, 0
-		for end < len(msgs) && end-start < maxChunkMsgs && (end == start || size+msgs[end].len() <= maxChunkBytes) {
+		for end < len(msgs) && end-start < c.chunk && (end == start || size+msgs[end].len() <= maxChunkBytes) {
 			size += (msgs[end].len() + 3) &^ 3
 			end++
 		}
