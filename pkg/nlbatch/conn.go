@@ -39,8 +39,8 @@ type Conn struct {
 	// if the receive buffer could not be raised.
 	chunk int
 	seq   uint32
-	rbuf []byte
-	wbuf []byte
+	rbuf  []byte
+	wbuf  []byte
 }
 
 // Open opens a socket in the network namespace ns (netns.None() for the
