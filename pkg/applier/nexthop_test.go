@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/go-logr/logr"
+	"github.com/go-logr/logr/funcr"
+	vnetns "github.com/vishvananda/netns"
 
 	v1alpha1 "github.com/routing-agent/routing-agent/apis/networking/v1alpha1"
 	"github.com/routing-agent/routing-agent/pkg/applier"
@@ -324,4 +326,68 @@ func TestRemoveLayoutKeepsSharedNexthops(t *testing.T) {
 	if rep, err := moved.Apply(plan); err != nil || rep.Changes != 0 {
 		t.Errorf("apply after the move: %d writes, %v", rep.Changes, err)
 	}
+}
+
+// TestOneLogLinePerChange: batched, every write the kernel made is one
+// "kernel change" line and one count; a refused one is neither, and is the
+// Route's.
+func TestOneLogLinePerChange(t *testing.T) {
+	e := newEnv(t, "nhlog")
+	var lines []string
+	log := funcr.New(func(prefix, args string) { lines = append(lines, args) }, funcr.Options{})
+	ns, err := vnetns.GetFromName(e.lab.Node)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ns.Close()
+	ap := applier.New(e.h, e.cfg, log)
+	if err := ap.SetNamespace(ns); err != nil {
+		t.Fatal(err)
+	}
+	defer ap.Close()
+	r := route("logged", 0, append(manyDestinations(40), "::/0"), "10.114.0.3", "10.114.0.4", "fd00:114::3")
+	plan := e.plan(r)
+	rep, err := ap.Apply(plan)
+	if err != nil {
+		t.Fatal(err)
+	}
+	count := func() int {
+		n := 0
+		for _, l := range lines {
+			if strings.Contains(l, `"kernel change"`) {
+				n++
+			}
+		}
+		return n
+	}
+	if n := count(); n != rep.Changes || int64(n) != ap.Writes.Total() || n == 0 {
+		t.Errorf("%d kernel change lines, %d changes reported, %d counted", n, rep.Changes, ap.Writes.Total())
+	}
+	// The IPv6 gateway's link loses its address and someone flushes the
+	// IPv6 nexthop objects (their group and route go with them): the
+	// kernel refuses the object again and then the route (no connected
+	// network).
+	lines = nil
+	before := ap.Writes.Total()
+	e.ip("-6", "addr", "flush", "dev", topology.VPCIf)
+	table := tableOf(t, plan, "logged")
+	e.ip("-6", "nexthop", "flush", "protocol", "245")
+	// The plan made while the gateway was connected, as for a Route
+	// already applied (see planner: it is not withdrawn).
+	rep, err = ap.Apply(plan)
+	if err != nil {
+		t.Fatalf("apply: %v", err)
+	}
+	if got := len(rep.Rejected[table]); got != 1 {
+		t.Errorf("refused: %v, want the IPv6 default route", rep.Rejected)
+	}
+	if n := count(); n != rep.Changes || int64(n) != ap.Writes.Total()-before {
+		t.Errorf("%d kernel change lines, %d changes reported, %d counted", n, rep.Changes, ap.Writes.Total()-before)
+	}
+	for _, l := range lines {
+		if strings.Contains(l, `"kernel change"`) && strings.Contains(l, "::/0") {
+			t.Errorf("a refused write was logged as a change: %s", l)
+		}
+	}
+	t.Logf("rejected: %v; %d changes", rep.Rejected, rep.Changes)
 }
