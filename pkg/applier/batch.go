@@ -1,6 +1,7 @@
 package applier
 
 import (
+	"errors"
 	"fmt"
 	"slices"
 	"sync/atomic"
@@ -366,17 +367,20 @@ func (a *Applier) syncNexthops(plan planner.Plan, w *writer) *nexthopState {
 			failed: func(err error) {
 				failed[layoutID] = true
 				a.log.Info("kernel refused a nexthop object; the routes through it name their gateways", "error", err.Error())
+				if errors.Is(err, unix.EOPNOTSUPP) {
+					// Listed but not made: a kernel without them after all.
+					a.nexthopsOff.Store(true)
+				}
 			},
 			ok: func() { st.own[id] = obj }})
 	}
 	w.flush()
+	byID := make(map[uint32]planner.NexthopObject, len(layout.Objects))
+	for _, o := range layout.Objects {
+		byID[o.ID] = o
+	}
 	for tf, gid := range layout.Groups {
-		var g planner.NexthopObject
-		for _, o := range layout.Objects {
-			if o.ID == gid {
-				g = o
-			}
-		}
+		g := byID[gid]
 		members := make([]uint32, 0, len(g.Group))
 		ok := true
 		for _, m := range g.Group {
