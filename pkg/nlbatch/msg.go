@@ -5,8 +5,12 @@
 // routes and nexthop objects with the attributes package netlink v1.3.1
 // does not parse (RTA_NH_ID, RTM_NEWNEXTHOP).
 //
-// Messages are built with package netlink/nl's helpers (RtMsg, RtAttr);
-// only the nexthop header (struct nhmsg) is written by hand.
+// Rules and nexthop objects are built with package netlink/nl's helpers
+// (RtMsg, RtAttr; struct nhmsg by hand); routes, the bulk of a cold apply,
+// are appended straight into one buffer each. Parsing uses nl's attribute
+// parser. mdlayher/netlink was not used: its Receive turns an error answer
+// into an error without the sequence number it answers, and this package
+// needs exactly that mapping.
 package nlbatch
 
 import (
