@@ -5,6 +5,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"github.com/vishvananda/netns"
 	"io"
 	"net"
 	"net/http"
@@ -155,6 +156,10 @@ func runAgent(args []string, stderr io.Writer) int {
 		Probe:             probe,
 		StartupTaint:      *startupTaint,
 	}, client, kube, &netlink.Handle{}, log)
+	// The zero Handle works in the current namespace: so do the batches.
+	if err := a.SetNamespace(netns.None()); err != nil {
+		return usageErr("netlink: %v", err)
+	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()

@@ -3,6 +3,7 @@ package main
 import (
 	"flag"
 	"fmt"
+	"github.com/vishvananda/netns"
 	"io"
 
 	"github.com/go-logr/logr"
@@ -36,6 +37,13 @@ func cleanup(args []string, stdout, stderr io.Writer, log logr.Logger) int {
 		return 2
 	}
 	ap := applier.New(&netlink.Handle{}, *cfg, log)
+	// The zero Handle works in the current namespace: so does the socket
+	// that also finds the agent's nexthop objects.
+	if err := ap.SetNamespace(netns.None()); err != nil {
+		fmt.Fprintln(stderr, "routing-agent cleanup:", err)
+		return 1
+	}
+	defer ap.Close()
 	marks, err := connmark.New(-1)
 	if err != nil {
 		fmt.Fprintln(stderr, "routing-agent cleanup:", err)
@@ -46,6 +54,9 @@ func cleanup(args []string, stdout, stderr io.Writer, log logr.Logger) int {
 	fmt.Fprintf(stdout, "removed %d rules and %d routes", ap.Writes.RuleDelete.Load(), ap.Writes.RouteDelete.Load())
 	if ap.Writes.Nftables.Load() > 0 {
 		fmt.Fprintf(stdout, " and the nftables table inet %s", planner.ConnMarkTable)
+	}
+	if n := ap.Writes.NexthopDelete.Load(); n > 0 {
+		fmt.Fprintf(stdout, ", and %d nexthop objects", n)
 	}
 	fmt.Fprintln(stdout)
 	if rep.MarkingErr != nil {

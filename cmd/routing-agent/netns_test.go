@@ -1,6 +1,7 @@
 package main
 
 import (
+	vnetns "github.com/vishvananda/netns"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -70,7 +71,9 @@ func TestPlanAndCleanupInNamespace(t *testing.T) {
 		"ip -4 rule add priority 30000 to 198.51.100.53/32 lookup main protocol 245",
 		"ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245",
 		"ip -4 rule add priority 30100 fwmark 0x2000/0x2000 lookup main protocol 245",
-		" proto 245 nexthop via 10.114.0.3 dev vpc0 weight 1 nexthop via 10.114.0.4 dev vpc0 weight 1",
+		"ip nexthop replace id 4110417921 via 10.114.0.3 dev vpc0 protocol 245",
+		"ip nexthop replace id 4110417922 via 10.114.0.4 dev vpc0 protocol 245",
+		" proto 245 nhid 4110",
 	} {
 		if !strings.Contains(out, want) {
 			t.Errorf("plan output lacks %q:\n%s", want, out)
@@ -102,6 +105,10 @@ func TestPlanAndCleanupInNamespace(t *testing.T) {
 		t.Fatal(err)
 	}
 	ap := applier.New(h, planner.DefaultConfig(), logr.Discard())
+	if err := ap.SetNamespace(vnetns.NsHandle(nsFile.Fd())); err != nil {
+		t.Fatal(err)
+	}
+	defer ap.Close()
 	ap.SetMarker(connmark.Planned{Table: marks})
 	if rep, err := ap.Apply(planner.Compute(planner.Input{Config: planner.DefaultConfig(), Node: node, Routes: selected})); err != nil || !rep.Marking {
 		t.Fatalf("apply: %v, marking %v (%v)", err, rep.Marking, rep.MarkingErr)
@@ -114,7 +121,7 @@ func TestPlanAndCleanupInNamespace(t *testing.T) {
 	if err != nil {
 		t.Fatalf("cleanup: %v\n%s", err, out)
 	}
-	if !strings.Contains(out, "removed 8 rules and 2 routes and the nftables table inet routing-agent") || !strings.Contains(out, "lookup 777") {
+	if !strings.Contains(out, "removed 8 rules and 2 routes and the nftables table inet routing-agent, and 3 nexthop objects") || !strings.Contains(out, "lookup 777") {
 		t.Errorf("cleanup said:\n%s", out)
 	}
 	if tables, _ := lab.Exec(lab.Node, "nft", "list", "tables"); strings.Contains(tables, "routing-agent") {

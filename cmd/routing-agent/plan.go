@@ -21,8 +21,9 @@ import (
 
 const planUsage = `usage: routing-agent plan [flags] ROUTE_FILE...
 
-Prints the ip rules and routes the agent would install on a node for the
-Routes in ROUTE_FILE ("-" for stdin), with what became of each Route. Needs
+Prints the nexthop objects, ip rules and routes the agent would install on
+a node for the Routes in ROUTE_FILE ("-" for stdin), with what became of
+each Route. Needs
 no cluster and no root: the node is a description file (--node) or the
 current network namespace, read over netlink.
 
@@ -40,6 +41,7 @@ func plan(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	nodeName := fs.String("node-name", "", "node name for nodeSelector matchFields, without --node")
 	nodeLabels := fs.String("node-labels", "", "node labels k=v,... for nodeSelector, without --node")
 	down := fs.String("down", "", "gateways to plan as down, comma-separated (preview of a failover)")
+	perRoute := fs.Bool("per-route", false, "print routes that name their gateways, as the agent writes them on a kernel without nexthop objects (before Linux 5.3), instead of nexthop objects and groups")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -140,7 +142,11 @@ func plan(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 			fmt.Fprintf(stdout, "# bypass %s: %s\n", b.Prefix, strings.Join(b.Sources, ", "))
 		}
 	}
-	for _, line := range result.Commands(cfg.Protocol) {
+	commands := result.CommandsWithNexthops(cfg.Protocol)
+	if *perRoute {
+		commands = result.Commands(cfg.Protocol)
+	}
+	for _, line := range commands {
 		fmt.Fprintln(stdout, line)
 	}
 	if table := connmark.ForPlan(result.ConnMark).Render(); table != "" {

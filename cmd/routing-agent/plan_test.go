@@ -24,6 +24,9 @@ func TestPlanSeedExampleOnDescribedNode(t *testing.T) {
 # bypass 169.254.169.254/32: metadata
 # bypass 198.51.100.53/32: dnsServers
 # bypass 203.0.113.100/32: controlPlane
+ip nexthop replace id 4110417921 via 10.114.0.3 dev eth1 protocol 245
+ip nexthop replace id 4110417922 via 10.114.0.4 dev eth1 protocol 245
+ip nexthop replace id 4110483656 group 4110417921/4110417922 protocol 245
 ip -4 rule add priority 30000 to 10.114.0.3/32 lookup main protocol 245
 ip -4 rule add priority 30000 to 10.114.0.4/32 lookup main protocol 245
 ip -4 rule add priority 30000 to 169.254.169.254/32 lookup main protocol 245
@@ -33,7 +36,7 @@ ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
 ip -4 rule add priority 30100 fwmark 0x2000/0x2000 lookup main protocol 245
 ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
 ip -4 rule add priority 30301 to 0.0.0.0/5 lookup 100 protocol 245
-ip -4 route replace 0.0.0.0/5 table 100 proto 245 nexthop via 10.114.0.3 dev eth1 weight 1 nexthop via 10.114.0.4 dev eth1 weight 1
+ip -4 route replace 0.0.0.0/5 table 100 proto 245 nhid 4110483656
 ip -4 route replace unreachable 0.0.0.0/5 table 100 proto 245 metric 4294967295
 nft -f - <<'EOF'
 table inet routing-agent {
@@ -52,6 +55,16 @@ EOF
 `
 	if got := stdout.String(); got != want {
 		t.Errorf("plan output:\n%s\nwant:\n%s", got, want)
+	}
+
+	// Without nexthop objects, each route names its gateways.
+	stdout.Reset()
+	if code := run([]string{"plan", "--per-route", "--node", cloudNode, "--table-min", "100", "--table-max", "100", seedFile("02-ecmp.yaml")}, nil, &stdout, &stderr); code != 0 {
+		t.Fatalf("--per-route: exit %d: %s", code, stderr.String())
+	}
+	if got := stdout.String(); strings.Contains(got, "nexthop replace") ||
+		!strings.Contains(got, "ip -4 route replace 0.0.0.0/5 table 100 proto 245 nexthop via 10.114.0.3 dev eth1 weight 1 nexthop via 10.114.0.4 dev eth1 weight 1\n") {
+		t.Errorf("plan --per-route output:\n%s", got)
 	}
 }
 

@@ -11,6 +11,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/vishvananda/netns"
 	"net/netip"
 	"sync"
 	"sync/atomic"
@@ -162,6 +163,11 @@ type Agent struct {
 
 	ready atomic.Bool
 }
+
+// SetNamespace makes the agent's kernel writes go out in batches through a
+// netlink socket of their own in ns, the namespace of its handle, with
+// nexthop objects where the kernel has them (applier.SetNamespace).
+func (a *Agent) SetNamespace(ns netns.NsHandle) error { return a.applier.SetNamespace(ns) }
 
 // New wires informers and the workqueue; Run starts them.
 func New(opts Options, client versioned.Interface, kube kubernetes.Interface, handle *netlink.Handle, log logr.Logger) *Agent {

@@ -226,7 +226,7 @@ func (a *Agent) countWrites() {
 	for op, n := range map[string]int64{
 		"route_replace": w.RouteReplace.Load(), "route_delete": w.RouteDelete.Load(),
 		"rule_add": w.RuleAdd.Load(), "rule_delete": w.RuleDelete.Load(),
-		"nftables": w.Nftables.Load(),
+		"nftables": w.Nftables.Load(), "nexthop_replace": w.NexthopReplace.Load(), "nexthop_delete": w.NexthopDelete.Load(),
 	} {
 		if d := n - a.status.writes[op]; d > 0 {
 			a.metrics.netlinkWrites.WithLabelValues(op).Add(float64(d))

@@ -14,11 +14,13 @@ import (
 	"slices"
 	"strings"
 	"sync/atomic"
+	"time"
 
 	"github.com/go-logr/logr"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/routing-agent/routing-agent/pkg/nlbatch"
 	"github.com/routing-agent/routing-agent/pkg/nlutil"
 	"github.com/routing-agent/routing-agent/pkg/planner"
 )
@@ -29,6 +31,10 @@ type Applier struct {
 	cfg   planner.Config
 	log   logr.Logger
 	marks Marker
+	// conn, set by SetNamespace, sends requests in batches.
+	conn *nlbatch.Conn
+	// nexthopsOff: the kernel has no nexthop objects (or a test says so).
+	nexthopsOff atomic.Bool
 	// Writes counts every netlink write since the Applier was made.
 	Writes Counters
 }
@@ -36,6 +42,9 @@ type Applier struct {
 // Counters count netlink writes by kind.
 type Counters struct {
 	RouteReplace, RouteDelete, RuleAdd, RuleDelete atomic.Int64
+	// NexthopReplace and NexthopDelete count writes of nexthop objects
+	// (gateways and groups; see planner.Nexthops).
+	NexthopReplace, NexthopDelete atomic.Int64
 	// Nftables counts writes of the connection-marking table (each one
 	// netlink batch).
 	Nftables atomic.Int64
@@ -43,7 +52,8 @@ type Counters struct {
 
 // Total is the number of writes of every kind.
 func (c *Counters) Total() int64 {
-	return c.RouteReplace.Load() + c.RouteDelete.Load() + c.RuleAdd.Load() + c.RuleDelete.Load() + c.Nftables.Load()
+	return c.RouteReplace.Load() + c.RouteDelete.Load() + c.RuleAdd.Load() + c.RuleDelete.Load() + c.Nftables.Load() +
+		c.NexthopReplace.Load() + c.NexthopDelete.Load()
 }
 
 // Marker keeps the agent's nftables table (pkg/connmark) as a plan says:
@@ -81,6 +91,10 @@ type Report struct {
 	Marking bool
 	// MarkingErr is why it is not, when writing it failed.
 	MarkingErr error
+	// NexthopsIn is how long after Apply was called the nexthop groups
+	// held the plan's live gateways: a gateway going down or coming back
+	// is complete in the kernel then. 0 without nexthop objects.
+	NexthopsIn time.Duration
 }
 
 // Rejection is one route the kernel refused.
@@ -108,15 +122,38 @@ type Rejection struct {
 //  6. last, the routes nobody wants (live ones before their backstops, a
 //     supernet before the throws carved out of it), among them the
 //     routes of tables no rule leads to any more.
+//
+// With nexthop objects (SetNamespace, on a kernel that has them) a phase
+// comes before all of this, and before reading the kernel: the gateway
+// objects the plan needs are made and each table's group gets the plan's
+// live gateways (syncNexthops); the routes of step 1 then point at the
+// groups. Last, objects the plan no longer uses go (collectNexthops).
+// Every step's writes go to the kernel together (writer); no step starts
+// before the previous one's are done.
 func (a *Applier) Apply(plan planner.Plan) (Report, error) {
+	begin := time.Now()
+	var pre Report
+	var preErrs []error
+	nhs := a.syncNexthops(plan, &writer{a: a, rep: &pre, errs: &preErrs})
+	if nhs != nil {
+		pre.NexthopsIn = time.Since(begin)
+	}
 	actual, err := a.Read()
 	if err != nil {
-		return Report{}, err
+		return pre, errors.Join(append(preErrs, err)...)
 	}
-	return a.applyTo(plan, actual)
+	rep, err := a.applyTo(plan, actual, nhs)
+	rep.Changes += pre.Changes
+	rep.NexthopsIn = pre.NexthopsIn
+	if err == nil && len(rep.Rejected) == 0 && len(preErrs) == 0 {
+		// Only after a clean apply: a route that failed to move off an
+		// object would go with it.
+		a.collectNexthops(nhs, &writer{a: a, rep: &rep, errs: &preErrs}, outsideRange(a.cfg), false)
+	}
+	return rep, errors.Join(append(preErrs, err)...)
 }
 
-func (a *Applier) applyTo(plan planner.Plan, actual *State) (Report, error) {
+func (a *Applier) applyTo(plan planner.Plan, actual *State, nhs *nexthopState) (Report, error) {
 	rep := Report{Foreign: actual.Foreign, MarkCollisions: actual.MarkUsers}
 	// The marks first: the fwmark rule added below is of use at once. A
 	// table that cannot be written leaves replies to the source rules and
@@ -135,37 +172,29 @@ func (a *Applier) applyTo(plan planner.Plan, actual *State) (Report, error) {
 		rep.Marking = err == nil && plan.ConnMark != nil
 	}
 	var errs []error
-	do := func(what string, op func() error, counter *atomic.Int64) error {
-		if err := op(); err != nil {
-			return fmt.Errorf("%s: %w", what, err)
+	w := &writer{a: a, rep: &rep, errs: &errs}
+	groupOf := func(r planner.Route) uint32 {
+		if nhs == nil || r.Throw || r.Backstop {
+			return 0
 		}
-		counter.Add(1)
-		rep.Changes++
-		a.log.Info("kernel change", "op", what)
-		return nil
+		return nhs.groups[planner.TableFamily{Table: r.Table, IPv6: r.Dst.Addr().Is6()}]
 	}
 	replace := func(r planner.Route) {
-		if have, ok := actual.Routes[keyOf(r)]; ok && sameRoute(have, r) {
+		nhid := groupOf(r)
+		if have, ok := actual.Routes[keyOf(r)]; ok && actual.nhid[keyOf(r)] == nhid && (nhid != 0 || sameRoute(have, r)) && have.Throw == r.Throw && have.Backstop == r.Backstop {
 			return
 		}
-		nl := a.toNetlinkRoute(r)
-		if err := do(r.Batch(a.cfg.Protocol), func() error { return a.h.RouteReplace(nl) }, &a.Writes.RouteReplace); err != nil {
+		x := a.routeWrite(r, nhid)
+		x.failed = func(err error) {
 			if rep.Rejected == nil {
 				rep.Rejected = map[uint32][]Rejection{}
 			}
 			rep.Rejected[r.Table] = append(rep.Rejected[r.Table], Rejection{Route: r, Err: err})
 		}
+		w.add(x)
 	}
 	remove := func(key routeKey) {
-		nl := a.toNetlinkRoute(actual.Routes[key])
-		nl.Priority = actual.metrics[key]
-		what := fmt.Sprintf("route del %s table %d", key.Dst, key.Table)
-		if key.Backstop {
-			what = fmt.Sprintf("route del unreachable %s table %d metric %d", key.Dst, key.Table, uint32(planner.BackstopMetric))
-		}
-		if err := do(what, func() error { return a.h.RouteDel(nl) }, &a.Writes.RouteDelete); err != nil {
-			errs = append(errs, err)
-		}
+		w.add(a.routeRemoval(actual.Routes[key], actual.metrics[key]))
 	}
 
 	wanted := map[routeKey]bool{}
@@ -186,10 +215,7 @@ func (a *Applier) applyTo(plan planner.Plan, actual *State) (Report, error) {
 			extra = have[1:]
 		}
 		for _, r := range extra {
-			nl := a.toNetlinkRule(r)
-			if err := do(strings.Replace(key, "rule add", "rule del", 1), func() error { return a.h.RuleDel(nl) }, &a.Writes.RuleDelete); err != nil {
-				errs = append(errs, err)
-			}
+			w.add(a.ruleWrite(strings.Replace(key, "rule add", "rule del", 1), r, false))
 		}
 	}
 	addRules := func(skips bool) {
@@ -198,10 +224,7 @@ func (a *Applier) applyTo(plan planner.Plan, actual *State) (Report, error) {
 			if r.IsSkip() != skips || len(actual.Rules[key]) > 0 {
 				continue
 			}
-			nl := a.toNetlinkRule(r)
-			if err := do(key, func() error { return a.h.RuleAdd(nl) }, &a.Writes.RuleAdd); err != nil {
-				errs = append(errs, err)
-			}
+			w.add(a.ruleWrite(key, r, true))
 		}
 	}
 	// 0. Stale skips go before anything moves: the dispatch's skips only
@@ -211,20 +234,24 @@ func (a *Applier) applyTo(plan planner.Plan, actual *State) (Report, error) {
 	for _, key := range sortedKeys(actual.Rules) {
 		removeRules(key, true)
 	}
+	w.flush()
 	// 1. Fill and repair tables.
 	for _, r := range plan.Routes {
 		if !r.Throw {
 			replace(r)
 		}
 	}
+	w.flush()
 	// 2. Add missing rules, skips aside.
 	addRules(false)
+	w.flush()
 	// 3. Throws, now that the tables they hand over to are reachable.
 	for _, r := range plan.Routes {
 		if r.Throw {
 			replace(r)
 		}
 	}
+	w.flush()
 	// A stale throw whose prefix no wanted table holds any more hands over
 	// to a Route that is going: it goes first (step 4), or its prefix would
 	// be thrown on to main once that Route's rule is gone. Every other
@@ -251,17 +278,21 @@ func (a *Applier) applyTo(plan planner.Plan, actual *State) (Report, error) {
 	for _, key := range early {
 		remove(key)
 	}
+	w.flush()
 	// 5. Stale and doubled rules, then the missing skips, now that every
 	// rule they jump over is the plan's.
 	for _, key := range sortedKeys(actual.Rules) {
 		removeRules(key, false)
 	}
+	w.flush()
 	addRules(true)
+	w.flush()
 	// 6. Routes nobody wants any more, live before backstop
 	// (sortedRouteKeys), and the remaining throws.
 	for _, key := range late {
 		remove(key)
 	}
+	w.flush()
 	return rep, errors.Join(errs...)
 }
 
@@ -278,12 +309,22 @@ func (a *Applier) Cleanup() (Report, error) {
 // the old ones go; like Apply, it removes rules before the routes of their
 // tables.
 func (a *Applier) RemoveLayout(old planner.Config) (Report, error) {
-	prev := &Applier{h: a.h, cfg: old, log: a.log}
+	prev := &Applier{h: a.h, cfg: old, log: a.log, conn: a.conn}
+	prev.nexthopsOff.Store(a.nexthopsOff.Load())
+	ours := old.Protocol == a.cfg.Protocol
+	// The old layout's nexthop objects go after its routes. With the same
+	// protocol the ids are this Applier's too: only the groups of old
+	// tables outside its range go, and the gateways are its own to keep
+	// or collect.
+	nhs := prev.syncNexthops(planner.Plan{}, &writer{a: prev, rep: &Report{}, errs: new([]error)})
+	spare := outsideRange(old)
+	if ours {
+		spare = func(t uint32) bool { return outsideRange(old)(t) || !outsideRange(a.cfg)(t) }
+	}
 	st, err := prev.Read()
 	if err != nil {
 		return Report{}, err
 	}
-	ours := old.Protocol == a.cfg.Protocol
 	for key, rules := range st.Rules {
 		if ours && rules[0].Priority >= a.cfg.PriorityBase && rules[0].Priority < a.cfg.PriorityBase+planner.BandWidth {
 			delete(st.Rules, key)
@@ -294,9 +335,15 @@ func (a *Applier) RemoveLayout(old planner.Config) (Report, error) {
 			delete(st.Routes, key)
 		}
 	}
-	rep, err := prev.applyTo(planner.Plan{}, st)
+	rep, err := prev.applyTo(planner.Plan{}, st, nil)
+	if err == nil {
+		var errs []error
+		prev.collectNexthops(nhs, &writer{a: prev, rep: &rep, errs: &errs}, spare, ours)
+		err = errors.Join(errs...)
+	}
 	a.Writes.RuleDelete.Add(prev.Writes.RuleDelete.Load())
 	a.Writes.RouteDelete.Add(prev.Writes.RouteDelete.Load())
+	a.Writes.NexthopDelete.Add(prev.Writes.NexthopDelete.Load())
 	rep.Foreign = nil // the old band's strangers are not this band's
 	return rep, err
 }

@@ -13,6 +13,7 @@ import (
 
 	"github.com/go-logr/logr"
 	"github.com/vishvananda/netlink"
+	vnetns "github.com/vishvananda/netns"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/yaml"
 
@@ -66,7 +67,31 @@ func newEnv(t *testing.T, purpose string) *env {
 		t.Fatal(err)
 	}
 	cfg := planner.DefaultConfig()
-	return &env{t: t, lab: lab, h: h, ap: applier.New(h, cfg, logr.Discard()), cfg: cfg}
+	e := &env{t: t, lab: lab, h: h, cfg: cfg}
+	e.ap = e.newApplier(cfg)
+	return e
+}
+
+// newApplier is an Applier for the node's namespace with its own batch
+// socket there, as the agent makes one.
+func (e *env) newApplier(cfg planner.Config) *applier.Applier {
+	e.t.Helper()
+	return newApplierIn(e.t, e.lab.Node, e.h, cfg)
+}
+
+func newApplierIn(t testing.TB, name string, h *netlink.Handle, cfg planner.Config) *applier.Applier {
+	t.Helper()
+	ns, err := vnetns.GetFromName(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ns.Close()
+	ap := applier.New(h, cfg, logr.Discard())
+	if err := ap.SetNamespace(ns); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ap.Close() })
+	return ap
 }
 
 func (e *env) plan(routes ...*v1alpha1.Route) planner.Plan {
@@ -255,11 +280,14 @@ func TestSeedExamples(t *testing.T) {
 			if tc.default_ {
 				dst = "default"
 			}
+			// The live route goes through the table's nexthop group
+			// (ip shows its gateways too).
+			group, _ := planner.GroupID(e.cfg.Protocol, table, false)
 			var want string
 			if len(tc.gateways) == 1 {
-				want = fmt.Sprintf("%s via %s dev vpc0 proto 245 \n", dst, tc.gateways[0])
+				want = fmt.Sprintf("%s nhid %d via %s dev vpc0 proto 245 \n", dst, group, tc.gateways[0])
 			} else {
-				want = fmt.Sprintf("%s proto 245 \n\tnexthop via 10.114.0.3 dev vpc0 weight 1 \n\tnexthop via 10.114.0.4 dev vpc0 weight 1 \n", dst)
+				want = fmt.Sprintf("%s nhid %d proto 245 \n\tnexthop via 10.114.0.3 dev vpc0 weight 1 \n\tnexthop via 10.114.0.4 dev vpc0 weight 1 \n", dst, group)
 			}
 			// Behind the live route, the backstop no link change flushes.
 			want += fmt.Sprintf("unreachable %s proto 245 metric 4294967295 \n", dst)
@@ -508,7 +536,7 @@ func TestIdempotenceAndDrift(t *testing.T) {
 
 	// A new Applier is a restarted agent; "gone" was deleted while it was
 	// down. Only gone's rule and routes are written (deleted).
-	restarted := applier.New(e.h, e.cfg, logr.Discard())
+	restarted := e.newApplier(e.cfg)
 	rep, err := restarted.Apply(e.plan(keep))
 	if err != nil {
 		t.Fatal(err)
@@ -685,20 +713,22 @@ func TestRemoveLayout(t *testing.T) {
 		name                        string
 		change                      func(*planner.Config)
 		wantRuleDels, wantRouteDels int64
+		wantNexthopDels             int64
 	}{
 		// Same protocol and tables: the routes are the new agent's too;
 		// only the old band's nine rules go (the /0 is two, 0.0.0.0/1 and
 		// 128.0.0.0/1).
-		{"band", func(c *planner.Config) { c.PriorityBase = 20000 }, 9, 0},
-		// Everything moves: the old rules and the route and its backstop.
-		{"protocol and tables", func(c *planner.Config) { c.Protocol, c.TableMin, c.TableMax = 246, 50000, 59999 }, 9, 2},
+		{"band", func(c *planner.Config) { c.PriorityBase = 20000 }, 9, 0, 0},
+		// Everything moves: the old rules and the route and its backstop,
+		// then the old protocol's gateway object and group.
+		{"protocol and tables", func(c *planner.Config) { c.Protocol, c.TableMin, c.TableMax = 246, 50000, 59999 }, 9, 2, 2},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			e.t = t
 			cfg := old
 			tc.change(&cfg)
 			e.cfg = cfg
-			moved := applier.New(e.h, cfg, logr.Discard())
+			moved := e.newApplier(cfg)
 			if _, err := moved.Apply(e.plan(r)); err != nil {
 				t.Fatal(err)
 			}
@@ -706,10 +736,11 @@ func TestRemoveLayout(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if moved.Writes.RuleDelete.Load() != tc.wantRuleDels || moved.Writes.RouteDelete.Load() != tc.wantRouteDels || rep.Changes != int(tc.wantRuleDels+tc.wantRouteDels) {
-				t.Errorf("removing the old layout: %d rule and %d route deletes, want %d and %d", moved.Writes.RuleDelete.Load(), moved.Writes.RouteDelete.Load(), tc.wantRuleDels, tc.wantRouteDels)
+			if moved.Writes.RuleDelete.Load() != tc.wantRuleDels || moved.Writes.RouteDelete.Load() != tc.wantRouteDels || moved.Writes.NexthopDelete.Load() != tc.wantNexthopDels ||
+				rep.Changes != int(tc.wantRuleDels+tc.wantRouteDels+tc.wantNexthopDels) {
+				t.Errorf("removing the old layout: %d rule, %d route and %d nexthop deletes (%d changes), want %d, %d and %d", moved.Writes.RuleDelete.Load(), moved.Writes.RouteDelete.Load(), moved.Writes.NexthopDelete.Load(), rep.Changes, tc.wantRuleDels, tc.wantRouteDels, tc.wantNexthopDels)
 			}
-			if st, err := applier.New(e.h, old, logr.Discard()).Read(); err != nil {
+			if st, err := e.newApplier(old).Read(); err != nil {
 				t.Fatal(err)
 			} else if len(st.Rules) != 0 {
 				t.Errorf("the old band still holds rules: %v", st.Rules)

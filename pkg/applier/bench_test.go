@@ -11,12 +11,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/go-logr/logr"
 	"github.com/vishvananda/netlink"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	v1alpha1 "github.com/routing-agent/routing-agent/apis/networking/v1alpha1"
-	"github.com/routing-agent/routing-agent/pkg/applier"
 	"github.com/routing-agent/routing-agent/pkg/lab/netns"
 	"github.com/routing-agent/routing-agent/pkg/nodefacts"
 	"github.com/routing-agent/routing-agent/pkg/planner"
@@ -100,7 +98,11 @@ var shapes = []struct {
 	// bare drops the backstops from the plan: the layout before them,
 	// measured in the same run for what they cost.
 	bare bool
-}{{"1x4096", 1, 4096, false}, {"500x8", 500, 8, false}, {"1x4096-without-backstops", 1, 4096, true}}
+	// perRoute writes every route with its gateways, as on a kernel
+	// without nexthop objects (the fallback), against an ip -batch of the
+	// same.
+	perRoute bool
+}{{"1x4096", 1, 4096, false, false}, {"500x8", 500, 8, false, false}, {"1x4096-without-backstops", 1, 4096, true, false}, {"1x4096-per-route", 1, 4096, false, true}}
 
 // withoutBackstops is plan less its backstop routes.
 func withoutBackstops(plan planner.Plan) planner.Plan {
@@ -109,8 +111,10 @@ func withoutBackstops(plan planner.Plan) planner.Plan {
 }
 
 // BenchmarkColdApply installs a whole plan into an empty namespace with
-// netlink; BenchmarkIPBatchCold installs the same rules and routes with one
-// `ip -batch`, the fastest way iproute2 offers. Compare them in one run:
+// netlink; BenchmarkIPBatchCold installs the same nexthop objects, rules
+// and routes with one `ip -batch`, the fastest way iproute2 offers (the
+// lines of planner's CommandsWithNexthops, or Commands for the per-route
+// shape). Compare them in one run:
 //
 //	go test -run '^$' -bench 'Cold' -benchtime 20x ./pkg/applier
 func BenchmarkColdApply(b *testing.B) {
@@ -121,7 +125,10 @@ func BenchmarkColdApply(b *testing.B) {
 			if s.bare {
 				plan = withoutBackstops(plan)
 			}
-			ap := applier.New(n.h, planner.DefaultConfig(), logr.Discard())
+			ap := newApplierIn(b, n.name, n.h, planner.DefaultConfig())
+			if s.perRoute {
+				ap.DisableNexthopObjects()
+			}
 			b.ResetTimer()
 			for range b.N {
 				b.StopTimer()
@@ -146,18 +153,24 @@ func BenchmarkIPBatchCold(b *testing.B) {
 			if s.bare {
 				plan = withoutBackstops(plan)
 			}
-			var lines []string
-			for _, r := range plan.Rules {
-				lines = append(lines, r.Batch(planner.DefaultProtocol))
+			commands := plan.CommandsWithNexthops(planner.DefaultProtocol)
+			if s.perRoute {
+				commands = plan.Commands(planner.DefaultProtocol)
 			}
-			for _, r := range plan.Routes {
-				lines = append(lines, r.Batch(planner.DefaultProtocol))
+			// IPv4 only: ip's rules default to it (and ip -4 would refuse
+			// the groups, which have no family).
+			var lines []string
+			for _, c := range commands {
+				lines = append(lines, strings.TrimPrefix(strings.TrimPrefix(c, "ip "), "-4 "))
 			}
 			batch := filepath.Join(b.TempDir(), "batch")
 			if err := os.WriteFile(batch, []byte(strings.Join(lines, "\n")+"\n"), 0o644); err != nil {
 				b.Fatal(err)
 			}
-			ap := applier.New(n.h, planner.DefaultConfig(), logr.Discard())
+			ap := newApplierIn(b, n.name, n.h, planner.DefaultConfig())
+			if s.perRoute {
+				ap.DisableNexthopObjects()
+			}
 			b.ResetTimer()
 			for range b.N {
 				b.StopTimer()
@@ -165,7 +178,7 @@ func BenchmarkIPBatchCold(b *testing.B) {
 					b.Fatal(err)
 				}
 				b.StartTimer()
-				if out, err := exec.Command("ip", "-4", "-n", n.name, "-batch", batch).CombinedOutput(); err != nil {
+				if out, err := exec.Command("ip", "-n", n.name, "-batch", batch).CombinedOutput(); err != nil {
 					b.Fatalf("ip -batch: %v: %s", err, out)
 				}
 			}
@@ -178,12 +191,102 @@ func BenchmarkIPBatchCold(b *testing.B) {
 	}
 }
 
+// BenchmarkFailover4096 takes one of the two gateways of a Route with
+// 4,096 destinations out of use (planner.Input.Down, as the prober reports
+// a dead gateway) and back, with nexthop objects and with routes that name
+// their gateways (the fallback on kernels without them), in one run. Each
+// op is one Apply of the changed plan; writes/op is what it wrote,
+// kernel-ms/op (and its median, kernel-ms-p50) how long after Apply was
+// called the kernel was done (with nexthop objects Report.NexthopsIn, when
+// the group holds the new gateways; per route the whole Apply, whose last
+// write is the last route), ms/op the whole Apply (it also reads the
+// kernel back).
+func BenchmarkFailover4096(b *testing.B) {
+	for _, mode := range []struct {
+		name     string
+		perRoute bool
+	}{{"nexthop-objects", false}, {"per-route", true}} {
+		for _, dir := range []string{"down", "up"} {
+			b.Run(mode.name+"/"+dir, func(b *testing.B) {
+				n := newBenchNS(b, "bench-fo")
+				routes := benchRoutes(1, 4096)
+				ap := newApplierIn(b, n.name, n.h, planner.DefaultConfig())
+				if mode.perRoute {
+					ap.DisableNexthopObjects()
+				}
+				plan := func(down bool) planner.Plan {
+					in := planner.Input{Config: planner.DefaultConfig(), Node: n.node, Routes: routes}
+					if down {
+						in.Down = map[netip.Addr]bool{netip.MustParseAddr("10.114.0.4"): true}
+					}
+					return planner.Compute(in)
+				}
+				up, down := plan(false), plan(true)
+				before, after := up, down
+				if dir == "up" {
+					before, after = down, up
+				}
+				if _, err := ap.Apply(before); err != nil {
+					b.Fatal(err)
+				}
+				var writes int64
+				var kernel, total time.Duration
+				var kernels []time.Duration
+				b.ResetTimer()
+				for range b.N {
+					b.StopTimer()
+					if _, err := ap.Apply(before); err != nil {
+						b.Fatal(err)
+					}
+					w := ap.Writes.Total()
+					b.StartTimer()
+					begin := time.Now()
+					rep, err := ap.Apply(after)
+					took := time.Since(begin)
+					b.StopTimer()
+					if err != nil || len(rep.Rejected) > 0 {
+						b.Fatalf("apply: %v, %v", err, rep.Rejected)
+					}
+					writes += ap.Writes.Total() - w
+					total += took
+					k := rep.NexthopsIn
+					if mode.perRoute {
+						k = took
+					}
+					kernel += k
+					kernels = append(kernels, k)
+					b.StartTimer()
+				}
+				b.StopTimer()
+				if got := n.routeVia(b, "172.16.0.1"); (dir == "down") != !strings.Contains(got, "10.114.0.4") {
+					b.Errorf("after going %s: ip route get 172.16.0.1 = %q", dir, got)
+				}
+				b.ReportMetric(float64(writes)/float64(b.N), "writes/op")
+				b.ReportMetric(float64(kernel.Microseconds())/1e3/float64(b.N), "kernel-ms/op")
+				// The median too: on a busy machine a few slow ops drag the mean.
+				slices.Sort(kernels)
+				b.ReportMetric(float64(kernels[len(kernels)/2].Microseconds())/1e3, "kernel-ms-p50")
+				b.ReportMetric(float64(total.Microseconds())/1e3/float64(b.N), "ms/op")
+			})
+		}
+	}
+}
+
+// routeVia is how the namespace routes traffic to dst, every path.
+func (n *benchNS) routeVia(b *testing.B, dst string) string {
+	out, err := exec.Command("ip", "-n", n.name, "route", "show", "table", "all", "match", dst, "proto", "245").CombinedOutput()
+	if err != nil {
+		b.Fatalf("ip route show: %v: %s", err, out)
+	}
+	return string(out)
+}
+
 // BenchmarkIncrementalOneOf500 changes one Route's gateways among 500 Routes
 // of 8 destinations and applies: the writes are that Route's 8 routes.
 func BenchmarkIncrementalOneOf500(b *testing.B) {
 	n := newBenchNS(b, "bench-inc")
 	routes := benchRoutes(500, 8)
-	ap := applier.New(n.h, planner.DefaultConfig(), logr.Discard())
+	ap := newApplierIn(b, n.name, n.h, planner.DefaultConfig())
 	if _, err := ap.Apply(n.plan(b, routes)); err != nil {
 		b.Fatal(err)
 	}

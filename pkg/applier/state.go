@@ -25,6 +25,9 @@ type State struct {
 	// metrics are the installed routes' metrics, which deleting one names
 	// so that it removes that route and not its backstop (or the reverse).
 	metrics map[routeKey]int
+	// nhid are the nexthop objects installed routes use (none: they name
+	// their gateways).
+	nhid map[routeKey]uint32
 	// Foreign rules in the band, as `ip rule` would show them.
 	Foreign []string
 	// MarkUsers are rules of others, anywhere, that match a fwmark bit of
@@ -45,7 +48,11 @@ func keyOf(r planner.Route) routeKey { return routeKey{r.Table, r.Dst, r.Backsto
 // Read lists the kernel's rules and routes and keeps what the agent owns:
 // its protocol number, inside its rule band or table range.
 func (a *Applier) Read() (*State, error) {
-	st := &State{Rules: map[string][]planner.Rule{}, Routes: map[routeKey]planner.Route{}, metrics: map[routeKey]int{}}
+	st := &State{Rules: map[string][]planner.Rule{}, Routes: map[routeKey]planner.Route{}, metrics: map[routeKey]int{}, nhid: map[routeKey]uint32{}}
+	nhs, err := a.readNexthops()
+	if err != nil {
+		return nil, err
+	}
 	for _, family := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
 		rules, err := nlutil.RetryDump(func() ([]netlink.Rule, error) { return a.h.RuleList(family) })
 		if family == netlink.FAMILY_V6 && nlutil.NoIPv6(err) {
@@ -77,20 +84,20 @@ func (a *Applier) Read() (*State, error) {
 			st.Rules[key] = append(st.Rules[key], pr)
 		}
 
-		filter := &netlink.Route{Table: unix.RT_TABLE_UNSPEC, Protocol: netlink.RouteProtocol(a.cfg.Protocol)}
-		routes, err := nlutil.RetryDump(func() ([]netlink.Route, error) {
-			return a.h.RouteListFiltered(family, filter, netlink.RT_FILTER_TABLE|netlink.RT_FILTER_PROTOCOL)
-		})
+		routes, err := a.listRoutes(family, nhs)
 		if err != nil {
 			return nil, fmt.Errorf("listing routes: %w", err)
 		}
 		for _, r := range routes {
-			if uint32(r.Table) < a.cfg.TableMin || uint32(r.Table) > a.cfg.TableMax {
+			if r.route.Table < a.cfg.TableMin || r.route.Table > a.cfg.TableMax {
 				continue
 			}
-			pr := a.fromNetlinkRoute(r, family)
-			st.Routes[keyOf(pr)] = pr
-			st.metrics[keyOf(pr)] = r.Priority
+			key := keyOf(r.route)
+			st.Routes[key] = r.route
+			st.metrics[key] = r.metric
+			if r.nhid != 0 {
+				st.nhid[key] = r.nhid
+			}
 		}
 	}
 	slices.Sort(st.Foreign)
@@ -207,7 +214,7 @@ func (s *State) Route(table uint32, dst netip.Prefix) (planner.Route, bool) {
 // NewState returns a State holding routes, for tests of code that reads
 // one.
 func NewState(routes ...planner.Route) *State {
-	st := &State{Rules: map[string][]planner.Rule{}, Routes: map[routeKey]planner.Route{}, metrics: map[routeKey]int{}}
+	st := &State{Rules: map[string][]planner.Rule{}, Routes: map[routeKey]planner.Route{}, metrics: map[routeKey]int{}, nhid: map[routeKey]uint32{}}
 	for _, r := range routes {
 		st.Routes[keyOf(r)] = r
 	}

@@ -147,13 +147,15 @@ func TestAgent(t *testing.T) {
 			return !strings.Contains(out, "192.0.2.64/26") && strings.Contains(out, "192.0.2.192/26 table") && strings.Contains(out, "nexthop via 10.114.0.4"), out
 		})
 		// The restarted agent wrote only what changed: doomed's rule, route
-		// and backstop went, edited's route was replaced once.
+		// and backstop went, then its nexthop group; edited's group got its
+		// new gateways (its route uses the group and stays as it is).
 		writes := map[string]float64{}
-		for _, op := range []string{"route_replace", "route_delete", "rule_add", "rule_delete"} {
+		for _, op := range []string{"route_replace", "route_delete", "rule_add", "rule_delete", "nexthop_replace", "nexthop_delete"} {
 			writes[op] = e.metric(0, fmt.Sprintf(`routing_agent_netlink_writes_total{op=%q}`, op))
 		}
-		if writes["route_replace"] != 1 || writes["route_delete"] != 2 || writes["rule_delete"] != 1 || writes["rule_add"] != 0 {
-			t.Errorf("restart made writes %v, want 1 route replace (edited), 2 route and 1 rule delete (doomed), nothing else", writes)
+		if writes["route_replace"] != 0 || writes["route_delete"] != 2 || writes["rule_delete"] != 1 || writes["rule_add"] != 0 ||
+			writes["nexthop_replace"] != 1 || writes["nexthop_delete"] != 1 {
+			t.Errorf("restart made writes %v, want 1 nexthop group replace (edited), 2 route, 1 rule and 1 nexthop group delete (doomed), nothing else", writes)
 		}
 	})
 
