@@ -102,8 +102,10 @@ func unreachable(err error) bool {
 }
 
 // do runs call, holding it while the gate is shut, and shuts the gate when
-// call finds the API server unreachable.
-func do[T any](ctx context.Context, g *apiGate, call func(context.Context) (T, error)) (T, error) {
+// call finds the API server unreachable. An answer opens it again; so does
+// call's success when it proves one (not a watch's: client-go hands back
+// an empty watch, and no error, for a connection lost or timed out).
+func do[T any](ctx context.Context, g *apiGate, successProves bool, call func(context.Context) (T, error)) (T, error) {
 	for {
 		if err := g.wait(ctx); err != nil {
 			var zero T
@@ -114,7 +116,9 @@ func do[T any](ctx context.Context, g *apiGate, call func(context.Context) (T, e
 			return v, err
 		}
 		if !unreachable(err) {
-			g.reachable() // an answer, even an error, proves it
+			if err != nil || successProves {
+				g.reachable()
+			}
 			return v, err
 		}
 		g.shut(err)
@@ -250,11 +254,11 @@ func listWatch[L runtime.Object](g *apiGate, tweak func(*metav1.ListOptions),
 	return &cache.ListWatch{
 		ListWithContextFunc: func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
 			o = narrow(o)
-			return do(ctx, g, func(ctx context.Context) (runtime.Object, error) { return list(ctx, o) })
+			return do(ctx, g, true, func(ctx context.Context) (runtime.Object, error) { return list(ctx, o) })
 		},
 		WatchFuncWithContext: func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) {
 			o = narrow(o)
-			return do(ctx, g, func(ctx context.Context) (watch.Interface, error) { return watchFn(ctx, o) })
+			return do(ctx, g, false, func(ctx context.Context) (watch.Interface, error) { return watchFn(ctx, o) })
 		},
 	}
 }

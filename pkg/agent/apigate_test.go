@@ -112,7 +112,7 @@ func TestGateHoldsCallsUntilReady(t *testing.T) {
 	// The API server is down: the first call fails and shuts the gate.
 	done := make(chan error, 2)
 	go func() {
-		_, err := do(ctx, g, func(context.Context) (string, error) {
+		_, err := do(ctx, g, true, func(context.Context) (string, error) {
 			if calls.Add(1) == 1 || !ready.Load() {
 				return "", errRefused
 			}
@@ -129,7 +129,7 @@ func TestGateHoldsCallsUntilReady(t *testing.T) {
 	}
 	// Another informer's call waits without trying.
 	go func() {
-		_, err := do(ctx, g, func(context.Context) (string, error) { others.Add(1); return "watching", nil })
+		_, err := do(ctx, g, true, func(context.Context) (string, error) { others.Add(1); return "watching", nil })
 		done <- err
 	}()
 	time.Sleep(100 * time.Millisecond)
@@ -179,7 +179,7 @@ func TestGatePassesAnswers(t *testing.T) {
 	g := startGate(t, &ready, &probes)
 	// A struggling server's answer goes to the reflector, whose backoff
 	// is what such a server needs.
-	_, err := do(context.Background(), g, func(context.Context) (string, error) {
+	_, err := do(context.Background(), g, true, func(context.Context) (string, error) {
 		return "", apierrors.NewTooManyRequests("slow down", 1)
 	})
 	if !apierrors.IsTooManyRequests(err) {
@@ -200,7 +200,7 @@ func TestGateHoldsAtMostMaxHold(t *testing.T) {
 	defer cancel()
 	// /readyz never says ready, but the server serves: the call goes
 	// through after maxHold anyway.
-	v, err := do(ctx, g, func(context.Context) (string, error) {
+	v, err := do(ctx, g, true, func(context.Context) (string, error) {
 		if calls.Add(1) == 1 {
 			return "", errRefused
 		}
@@ -220,8 +220,29 @@ func TestGateEndsWithContext(t *testing.T) {
 	g := startGate(t, &ready, &probes)
 	ctx, cancel := context.WithCancel(context.Background())
 	go func() { time.Sleep(50 * time.Millisecond); cancel() }()
-	_, err := do(ctx, g, func(context.Context) (string, error) { return "", errRefused })
+	_, err := do(ctx, g, true, func(context.Context) (string, error) { return "", errRefused })
 	if !errors.Is(err, context.Canceled) {
 		t.Errorf("got %v, want the context's end", err)
+	}
+}
+
+func TestGateNotOpenedByAWatch(t *testing.T) {
+	var ready atomic.Bool
+	var probes atomic.Int32
+	g := startGate(t, &ready, &probes)
+	g.maxHold = 50 * time.Millisecond
+	g.shut(errRefused)
+	// Let through after maxHold, a watch that "succeeds" (client-go's empty
+	// watch for a timed-out connection) says nothing of the API server.
+	if _, err := do(context.Background(), g, false, func(context.Context) (string, error) { return "empty watch", nil }); err != nil {
+		t.Fatal(err)
+	}
+	if g.isOpen() {
+		t.Error("a watch opened the gate")
+	}
+	// An answer does.
+	_, err := do(context.Background(), g, false, func(context.Context) (string, error) { return "", apierrors.NewResourceExpired("too old") })
+	if !apierrors.IsResourceExpired(err) || !g.isOpen() {
+		t.Errorf("got %v, open %v; want the 410 and the gate open", err, g.isOpen())
 	}
 }
