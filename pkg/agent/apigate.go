@@ -31,8 +31,8 @@ const DefaultAPIProbeInterval = 3 * time.Second
 // way to change that for a shared informer (ReflectorOptions.Backoff is not
 // reachable through an informer factory) nor to restart one. After a 45 s
 // outage that left a new Route up to a minute out of the kernel. Held here,
-// a call fails at most once per outage, so the reflector's backoff never
-// grows; meanwhile one cheap GET of /readyz every interval (jittered, and
+// a call fails about once per outage, so the reflector's backoff hardly
+// grows (a step, about a second); meanwhile one cheap GET of /readyz every interval (jittered, and
 // only while calls fail) tells when to retry, instead of each of the four
 // reflectors guessing. A server that answers, even with an error (429,
 // 5xx), is not held: client-go's own backoff is what a struggling server
