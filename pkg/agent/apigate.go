@@ -196,16 +196,20 @@ func (g *apiGate) run(ctx context.Context) {
 			return
 		case <-g.kick:
 		}
+		last := time.Now() // the call that shut the gate was the first try
 		for !g.isOpen() {
-			// Between half the interval and all of it: agents that lost
-			// the API server together do not come back in step.
-			pause := time.NewTimer(g.interval/2 + rand.N(g.interval/2+1))
+			// Probes start between half the interval and all of it apart:
+			// agents that lost the API server together do not come back
+			// in step. A slow probe (the dialer gives the usual way 5 s
+			// before the others) is followed at once, never overlapped.
+			pause := time.NewTimer(max(0, g.interval/2+rand.N(g.interval/2+1)-time.Since(last)))
 			select {
 			case <-ctx.Done():
 				pause.Stop()
 				return
 			case <-pause.C:
 			}
+			last = time.Now()
 			probeCtx, cancel := context.WithTimeout(ctx, probeTimeout)
 			err := g.probe(probeCtx)
 			cancel()
