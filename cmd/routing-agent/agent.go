@@ -67,6 +67,7 @@ func runAgent(args []string, stderr io.Writer) int {
 	sysctlRoot := fs.String("sysctl-root", "/proc/sys", "where the node's sysctls are written: a container sees /proc/sys read-only, so the DaemonSet mounts the host's /proc/sys/net at /host/proc/sys/net and passes /host/proc/sys")
 	httpAddr := fs.String("http-address", "127.0.0.1:9464", "address serving /metrics, /healthz and /readyz, e.g. [$(HOST_IP)]:9464; empty to disable")
 	startupTaint := fs.String("startup-taint", "", fmt.Sprintf("key of a taint the kubelet registers the node with (e.g. %s:NoSchedule) that the agent removes from its Node after its first successful apply; empty: none", agent.DefaultStartupTaint))
+	apiProbe := fs.Duration("api-probe-interval", agent.DefaultAPIProbeInterval, "while the API server cannot be reached, how often at most its /readyz is asked whether it is back (jittered down to half); the informers resume as soon as it answers (500ms-1m)")
 	probe := prober.DefaultConfig()
 	fs.DurationVar(&probe.Interval, "probe-interval", probe.Interval, "time between ICMP probes of each gateway")
 	fs.DurationVar(&probe.Timeout, "probe-timeout", probe.Timeout, "how long a probe waits for its answer (at most the interval)")
@@ -94,6 +95,9 @@ func runAgent(args []string, stderr io.Writer) int {
 	}
 	if *resolveInterval < time.Second || *resolveInterval > time.Hour {
 		return usageErr("--resolve-interval %s: must be between 1s and 1h", *resolveInterval)
+	}
+	if *apiProbe < 500*time.Millisecond || *apiProbe > time.Minute {
+		return usageErr("--api-probe-interval %s: must be between 500ms and 1m", *apiProbe)
 	}
 	if *retention < time.Minute {
 		return usageErr("--bypass-retention %s: must be 1m or more", *retention)
@@ -155,6 +159,7 @@ func runAgent(args []string, stderr io.Writer) int {
 		SysctlRoot:        *sysctlRoot,
 		Probe:             probe,
 		StartupTaint:      *startupTaint,
+		APIProbeInterval:  *apiProbe,
 	}, client, kube, &netlink.Handle{}, log)
 	// The zero Handle works in the current namespace: so do the batches.
 	if err := a.SetNamespace(netns.None()); err != nil {

@@ -86,6 +86,10 @@ type Options struct {
 	// Marker writes the connection-marking nftables table (pkg/connmark) in
 	// the agent's own namespace; nil leaves nftables alone.
 	Marker applier.Marker
+	// APIProbeInterval is how often, at most, the agent asks an API server
+	// it cannot reach whether it is ready again (see apiGate); 0 for
+	// DefaultAPIProbeInterval.
+	APIProbeInterval time.Duration
 	// StartupTaint, when set, is the key of a taint the node registers
 	// with (kubelet --register-with-taints) to keep workloads off it until
 	// its Routes are in place; the agent removes it from its own Node after
@@ -111,6 +115,9 @@ type Agent struct {
 	metrics *metrics
 	prober  *prober.Prober
 
+	// gate holds the informers' list and watch calls while the API server
+	// is unreachable, so that they resume as soon as it is back.
+	gate         *apiGate
 	routeFactory informers.SharedInformerFactory
 	selfFactory  informers.SharedInformerFactory // this node's NodeRouting
 	nodeFactory  kubeinformers.SharedInformerFactory
@@ -210,28 +217,40 @@ func New(opts Options, client versioned.Interface, kube kubernetes.Interface, ha
 			a.metrics.probeRTT.WithLabelValues(gw.String()).Observe(rtt.Seconds())
 		})
 
+	// Every informer lists and watches through the gate: registered with
+	// InformerFor first, it is the one the factory's typed accessors (and
+	// their listers) return. The selectors are the ListWatch's, since a
+	// factory's own options do not reach an informer it did not build.
+	a.gate = newAPIGate(log.WithName("api"), readyz(kube.Discovery().RESTClient()), opts.APIProbeInterval)
+	onlySelf := func(o *metav1.ListOptions) { o.FieldSelector = "metadata.name=" + opts.NodeName }
+
 	a.routeFactory = informers.NewSharedInformerFactory(client, 0)
+	routeAPI := client.NetworkingV1alpha1().Routes()
+	a.routeFactory.InformerFor(&v1alpha1.Route{}, gatedInformer[versioned.Interface](listWatch(a.gate, nil, routeAPI.List, routeAPI.Watch), &v1alpha1.Route{}))
 	routeInformer := a.routeFactory.Networking().V1alpha1().Routes()
 	a.routes = routeInformer.Lister()
 
 	// Only this node: a field selector keeps the other nodes' updates (and
 	// their heartbeats) off this agent's watch.
-	a.nodeFactory = kubeinformers.NewSharedInformerFactoryWithOptions(kube, 0,
-		kubeinformers.WithTweakListOptions(func(o *metav1.ListOptions) { o.FieldSelector = "metadata.name=" + opts.NodeName }))
+	a.nodeFactory = kubeinformers.NewSharedInformerFactory(kube, 0)
+	nodeAPI := kube.CoreV1().Nodes()
+	a.nodeFactory.InformerFor(&corev1.Node{}, gatedInformer[kubernetes.Interface](listWatch(a.gate, onlySelf, nodeAPI.List, nodeAPI.Watch), &corev1.Node{}))
 	nodeInformer := a.nodeFactory.Core().V1().Nodes()
 	a.nodes = nodeInformer.Lister()
 
-	a.epFactory = kubeinformers.NewSharedInformerFactoryWithOptions(kube, 0,
-		kubeinformers.WithNamespace(metav1.NamespaceDefault),
-		kubeinformers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = discoveryv1.LabelServiceName + "=kubernetes" }))
+	a.epFactory = kubeinformers.NewSharedInformerFactory(kube, 0)
+	sliceAPI := kube.DiscoveryV1().EndpointSlices(metav1.NamespaceDefault)
+	apiServerOnly := func(o *metav1.ListOptions) { o.LabelSelector = discoveryv1.LabelServiceName + "=kubernetes" }
+	a.epFactory.InformerFor(&discoveryv1.EndpointSlice{}, gatedInformer[kubernetes.Interface](listWatch(a.gate, apiServerOnly, sliceAPI.List, sliceAPI.Watch), &discoveryv1.EndpointSlice{}))
 	sliceInformer := a.epFactory.Discovery().V1().EndpointSlices()
 	a.slices = sliceInformer.Lister()
 
 	// Its own NodeRouting only, to notice it being deleted (by a user, or
 	// garbage-collected with a Node re-registered under the same name):
 	// the writer then creates it again, tables and all.
-	a.selfFactory = informers.NewSharedInformerFactoryWithOptions(client, 0,
-		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.FieldSelector = "metadata.name=" + opts.NodeName }))
+	a.selfFactory = informers.NewSharedInformerFactory(client, 0)
+	selfAPI := client.NetworkingV1alpha1().NodeRoutings()
+	a.selfFactory.InformerFor(&v1alpha1.NodeRouting{}, gatedInformer[versioned.Interface](listWatch(a.gate, onlySelf, selfAPI.List, selfAPI.Watch), &v1alpha1.NodeRouting{}))
 	_, _ = a.selfFactory.Networking().V1alpha1().NodeRoutings().Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
 		DeleteFunc: func(any) { a.statusWriter.forget() },
 	})
@@ -288,6 +307,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		go a.runResolver(ctx)
 	}
 	go a.dnsWatch.run(ctx)
+	go a.gate.run(ctx)
 	a.routeFactory.Start(ctx.Done())
 	a.nodeFactory.Start(ctx.Done())
 	a.epFactory.Start(ctx.Done())

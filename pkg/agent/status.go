@@ -201,12 +201,21 @@ func (w *statusWriter) run(ctx context.Context) {
 		}
 		if err := w.write(ctx, node, status); err != nil {
 			w.a.log.Error(err, "writing NodeRouting; retrying", "node", w.a.opts.NodeName, "in", backoff)
+			if unreachable(err) {
+				w.a.gate.shut(err)
+			}
 			select {
 			case <-ctx.Done():
 				return
 			case <-time.After(backoff):
+				backoff = min(2*backoff, 30*time.Second)
+			case <-w.a.gate.reopened():
+				// The API server is back: what was learned during the
+				// outage (a moved API server's address) is written now,
+				// not up to 30 s later, and a refusal from a server still
+				// starting (RBAC not loaded yet) is retried as soon.
+				backoff = time.Second
 			}
-			backoff = min(2*backoff, 30*time.Second)
 			select { // try again with whatever is latest by then
 			case w.notify <- struct{}{}:
 			default:

@@ -198,6 +198,9 @@ func TestNeverCutOff(t *testing.T) {
 				t.Errorf("%s not bypassed (the old address is sticky, the new one learned): %v", a, e.bypassRules(0))
 			}
 		}
+		// Learned during the outage, recorded soon after it: the restart
+		// below reads it back from there.
+		e.checkBypassStatus(map[netip.Addr]string{vip3: "dns " + cluster.APIName})
 	})
 
 	t.Run("restarted during an outage, the API server moved again: no deadlock", func(t *testing.T) {

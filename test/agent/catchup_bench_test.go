@@ -1,0 +1,23 @@
+package agent_test
+
+import (
+	"testing"
+	"time"
+)
+
+// BenchmarkCatchUp is the product's catch-up figure: a 45 s API server
+// outage, then the time from the API server being ready again to a Route
+// created then reaching the kernel.
+//
+//	LAB_BIN_DIR=$(hack/build-lab-tools.sh) go test -run '^$' -bench CatchUp -benchtime 1x ./test/agent
+func BenchmarkCatchUp(b *testing.B) {
+	e := newEnv(b, "catchupb", 1)
+	for range b.N {
+		c := e.catchUp(45*time.Second, "198.51.100.128/26")
+		b.Logf("45 s outage: a Route created once the API server was ready reached the kernel %s later; %.0f API requests during the outage",
+			c.after.Round(time.Millisecond), c.requests)
+		b.ReportMetric(c.after.Seconds(), "catchup-s")
+		b.ReportMetric(c.requests, "outage-req")
+		e.deleteRoute("after-outage")
+	}
+}
