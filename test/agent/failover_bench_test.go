@@ -15,7 +15,7 @@ import (
 // kill to the kernel's route without it) and how long a recovered one takes
 // to come back, over 20 trials alternating link-down and silent-drop kills;
 // then a 4,096-destination Route's failover burst and the probe cost of 16
-// gateways.
+// gateways. With -short (make test) 2 trials and a 5 s probe window.
 //
 //	LAB_BIN_DIR=$(hack/build-lab-tools.sh) go test -run '^$' -bench Failover -benchtime 1x -timeout 30m ./test/agent
 func BenchmarkFailover(b *testing.B) {
@@ -30,7 +30,10 @@ func BenchmarkFailover(b *testing.B) {
 			e := newEnvWith(b, "fo-"+setting.name[:3], 1, "30s", setting.args...)
 			e.applyRoute(newRoute("vpn", []string{failoverDst}, []string{"10.114.0.3", "10.114.0.4"}))
 			e.waitNexthops(failoverDst, "10.114.0.3,10.114.0.4", 10*time.Second)
-			const trials = 20
+			trials := 20
+			if testing.Short() { // make test: one pass of each kind of kill
+				trials = 2
+			}
 			var downs, ups []time.Duration
 			for i := range trials {
 				kill, revive := func() { e.lab.SetGatewayLink(1, false) }, func() { e.lab.SetGatewayLink(1, true) }
@@ -114,6 +117,9 @@ func BenchmarkFailover(b *testing.B) {
 		rx0 := gatewayRx(b, e)
 		cpu0 := cpuTicks(b, pid)
 		window := 30 * time.Second
+		if testing.Short() {
+			window = 5 * time.Second
+		}
 		time.Sleep(window)
 		pps := float64(gatewayRx(b, e)-rx0) / window.Seconds()
 		cpu := float64(cpuTicks(b, pid)-cpu0) / 100 / window.Seconds() * 100
