@@ -34,8 +34,11 @@ ip -4 rule add priority 30000 to 198.51.100.53/32 lookup main protocol 245
 ip -4 rule add priority 30000 to 203.0.113.100/32 lookup main protocol 245
 ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
 ip -4 rule add priority 30100 fwmark 0x2000/0x2000 lookup main protocol 245
+ip -4 rule add priority 30150 to 0.0.0.0/5 goto 30200 protocol 245
+ip -4 rule add priority 30151 goto 30999 protocol 245
 ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
 ip -4 rule add priority 30301 to 0.0.0.0/5 lookup 100 protocol 245
+ip -4 rule add priority 30999 nop protocol 245
 ip -4 route replace 0.0.0.0/5 table 100 proto 245 nhid 4110483656
 ip -4 route replace unreachable 0.0.0.0/5 table 100 proto 245 metric 4294967295
 nft -f - <<'EOF'

@@ -109,8 +109,8 @@ type Rejection struct {
 //
 // The order never lets a Route's traffic through main's default route:
 //
-//  0. stale skips of the dispatch go (a packet then walks more rules, never
-//     past its Route's);
+//  0. stale skips and exits of the dispatch go, new gate entries come (a
+//     packet then walks more rules, never past its Route's);
 //  1. tables are filled (live routes and their backstops) before a rule
 //     points at them;
 //  2. missing rules are added;
@@ -118,7 +118,8 @@ type Rejection struct {
 //     Route's table on to the rules after it: the table that holds it is
 //     reachable by now;
 //  4. throws that hand over to a Route that is going go before its rule;
-//  5. stale and doubled rules go, and only then missing skips are added;
+//  5. stale and doubled rules go, stale gate entries last, and only then
+//     missing skips and exits are added;
 //  6. last, the routes nobody wants (live ones before their backstops, a
 //     supernet before the throws carved out of it), among them the
 //     routes of tables no rule leads to any more.
@@ -205,9 +206,22 @@ func (a *Applier) applyTo(plan planner.Plan, actual *State, nhs *nexthopState) (
 	for _, r := range plan.Rules {
 		wantedRules[a.ruleKey(r)] = true
 	}
-	removeRules := func(key string, skips bool) {
+	// Rules come in three kinds for the order they are written in: jumps
+	// that take packets past rules (the dispatch's skips, the gate's exit)
+	// go first and come last; the gate's entries, which let packets in,
+	// come first and go last; the rest in between.
+	kind := func(r planner.Rule) int {
+		switch {
+		case r.Narrows():
+			return narrowing
+		case r.Widens():
+			return widening
+		}
+		return plain
+	}
+	removeRules := func(key string, k int) {
 		have := actual.Rules[key]
-		if have[0].IsSkip() != skips {
+		if kind(have[0]) != k {
 			return
 		}
 		extra := have
@@ -218,23 +232,28 @@ func (a *Applier) applyTo(plan planner.Plan, actual *State, nhs *nexthopState) (
 			w.add(a.ruleWrite(strings.Replace(key, "rule add", "rule del", 1), r, false))
 		}
 	}
-	addRules := func(skips bool) {
+	removeAll := func(k int) {
+		for _, key := range sortedKeys(actual.Rules) {
+			removeRules(key, k)
+		}
+		w.flush()
+	}
+	addRules := func(k int) {
 		for _, r := range plan.Rules {
 			key := a.ruleKey(r)
-			if r.IsSkip() != skips || len(actual.Rules[key]) > 0 {
+			if kind(r) != k || len(actual.Rules[key]) > 0 {
 				continue
 			}
 			w.add(a.ruleWrite(key, r, true))
 		}
+		w.flush()
 	}
-	// 0. Stale skips go before anything moves: the dispatch's skips only
-	// ever jump over rules that cannot match, and a stale one might jump
-	// over a rule added below. Without them a packet walks more rules,
-	// never fewer.
-	for _, key := range sortedKeys(actual.Rules) {
-		removeRules(key, true)
-	}
-	w.flush()
+	// 0. Stale skips and exits go before anything moves: they only ever
+	// jump over rules that cannot match, and a stale one might jump over a
+	// rule added below. Without them a packet walks more rules, never
+	// fewer. New gate entries come at once, for the same reason.
+	removeAll(narrowing)
+	addRules(widening)
 	// 1. Fill and repair tables.
 	for _, r := range plan.Routes {
 		if !r.Throw {
@@ -242,9 +261,8 @@ func (a *Applier) applyTo(plan planner.Plan, actual *State, nhs *nexthopState) (
 		}
 	}
 	w.flush()
-	// 2. Add missing rules, skips aside.
-	addRules(false)
-	w.flush()
+	// 2. Add missing rules, jumps aside.
+	addRules(plain)
 	// 3. Throws, now that the tables they hand over to are reachable.
 	for _, r := range plan.Routes {
 		if r.Throw {
@@ -279,14 +297,12 @@ func (a *Applier) applyTo(plan planner.Plan, actual *State, nhs *nexthopState) (
 		remove(key)
 	}
 	w.flush()
-	// 5. Stale and doubled rules, then the missing skips, now that every
-	// rule they jump over is the plan's.
-	for _, key := range sortedKeys(actual.Rules) {
-		removeRules(key, false)
-	}
-	w.flush()
-	addRules(true)
-	w.flush()
+	// 5. Stale and doubled rules, stale gate entries last, then the
+	// missing skips and exit, now that every rule they jump over is the
+	// plan's.
+	removeAll(plain)
+	removeAll(widening)
+	addRules(narrowing)
 	// 6. Routes nobody wants any more, live before backstop
 	// (sortedRouteKeys), and the remaining throws.
 	for _, key := range late {
@@ -410,6 +426,13 @@ func (a *Applier) toNetlinkRule(r planner.Rule) *netlink.Rule {
 	}
 	return nl
 }
+
+// The kinds of rules for the order of writes (applyTo).
+const (
+	plain = iota
+	narrowing
+	widening
+)
 
 // nlFRActNop is FR_ACT_NOP, a rule that does nothing.
 const nlFRActNop = 3

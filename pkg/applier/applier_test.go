@@ -544,10 +544,10 @@ func TestIdempotenceAndDrift(t *testing.T) {
 	if n := restarted.Writes.RouteReplace.Load() + restarted.Writes.RuleAdd.Load(); n != 0 {
 		t.Errorf("restart rewrote %d routes or rules of the surviving Route", n)
 	}
-	// gone's rule, and the skip over the two Routes' rules and the nop it
-	// lands on, which one rule does not need.
+	// gone's rule, its entry in the gate, and the skip over the two
+	// Routes' rules, which one rule does not need.
 	if restarted.Writes.RuleDelete.Load() != 3 || restarted.Writes.RouteDelete.Load() != 2 {
-		t.Errorf("collecting gone: %d rule and %d route deletes, want 3 and 2 (its rule, the skip and the nop; its route and backstop)", restarted.Writes.RuleDelete.Load(), restarted.Writes.RouteDelete.Load())
+		t.Errorf("collecting gone: %d rule and %d route deletes, want 3 and 2 (its rule, its gate entry and the skip; its route and backstop)", restarted.Writes.RuleDelete.Load(), restarted.Writes.RouteDelete.Load())
 	}
 	if strings.Contains(e.ip("route", "show", "table", "all", "proto", "245"), "192.0.2.128/25") {
 		t.Error("the deleted Route's route is still installed")

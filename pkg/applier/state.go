@@ -156,8 +156,9 @@ func fromNetlinkRule(r netlink.Rule, ipv6 bool) (planner.Rule, bool) {
 	if marked {
 		pr.Mark, pr.Mask = r.Mark, *r.Mask
 	}
-	// A skip is `not to <region> goto <priority>`, nothing else.
-	skipShape := !skip || r.Invert && r.Dst != nil && r.Src == nil && !marked && r.SuppressPrefixlen < 0
+	// A jump is a skip, `not to <region> goto <priority>`, or one of the
+	// gate's: `to <region> goto <priority>`, `goto <priority>`; nothing else.
+	skipShape := !skip || r.Src == nil && !marked && r.SuppressPrefixlen < 0 && (r.Dst != nil || !r.Invert)
 	plain := (r.Mark == 0 && r.Mask == nil || marked) && r.Tos == 0 && (r.Goto <= 0 || skip) && r.IifName == "" && r.OifName == "" &&
 		(r.Invert == false || skip) && skipShape && r.Dport == nil && r.Sport == nil && r.IPProto == 0 && r.UIDRange == nil &&
 		(r.Type == 0 || r.Type == unix.RTN_UNICAST) && r.SuppressIfgroup <= 0 && r.Flow <= 0

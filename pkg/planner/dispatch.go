@@ -25,6 +25,13 @@ import (
 // A packet therefore meets about two skips per level of the trie and at
 // most dispatchLeaf rules at its end, whatever the number of Routes.
 //
+// Before main's specific routes (OffsetSuppress) sits a gate: `to <region>
+// goto <OffsetSuppress>` for the few regions at the top of the trie, then
+// `goto <DispatchEnd>`. A packet outside every Route's destinations — pod
+// egress to the internet, mostly — costs a handful of compares and no
+// table lookup at all, and meets the rules after the band exactly as it
+// would without the agent. There is no gate when a Route holds a /0.
+//
 // Correctness never depends on the skips. Longest-prefix match across
 // Routes is kept by the throw routes in the tables (a table hands a more
 // specific prefix owned by another Route on to the rules after it), so the
@@ -137,10 +144,15 @@ func (n *dispatchNode) slots(ipv6 bool, out []dispatchSlot) []dispatchSlot {
 	return out
 }
 
-// dispatchRules lays out the per-Route rules of one family inside
-// [first, end) of the band, end being the nop rule's priority; previous
-// gives the priorities the layout's slots have now.
-func dispatchRules(items []dispatchItem, ipv6 bool, first, end int, previous map[string]int) []Rule {
+// dispatchGate is the most regions the gate lets in: each costs a packet
+// that enters the band one compare.
+const dispatchGate = 4
+
+// dispatchRules lays out the per-Route rules of one family of the band at
+// base: the gate, and the trie from OffsetDispatch to the nop at
+// DispatchEnd; previous gives the priorities the trie's slots have now.
+func dispatchRules(items []dispatchItem, ipv6 bool, base int, previous map[string]int) (gate, trie []Rule) {
+	first, end := base+OffsetDispatch, base+DispatchEnd
 	slices.SortFunc(items, func(a, b dispatchItem) int { return comparePrefix(a.dst, b.dst) })
 	var slots []dispatchSlot
 	for leaf := dispatchLeaf; ; leaf *= 2 {
@@ -165,9 +177,48 @@ func dispatchRules(items []dispatchItem, ipv6 bool, first, end int, previous map
 			out = append(out, r)
 		}
 	}
-	if skips {
+	// The gate's regions come from the trie split as far as it goes (a
+	// block of a few rules may span much more address space than they do).
+	regions := gateRegions(buildDispatch(items, 1))
+	for _, p := range regions {
+		gate = append(gate, Rule{Priority: base + OffsetGate, IPv6: ipv6, Dst: p, Goto: base + OffsetSuppress, SuppressPrefixlen: -1})
+	}
+	if len(regions) > 0 {
+		gate = append(gate, Rule{Priority: base + OffsetGate + 1, IPv6: ipv6, Goto: end, SuppressPrefixlen: -1})
+	}
+	if skips || len(regions) > 0 {
 		out = append(out, Rule{Priority: end, IPv6: ipv6, Nop: true, SuppressPrefixlen: -1})
 	}
+	return gate, out
+}
+
+// gateRegions are at most dispatchGate prefixes that hold every item of
+// the trie: its root, split into its children while there is room, widest
+// first. None when an item is a /0.
+func gateRegions(root *dispatchNode) []netip.Prefix {
+	nodes := []*dispatchNode{root}
+	for {
+		widest := -1
+		for i, n := range nodes {
+			// A node with its own items must stay whole: they are its prefix.
+			if len(n.own) == 0 && len(n.children) > 0 && (widest < 0 || n.prefix.Bits() < nodes[widest].prefix.Bits()) {
+				widest = i
+			}
+		}
+		if widest < 0 || len(nodes)-1+len(nodes[widest].children) > dispatchGate {
+			break
+		}
+		n := nodes[widest]
+		nodes = append(slices.Delete(nodes, widest, widest+1), n.children...)
+	}
+	var out []netip.Prefix
+	for _, n := range nodes {
+		if n.prefix.Bits() == 0 {
+			return nil
+		}
+		out = append(out, n.prefix)
+	}
+	slices.SortFunc(out, comparePrefix)
 	return out
 }
 
@@ -239,6 +290,8 @@ func LayoutOf(rules []Rule) map[string]int {
 	for _, r := range rules {
 		var key string
 		switch {
+		case r.IsSkip() && !r.Invert: // the gate, at fixed priorities
+			continue
 		case r.IsSkip():
 			key = "skip " + r.Dst.String()
 		case r.Dst.IsValid() && r.Table != MainTable && r.Table != 0:

@@ -180,7 +180,8 @@ func TestDispatchCost(t *testing.T) {
 			routes = append(routes, &routeT{name: fmt.Sprintf("r-%05d", i), age: i, dsts: []string{fmt.Sprintf("172.%d.%d.0/24", 16+i/256, i%256)}})
 		}
 		plan := computeT(routes, nil)
-		sim := newSim(plan.Rules, plan.Routes, false, DefaultConfig().PriorityBase+OffsetRoutes)
+		// From the gate on (main's suppress rule counts as one rule).
+		sim := newSim(plan.Rules, plan.Routes, false, DefaultConfig().PriorityBase+OffsetGate)
 		var w [2]int // unmatched, matched
 		for i := range n {
 			_, v := sim.lookup(netip.AddrFrom4([4]byte{172, byte(16 + i/256), byte(i % 256), 9}))
@@ -263,8 +264,9 @@ func ruleDiff(a, b []Rule) []string {
 }
 
 // TestDispatchTransitions replays the applier's order of rule writes
-// (stale skips out first, then other new rules in, stale rules out, new
-// skips in last) one write at a time between random layouts: after every
+// (stale skips and exits out first, new gate entries in, then other new
+// rules in, stale rules out, stale gate entries out, new skips and exits
+// in last) one write at a time between random layouts: after every
 // single write, an address a Route holds before and after the change still
 // reaches a Route's table, never main.
 func TestDispatchTransitions(t *testing.T) {
@@ -331,25 +333,37 @@ func transition(a, b []Rule) []ruleStep {
 	}
 	cur := slices.Clone(a)
 	var steps []ruleStep
-	remove := func(skips bool) {
+	kind := func(r Rule) int {
+		switch {
+		case r.Narrows():
+			return 1
+		case r.Widens():
+			return 2
+		}
+		return 0
+	}
+	remove := func(k int) {
 		for _, r := range slices.Clone(cur) {
-			if r.IsSkip() == skips && !want[key(r)] {
+			if kind(r) == k && !want[key(r)] {
 				cur = slices.DeleteFunc(cur, func(x Rule) bool { return key(x) == key(r) })
 				steps = append(steps, ruleStep{"del " + key(r), slices.Clone(cur)})
 			}
 		}
 	}
-	add := func(skips bool) {
+	add := func(k int) {
 		for _, r := range b {
-			if r.IsSkip() == skips && !have[key(r)] {
+			if kind(r) == k && !have[key(r)] {
 				cur = append(cur, r)
 				steps = append(steps, ruleStep{"add " + key(r), slices.Clone(cur)})
 			}
 		}
 	}
-	remove(true)
-	add(false)
-	remove(false)
-	add(true)
+	const plain, narrowing, widening = 0, 1, 2
+	remove(narrowing)
+	add(widening)
+	add(plain)
+	remove(plain)
+	remove(widening)
+	add(narrowing)
 	return steps
 }

@@ -482,8 +482,10 @@ func rules(in Input, applied []*candidate, bypass []Bypass, gws []Gateway) []Rul
 		if in.Config.ConnMark != 0 {
 			out = append(out, Rule{Priority: base + OffsetSymmetric, IPv6: ipv6, Mark: in.Config.ConnMark, Mask: in.Config.ConnMark, Table: MainTable, SuppressPrefixlen: -1})
 		}
+		gate, dispatch := dispatchRules(items, ipv6, base, layoutFor(in.Layout, ipv6))
+		out = append(out, gate...)
 		out = append(out, Rule{Priority: base + OffsetSuppress, IPv6: ipv6, Table: MainTable, SuppressPrefixlen: 0})
-		out = append(out, dispatchRules(items, ipv6, base+OffsetDispatch, base+DispatchEnd, layoutFor(in.Layout, ipv6))...)
+		out = append(out, dispatch...)
 	}
 	return out
 }

@@ -72,8 +72,11 @@ func TestCompute(t *testing.T) {
 ` + bypass4 + `
 ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
 ip -4 rule add priority 30100 fwmark 0x2000/0x2000 lookup main protocol 245
+ip -4 rule add priority 30150 to 0.0.0.0/5 goto 30200 protocol 245
+ip -4 rule add priority 30151 goto 30999 protocol 245
 ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
 ip -4 rule add priority 30301 to 0.0.0.0/5 lookup 10001 protocol 245
+ip -4 rule add priority 30999 nop protocol 245
 ip -4 route replace 0.0.0.0/5 table 10001 proto 245 via 10.114.0.3 dev vpc0
 ip -4 route replace unreachable 0.0.0.0/5 table 10001 proto 245 metric 4294967295`,
 	}, {
@@ -146,11 +149,15 @@ ip -4 rule add priority 30000 to 10.114.0.4/32 lookup main protocol 245
 ` + bypass4 + `
 ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
 ip -4 rule add priority 30100 fwmark 0x2000/0x2000 lookup main protocol 245
+ip -4 rule add priority 30150 to 10.0.0.0/8 goto 30200 protocol 245
+ip -4 rule add priority 30150 to 198.51.100.0/24 goto 30200 protocol 245
+ip -4 rule add priority 30151 goto 30999 protocol 245
 ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
 ip -4 rule add priority 30301 to 10.1.2.0/24 lookup 10002 protocol 245
 ip -4 rule add priority 30301 to 198.51.100.0/24 lookup 10001 protocol 245
 ip -4 rule add priority 30301 to 10.1.0.0/16 lookup 10002 protocol 245
 ip -4 rule add priority 30301 to 10.0.0.0/8 lookup 10001 protocol 245
+ip -4 rule add priority 30999 nop protocol 245
 ip -4 route replace 10.0.0.0/8 table 10001 proto 245 via 10.114.0.3 dev vpc0
 ip -4 route replace unreachable 10.0.0.0/8 table 10001 proto 245 metric 4294967295
 ip -4 route replace throw 10.1.0.0/16 table 10001 proto 245
@@ -192,11 +199,16 @@ ip -4 rule add priority 30000 to 10.114.0.4/32 lookup main protocol 245
 ` + bypass4 + `
 ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
 ip -4 rule add priority 30100 fwmark 0x2000/0x2000 lookup main protocol 245
+ip -4 rule add priority 30150 to 0.0.0.0/5 goto 30200 protocol 245
+ip -4 rule add priority 30150 to 10.244.1.0/24 goto 30200 protocol 245
+ip -4 rule add priority 30150 to 192.0.0.0/4 goto 30200 protocol 245
+ip -4 rule add priority 30151 goto 30999 protocol 245
 ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
 ip -4 rule add priority 30301 to 203.0.113.0/25 lookup 10003 protocol 245
 ip -4 rule add priority 30301 to 10.244.1.0/24 lookup 10002 protocol 245
 ip -4 rule add priority 30301 to 198.18.0.0/15 lookup 10003 protocol 245
 ip -4 rule add priority 30301 to 0.0.0.0/5 lookup 10001 protocol 245
+ip -4 rule add priority 30999 nop protocol 245
 ip -4 route replace 0.0.0.0/5 table 10001 proto 245 via 10.114.0.3 dev vpc0
 ip -4 route replace unreachable 0.0.0.0/5 table 10001 proto 245 metric 4294967295
 ip -4 route replace 10.244.1.0/24 table 10002 proto 245 via 10.114.0.3 dev vpc0

@@ -18,7 +18,10 @@ const MainTable = 254
 const (
 	OffsetBypass    = 0
 	OffsetSymmetric = 100
-	OffsetSuppress  = 200
+	// OffsetGate is the dispatch's gate (dispatch.go): traffic no Route
+	// can capture jumps from there past the rest of the band.
+	OffsetGate     = 150
+	OffsetSuppress = 200
 	OffsetRoutes    = 300
 	// OffsetDispatch is where the per-Route rules start (dispatch.go). Not
 	// at OffsetRoutes itself: there earlier versions kept one `lookup
@@ -214,6 +217,16 @@ type Rule struct {
 
 // IsSkip says whether r is one of the dispatch's jumps.
 func (r Rule) IsSkip() bool { return r.Goto > 0 }
+
+// Narrows says whether r is a jump that takes packets past rules: a skip
+// (`not to <prefix> goto`) or the gate's exit (`goto` with no selector).
+// The applier removes stale ones first and adds new ones last.
+func (r Rule) Narrows() bool { return r.Goto > 0 && (r.Invert || !r.Dst.IsValid()) }
+
+// Widens says whether r is one of the gate's entries (`to <prefix> goto`),
+// which let packets into the rules its exit would take them past. The
+// applier adds new ones first and removes stale ones last.
+func (r Rule) Widens() bool { return r.Goto > 0 && !r.Invert && r.Dst.IsValid() }
 
 // Route is one route in one of the agent's tables.
 type Route struct {
