@@ -22,7 +22,7 @@ const (
 	// can capture jumps from there past the rest of the band.
 	OffsetGate     = 150
 	OffsetSuppress = 200
-	OffsetRoutes    = 300
+	OffsetRoutes   = 300
 	// OffsetDispatch is where the per-Route rules start (dispatch.go). Not
 	// at OffsetRoutes itself: there earlier versions kept one `lookup
 	// <table>` per Route, and deleting such a rule, which names no
