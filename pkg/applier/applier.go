@@ -31,6 +31,8 @@ type Applier struct {
 	marks Marker
 	// Writes counts every netlink write since the Applier was made.
 	Writes Counters
+	// view, when set (UseView), is what Apply diffs against.
+	view *View
 }
 
 // Counters count netlink writes by kind.
@@ -107,6 +109,9 @@ type Rejection struct {
 //     supernet before the throws carved out of it), among them the
 //     routes of tables no rule leads to any more.
 func (a *Applier) Apply(plan planner.Plan) (Report, error) {
+	if a.view != nil {
+		return a.view.apply(plan)
+	}
 	actual, err := a.Read()
 	if err != nil {
 		return Report{}, err
@@ -166,7 +171,7 @@ func (a *Applier) applyTo(plan planner.Plan, actual *State) (Report, error) {
 		}
 	}
 
-	wanted := map[routeKey]bool{}
+	wanted := make(map[routeKey]bool, len(plan.Routes))
 	for _, r := range plan.Routes {
 		wanted[keyOf(r)] = true
 	}
@@ -208,9 +213,8 @@ func (a *Applier) applyTo(plan planner.Plan, actual *State) (Report, error) {
 		}
 	}
 	var early, late []routeKey
-	for _, key := range sortedRouteKeys(actual.Routes) {
+	for _, key := range sortedRouteKeys(actual.Routes, wanted) {
 		switch {
-		case wanted[key]:
 		case actual.Routes[key].Throw && !held[key.Dst]:
 			early = append(early, key)
 		default:
@@ -276,6 +280,9 @@ func (a *Applier) RemoveLayout(old planner.Config) (Report, error) {
 	a.Writes.RuleDelete.Add(prev.Writes.RuleDelete.Load())
 	a.Writes.RouteDelete.Add(prev.Writes.RouteDelete.Load())
 	rep.Foreign = nil // the old band's strangers are not this band's
+	if a.view != nil && rep.Changes > 0 {
+		a.view.Invalidate() // rare: the old band may overlap this one
+	}
 	return rep, err
 }
 
@@ -355,10 +362,14 @@ func sortedKeys[V any](m map[string]V) []string {
 	return keys
 }
 
-func sortedRouteKeys(m map[routeKey]planner.Route) []routeKey {
-	keys := make([]routeKey, 0, len(m))
+// sortedRouteKeys are the keys of m less those of skip, sorted: only
+// those are sorted, so a diff with little to remove costs little.
+func sortedRouteKeys(m map[routeKey]planner.Route, skip map[routeKey]bool) []routeKey {
+	var keys []routeKey
 	for k := range m {
-		keys = append(keys, k)
+		if !skip[k] {
+			keys = append(keys, k)
+		}
 	}
 	slices.SortFunc(keys, func(a, b routeKey) int {
 		return planner.CompareRoutes(planner.Route{Table: a.Table, Dst: a.Dst, Backstop: a.Backstop}, planner.Route{Table: b.Table, Dst: b.Dst, Backstop: b.Backstop})
@@ -399,6 +410,9 @@ func (a *Applier) EnsureBypass(addrs []netip.Addr) (added int, err error) {
 		a.Writes.RuleAdd.Add(1)
 		a.log.Info("kernel change", "op", what, "why", "control-plane address learned")
 		added++
+	}
+	if added > 0 && a.view != nil {
+		a.view.rulesWritten()
 	}
 	return added, errors.Join(errs...)
 }

@@ -46,13 +46,28 @@ func keyOf(r planner.Route) routeKey { return routeKey{r.Table, r.Dst, r.Backsto
 // its protocol number, inside its rule band or table range.
 func (a *Applier) Read() (*State, error) {
 	st := &State{Rules: map[string][]planner.Rule{}, Routes: map[routeKey]planner.Route{}, metrics: map[routeKey]int{}}
+	if err := a.readRules(st); err != nil {
+		return nil, err
+	}
+	for _, family := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+		filter := &netlink.Route{Table: unix.RT_TABLE_UNSPEC, Protocol: netlink.RouteProtocol(a.cfg.Protocol)}
+		if err := a.readRoutes(a.h, st, family, filter); err != nil {
+			return nil, err
+		}
+	}
+	return st, nil
+}
+
+// readRules fills st's rules, foreign rules and mark users from a dump of
+// every rule of both families.
+func (a *Applier) readRules(st *State) error {
 	for _, family := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
 		rules, err := nlutil.RetryDump(func() ([]netlink.Rule, error) { return a.h.RuleList(family) })
 		if family == netlink.FAMILY_V6 && nlutil.NoIPv6(err) {
 			break // booted with ipv6.disable=1: nothing of IPv6 to own
 		}
 		if err != nil {
-			return nil, fmt.Errorf("listing ip rules: %w", err)
+			return fmt.Errorf("listing ip rules: %w", err)
 		}
 		for _, r := range rules {
 			pr, plain := fromNetlinkRule(r, family == netlink.FAMILY_V6)
@@ -76,26 +91,33 @@ func (a *Applier) Read() (*State, error) {
 			key := a.ruleKey(pr)
 			st.Rules[key] = append(st.Rules[key], pr)
 		}
-
-		filter := &netlink.Route{Table: unix.RT_TABLE_UNSPEC, Protocol: netlink.RouteProtocol(a.cfg.Protocol)}
-		routes, err := nlutil.RetryDump(func() ([]netlink.Route, error) {
-			return a.h.RouteListFiltered(family, filter, netlink.RT_FILTER_TABLE|netlink.RT_FILTER_PROTOCOL)
-		})
-		if err != nil {
-			return nil, fmt.Errorf("listing routes: %w", err)
-		}
-		for _, r := range routes {
-			if uint32(r.Table) < a.cfg.TableMin || uint32(r.Table) > a.cfg.TableMax {
-				continue
-			}
-			pr := a.fromNetlinkRoute(r, family)
-			st.Routes[keyOf(pr)] = pr
-			st.metrics[keyOf(pr)] = r.Priority
-		}
 	}
 	slices.Sort(st.Foreign)
 	slices.Sort(st.MarkUsers)
-	return st, nil
+	return nil
+}
+
+// readRoutes adds to st the agent's routes of family that a dump through h
+// with filter lists (its table and protocol).
+func (a *Applier) readRoutes(h *netlink.Handle, st *State, family int, filter *netlink.Route) error {
+	routes, err := nlutil.RetryDump(func() ([]netlink.Route, error) {
+		return h.RouteListFiltered(family, filter, netlink.RT_FILTER_TABLE|netlink.RT_FILTER_PROTOCOL)
+	})
+	if family == netlink.FAMILY_V6 && nlutil.NoIPv6(err) {
+		return nil // booted with ipv6.disable=1
+	}
+	if err != nil {
+		return fmt.Errorf("listing routes: %w", err)
+	}
+	for _, r := range routes {
+		if uint32(r.Table) < a.cfg.TableMin || uint32(r.Table) > a.cfg.TableMax {
+			continue
+		}
+		pr := a.fromNetlinkRoute(r, family)
+		st.Routes[keyOf(pr)] = pr
+		st.metrics[keyOf(pr)] = r.Priority
+	}
+	return nil
 }
 
 // ruleMarkMask is the fwmark bits a rule matches: its mask (the kernel

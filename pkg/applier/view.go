@@ -1,0 +1,375 @@
+package applier
+
+import (
+	"errors"
+	"fmt"
+	"maps"
+	"sync"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/routing-agent/routing-agent/pkg/kernelwatch"
+	"github.com/routing-agent/routing-agent/pkg/planner"
+)
+
+// View keeps the State an Applier diffs against current between applies,
+// so that an apply reads only what may have changed since the last one
+// instead of every owned route and rule.
+//
+// It never takes a notification's content for the truth: notifications
+// only say what is dirty, and what is dirty is dumped again, from the
+// kernel, at the next apply. The parts it tracks are the routes of each
+// table of the range (dumped one table at a time, which the kernel filters
+// itself on a socket with strict checking) and the rules (one dump of both
+// families: the kernel cannot filter rules by priority).
+//
+// Its own writes are dealt with the same way: after an apply, every table
+// it wrote to (or tried to) is dirty, and the rules are when it added or
+// removed one. Taking the content of the notifications instead would race:
+// an apply that starts before the notifications of the previous apply's
+// writes have been read would see the kernel as it was before them (and
+// write again, or fail to add what exists); applying its own writes to the
+// view when they succeed would race too, with a change by someone else
+// made to the same object right after the write whose notification is read
+// before the view is updated, and lost. A dump after the writes has
+// neither problem, and costs what the change costs.
+//
+// What invalidates a view, whose next apply then reads everything, as
+// Read does: its first apply, any apply while a stream it relies on is
+// down or not yet subscribed (every apply then reads everything),
+// Invalidate (the periodic resync), a stream subscribed again after
+// notifications were lost, and a failed dump.
+//
+// A View's methods may be called from any goroutine; applies stay
+// serialized, as they are without a view.
+type View struct {
+	a *Applier
+	// dumps is a socket of its own with strict checking on, for dumps of
+	// one table: the Applier's handle stays as it is (strict checking
+	// rejects some of the library's other dump requests).
+	dumps *netlink.Handle
+
+	// st is the state as of the last apply plus what has not been marked
+	// dirty since; only applies touch it.
+	st *State
+
+	mu sync.Mutex
+	// watching: the streams were subscribed (Watching); down counts those
+	// lost since and not subscribed again.
+	watching bool
+	down     kernelwatch.Kind
+	// Dirty parts: all (the next apply reads everything), every route,
+	// the rules, and tables by id.
+	all, routes, rules bool
+	tables             map[uint32]bool
+	// links are the interfaces the routes in st go through, for
+	// LinkChanged.
+	links map[int]bool
+	// desired is the last plan's routes by key (built when a notification
+	// first needs it), to tell a notification that shows the kernel as
+	// planned (the echo of the agent's own writes) from one that does not.
+	plan    *planner.Plan
+	desired map[routeKey]planner.Route
+
+	stats ViewStats
+}
+
+// ViewStats count a view's dumps since it was made.
+type ViewStats struct {
+	// Full are reads of everything; Tables are dumps of one table (both
+	// families); Rules are dumps of the rules alone; Routes are dumps of
+	// every route without the rules.
+	Full, Tables, Rules, Routes int
+}
+
+// UseView makes a's applies read through a View, from now on. dumps is a
+// netlink handle of its own in a's namespace, which the view switches to
+// strict checking; it must stay open as long as a is used. Until
+// Watching is called, every apply still reads everything.
+func (a *Applier) UseView(dumps *netlink.Handle) (*View, error) {
+	if err := dumps.SetStrictCheck(true); err != nil {
+		return nil, fmt.Errorf("netlink strict checking (Linux 4.20 or later): %w", err)
+	}
+	v := &View{a: a, dumps: dumps, tables: map[uint32]bool{}, all: true}
+	a.view = v
+	return v, nil
+}
+
+// Watching says the notification streams of kinds (which must include
+// Routes, Rules, Links and Addrs) are subscribed, less any reported Lost
+// meanwhile: the next apply reads everything, and the ones after it read
+// what the notifications mark dirty. Call it after kernelwatch.Watch
+// returns: a change after that is notified.
+func (v *View) Watching(kinds kernelwatch.Kind) error {
+	const need = kernelwatch.Routes | kernelwatch.Rules | kernelwatch.Links | kernelwatch.Addrs
+	if kinds&need != need {
+		return fmt.Errorf("a kernel view needs the %s, %s, %s and %s streams", kernelwatch.Routes, kernelwatch.Rules, kernelwatch.Links, kernelwatch.Addrs)
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.watching, v.all = true, true
+	return nil
+}
+
+// Lost says the stream of kind is down (kernelwatch's OnLost): until it is
+// Resubscribed, every apply reads everything.
+func (v *View) Lost(kind kernelwatch.Kind) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.down |= kind
+	v.all = true
+}
+
+// Resubscribed says the stream of kind is up again (kernelwatch's
+// OnResubscribe): notifications were lost, so the next apply reads
+// everything.
+func (v *View) Resubscribed(kind kernelwatch.Kind) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.down &^= kind
+	v.all = true
+}
+
+// Invalidate makes the next apply read everything: the periodic resync,
+// the backstop for whatever no notification told.
+func (v *View) Invalidate() {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.all = true
+}
+
+// Watched reports whether Watching was called and no stream is down:
+// whether applies read only what is dirty.
+func (v *View) Watched() bool {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.watching && v.down == 0
+}
+
+// Stats returns the view's dump counts.
+func (v *View) Stats() ViewStats {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.stats
+}
+
+// RouteChanged takes a route notification. Only routes of the table range
+// concern the view (whatever their protocol: someone else's route replaces
+// the agent's); their table is dirty. It reports whether the notification
+// shows the kernel other than the last plan wants, which calls for an
+// apply; the echo of the agent's own write does not.
+func (v *View) RouteChanged(u netlink.RouteUpdate) (differs bool) {
+	cfg := &v.a.cfg
+	t := uint32(u.Table)
+	if t < cfg.TableMin || t > cfg.TableMax {
+		return false
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.tables[t] = true
+	if u.Protocol != netlink.RouteProtocol(cfg.Protocol) || v.plan == nil {
+		return true
+	}
+	r := v.a.fromNetlinkRoute(u.Route, u.Family)
+	if v.desired == nil {
+		v.desired = make(map[routeKey]planner.Route, len(v.plan.Routes))
+		for _, p := range v.plan.Routes {
+			v.desired[keyOf(p)] = p
+		}
+	}
+	want, ok := v.desired[keyOf(r)]
+	switch u.Type {
+	case unix.RTM_NEWROUTE:
+		return !ok || !sameRoute(r, want)
+	case unix.RTM_DELROUTE:
+		return ok
+	}
+	return true
+}
+
+// RuleChanged takes a rule notification: a rule in the band, or one that
+// matches a bit of the connection mark, makes the rules dirty. It reports
+// whether it did.
+func (v *View) RuleChanged(u kernelwatch.RuleUpdate) bool {
+	cfg := &v.a.cfg
+	inBand := u.Priority >= cfg.PriorityBase && u.Priority < cfg.PriorityBase+planner.BandWidth
+	mask := u.Mask
+	if mask == 0 && u.Mark != 0 {
+		mask = 0xffffffff
+	}
+	if !inBand && (cfg.ConnMark == 0 || mask&cfg.ConnMark == 0) {
+		return false
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.rules = true
+	return true
+}
+
+// LinkChanged takes a link or address notification of interface index.
+// The kernel removes IPv4 routes through an interface that goes down or
+// loses its addresses without a notification for each: when a route of the
+// view goes through it, every route is dirty. It reports whether they are.
+func (v *View) LinkChanged(index int) bool {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if !v.links[index] {
+		return false
+	}
+	v.routes = true
+	return true
+}
+
+// state returns the State an apply diffs against: read in full, or the
+// view's with its dirty parts dumped again.
+func (v *View) state() (*State, error) {
+	v.mu.Lock()
+	all := v.all || v.st == nil || !v.watching || v.down != 0
+	routes, rules, tables := v.routes, v.rules, v.tables
+	v.all, v.routes, v.rules, v.tables = false, false, false, map[uint32]bool{}
+	v.mu.Unlock()
+	// Whatever is marked from here on is dumped by the next apply: a
+	// change the dumps below miss is notified after they began.
+	var err error
+	var stats ViewStats
+	switch {
+	case all:
+		var st *State
+		if st, err = v.a.Read(); err == nil {
+			v.st = st
+			stats.Full++
+		}
+	default:
+		if rules {
+			err = v.dumpRules()
+			stats.Rules++
+		}
+		if routes && err == nil {
+			err = v.dumpRoutes(0)
+			stats.Routes++
+		} else if err == nil {
+			for t := range tables {
+				if err = v.dumpRoutes(t); err != nil {
+					break
+				}
+				stats.Tables++
+			}
+		}
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.stats.Full += stats.Full
+	v.stats.Rules += stats.Rules
+	v.stats.Routes += stats.Routes
+	v.stats.Tables += stats.Tables
+	if err != nil {
+		v.all = true
+		return nil, err
+	}
+	if all || routes || len(tables) > 0 {
+		v.links = map[int]bool{}
+		for _, r := range v.st.Routes {
+			for _, nh := range r.Nexthops {
+				v.links[nh.LinkIndex] = true
+			}
+		}
+	}
+	return v.st, nil
+}
+
+// dumpRules reads the rules of the view's state again.
+func (v *View) dumpRules() error {
+	st := &State{Rules: map[string][]planner.Rule{}}
+	if err := v.a.readRules(st); err != nil {
+		return err
+	}
+	v.st.Rules, v.st.Foreign, v.st.MarkUsers = st.Rules, st.Foreign, st.MarkUsers
+	return nil
+}
+
+// dumpRoutes reads the routes of table again, or of every table for 0.
+func (v *View) dumpRoutes(table uint32) error {
+	st := &State{Routes: map[routeKey]planner.Route{}, metrics: map[routeKey]int{}}
+	h := v.a.h
+	if table != 0 {
+		h = v.dumps
+	}
+	for _, family := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+		filter := &netlink.Route{Table: int(table), Protocol: netlink.RouteProtocol(v.a.cfg.Protocol)}
+		err := v.a.readRoutes(h, st, family, filter)
+		// A table the family never had: strict IPv6 dumps say ENOENT.
+		if table != 0 && errors.Is(err, unix.ENOENT) {
+			err = nil
+		}
+		if err != nil {
+			return err
+		}
+	}
+	if table == 0 {
+		v.st.Routes, v.st.metrics = st.Routes, st.metrics
+		return nil
+	}
+	maps.DeleteFunc(v.st.Routes, func(k routeKey, _ planner.Route) bool { return k.Table == table })
+	maps.DeleteFunc(v.st.metrics, func(k routeKey, _ int) bool { return k.Table == table })
+	maps.Copy(v.st.Routes, st.Routes)
+	maps.Copy(v.st.metrics, st.metrics)
+	return nil
+}
+
+// apply is Apply through the view.
+func (v *View) apply(plan planner.Plan) (Report, error) {
+	actual, err := v.state()
+	if err != nil {
+		return Report{}, err
+	}
+	v.planned(plan)
+	w := &v.a.Writes
+	routeWrites, ruleWrites := w.RouteReplace.Load()+w.RouteDelete.Load(), w.RuleAdd.Load()+w.RuleDelete.Load()
+	rep, err := v.a.applyTo(plan, actual)
+	// A write that failed changed nothing: only successful ones (which
+	// the counters count) make the view stale.
+	v.wrote(plan, actual, w.RouteReplace.Load()+w.RouteDelete.Load() != routeWrites, w.RuleAdd.Load()+w.RuleDelete.Load() != ruleWrites)
+	return rep, err
+}
+
+// planned records plan as the one being applied, before its writes: their
+// notifications are compared with it.
+func (v *View) planned(plan planner.Plan) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.plan, v.desired = &plan, nil
+}
+
+// wrote marks dirty what an apply of plan onto actual (the view's state)
+// wrote: when routes were written, the tables whose routes differ (the
+// diff applyTo makes, without its order); when rules were, the rules.
+func (v *View) wrote(plan planner.Plan, actual *State, routes, rules bool) {
+	tables := map[uint32]bool{}
+	if routes {
+		wanted := make(map[routeKey]bool, len(plan.Routes))
+		for _, r := range plan.Routes {
+			key := keyOf(r)
+			wanted[key] = true
+			if have, ok := actual.Routes[key]; !ok || !sameRoute(have, r) {
+				tables[r.Table] = true
+			}
+		}
+		for key := range actual.Routes {
+			if !wanted[key] {
+				tables[key.Table] = true
+			}
+		}
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	maps.Copy(v.tables, tables)
+	v.rules = v.rules || rules
+}
+
+// rulesWritten marks the rules dirty after a write outside Apply.
+func (v *View) rulesWritten() {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.rules = true
+}
