@@ -11,6 +11,7 @@ import (
 
 	"github.com/go-logr/logr"
 	"github.com/vishvananda/netlink"
+	vnetns "github.com/vishvananda/netns"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -39,7 +40,9 @@ type benchAgent struct {
 // newBenchAgent holds n Routes of per destinations each (consecutive /24s
 // of 172.16.0.0/12, through two ECMP gateways), their informers synced,
 // and the first reconcile done.
-func newBenchAgent(b *testing.B, purpose string, n, per int) *benchAgent {
+// With view, the agent keeps a kernel view (Options.DumpHandle) fed by its
+// own watch of the namespace.
+func newBenchAgent(b *testing.B, purpose string, n, per int, view bool) *benchAgent {
 	b.Helper()
 	if os.Geteuid() != 0 {
 		b.Fatal("this benchmark builds a network namespace and must run as root")
@@ -89,9 +92,41 @@ func newBenchAgent(b *testing.B, purpose string, n, per int) *benchAgent {
 	if err := os.WriteFile(resolv, []byte("nameserver 198.51.100.53\n"), 0o644); err != nil {
 		b.Fatal(err)
 	}
-	a := New(Options{NodeName: "bench", Planner: planner.DefaultConfig(), ResyncPeriod: time.Hour, ResolvConf: resolv}, client, kube, h, logr.Discard())
+	opts := Options{NodeName: "bench", Planner: planner.DefaultConfig(), ResyncPeriod: time.Hour, ResolvConf: resolv}
+	if view {
+		dumps, closeDumps, err := netns.NetlinkHandle(name)
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(closeDumps)
+		ns, err := vnetns.GetFromName(name)
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { ns.Close() })
+		opts.DumpHandle, opts.KernelNamespace = dumps, &ns
+	}
+	a := New(opts, client, kube, h, logr.Discard())
+	if view && a.view == nil {
+		b.Fatal("no kernel view")
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	b.Cleanup(cancel)
+	if view {
+		watching := make(chan struct{})
+		go func() {
+			a.watchKernel(ctx)
+			close(watching)
+		}()
+		b.Cleanup(func() { cancel(); <-watching })
+		// watchKernel calls Watching once subscribed; reconciles before
+		// that read everything.
+		for deadline := time.Now().Add(5 * time.Second); !a.view.Watched(); time.Sleep(time.Millisecond) {
+			if time.Now().After(deadline) {
+				b.Fatal("the kernel watch never started")
+			}
+		}
+	}
 	a.routeFactory.Start(ctx.Done())
 	a.nodeFactory.Start(ctx.Done())
 	a.epFactory.Start(ctx.Done())
@@ -104,6 +139,14 @@ func newBenchAgent(b *testing.B, purpose string, n, per int) *benchAgent {
 	for _, r := range a.last.Results {
 		if r.Phase != planner.Applied {
 			b.Fatalf("%s: %s %s", r.Name, r.Reason, r.Message)
+		}
+	}
+	if view {
+		// The notifications of the cold apply mark every table dirty as
+		// they are read: once they are, one reconcile dumps them again.
+		time.Sleep(time.Second)
+		if err := a.reconcile(); err != nil {
+			b.Fatal(err)
 		}
 	}
 	return &benchAgent{Agent: a, ns: name, h: h, client: client, objs: routes}
@@ -136,12 +179,39 @@ func (ba *benchAgent) change(b *testing.B, i, round int) {
 
 // BenchmarkReconcileOneOf1000 is the agent's reconcile after one Route
 // among 1,000 (2 destinations each: 4,000 routes with their backstops and
-// 1,000 rules) changed its gateways: its 2 routes are rewritten. It also
-// reports, from the same agent after the last round, what the parts of a
-// reconcile cost on their own.
+// 1,000 rules) changed its gateways: its 2 routes are rewritten. It runs
+// the agent with its kernel view and, as the baseline, without (every
+// reconcile reads every owned route and rule), and reports the ratio; the
+// baseline also reports what the parts of a reconcile cost on their own.
+//
+//	go test -run '^$' -bench ReconcileOneOf1000 -benchtime 20x ./pkg/agent
 func BenchmarkReconcileOneOf1000(b *testing.B) {
-	ba := newBenchAgent(b, "bench-rec", 1000, 2)
+	var full float64
+	for _, mode := range []struct {
+		name string
+		view bool
+	}{{"full-read", false}, {"view", true}} {
+		b.Run(mode.name, func(b *testing.B) {
+			ba := newBenchAgent(b, "bench-rec", 1000, 2, mode.view)
+			ms := ba.benchChanges(b)
+			if !mode.view {
+				full = ms
+				ba.reportParts(b)
+			} else if full > 0 {
+				b.ReportMetric(ms/full, "x-full-read")
+			}
+		})
+	}
+}
+
+// benchChanges changes one Route b.N times, reconciling after each, and
+// returns the mean reconcile time in milliseconds.
+func (ba *benchAgent) benchChanges(b *testing.B) float64 {
 	before := ba.applier.Writes.Total()
+	var stats applier.ViewStats
+	if ba.view != nil {
+		stats = ba.view.Stats()
+	}
 	var total time.Duration
 	b.ResetTimer()
 	for i := range b.N {
@@ -155,9 +225,15 @@ func BenchmarkReconcileOneOf1000(b *testing.B) {
 		total += time.Since(began)
 	}
 	b.StopTimer()
+	ms := total.Seconds() * 1e3 / float64(b.N)
 	b.ReportMetric(float64(ba.applier.Writes.Total()-before)/float64(b.N), "writes/op")
-	b.ReportMetric(total.Seconds()*1e3/float64(b.N), "ms/change")
-	ba.reportParts(b)
+	b.ReportMetric(ms, "ms/change")
+	if ba.view != nil {
+		after := ba.view.Stats()
+		b.ReportMetric(float64(after.Full-stats.Full)/float64(b.N), "full-reads/op")
+		b.ReportMetric(float64(after.Tables-stats.Tables)/float64(b.N), "table-dumps/op")
+	}
+	return ms
 }
 
 // reportParts times, a few rounds each, the parts of one reconcile at
@@ -175,7 +251,7 @@ func (ba *benchAgent) reportParts(b *testing.B) {
 	var facts planner.Node
 	timeIt("ms-nodefacts", func() {
 		var err error
-		if facts, err = nodefacts.Read(ba.h); err != nil {
+		if facts, err = nodefacts.Read(ba.h); err != nil { // every table
 			b.Fatal(err)
 		}
 	})
