@@ -301,18 +301,26 @@ func tableRoutes(applied []*candidate, down map[netip.Addr]bool) []Route {
 	// throw route in the table of each other Route that owns one of its
 	// supernets; walking up its at most 128 supernets keeps this linear in
 	// the number of destinations.
+	// Only the lengths some destination has can hold a supernet: most
+	// nodes' destinations have a few lengths, and most walks are short.
 	owner := map[netip.Prefix]*candidate{}
-	installed := map[*candidate][]netip.Prefix{}
+	installed := make(map[*candidate][]netip.Prefix, len(applied))
+	var lengths [2][129]bool // by family (IPv6 second), prefix length
 	for _, c := range applied {
 		installed[c] = c.installed()
 		for _, d := range installed[c] {
 			owner[d] = c
+			lengths[boolIndex(d.Addr().Is6())][d.Bits()] = true
 		}
 	}
 	throws := map[*candidate]map[netip.Prefix]bool{}
 	for _, c := range applied {
 		for _, e := range installed[c] {
+			have := &lengths[boolIndex(e.Addr().Is6())]
 			for bits := e.Bits() - 1; bits >= 0; bits-- {
+				if !have[bits] {
+					continue
+				}
 				super, _ := e.Addr().Prefix(bits)
 				if o := owner[super]; o != nil && o != c {
 					if throws[o] == nil {
@@ -324,8 +332,14 @@ func tableRoutes(applied []*candidate, down map[netip.Addr]bool) []Route {
 		}
 	}
 
+	// Built in table order, each table's routes sorted on their own: the
+	// sort of the whole below, which keeps the order exact whatever the
+	// tables, then finds them in order and costs little.
+	byTable := slices.Clone(applied)
+	slices.SortStableFunc(byTable, func(a, b *candidate) int { return cmp.Compare(a.result.Table, b.result.Table) })
 	var routes []Route
-	for _, c := range applied {
+	for _, c := range byTable {
+		first := len(routes)
 		for _, d := range installed[c] {
 			// A family whose gateways are all stranded has no live route:
 			// the backstop alone holds the destination.
@@ -337,6 +351,7 @@ func tableRoutes(applied []*candidate, down map[netip.Addr]bool) []Route {
 		for e := range throws[c] {
 			routes = append(routes, Route{Table: c.result.Table, Dst: e, Throw: true})
 		}
+		slices.SortFunc(routes[first:], CompareRoutes)
 		if len(c.nexthops) > 0 && c.allDown(down) {
 			c.result.Reason = ReasonAllGatewaysDown
 			c.result.Message = "every gateway is down; routes stay pointed at them so traffic fails closed instead of leaking through the node's default route"
@@ -568,6 +583,13 @@ func defaultLink(node Node, ipv6 bool) (int, bool) {
 // backstop: the order plans list them in, and the applier removes them in.
 func CompareRoutes(a, b Route) int {
 	return cmp.Or(cmp.Compare(a.Table, b.Table), comparePrefix(a.Dst, b.Dst), compareBool(a.Backstop, b.Backstop))
+}
+
+func boolIndex(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 func compareBool(a, b bool) int {
