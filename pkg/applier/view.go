@@ -51,8 +51,10 @@ type View struct {
 	dumps *netlink.Handle
 
 	// st is the state as of the last apply plus what has not been marked
-	// dirty since; only applies touch it.
-	st *State
+	// dirty since, and byTable the keys of its routes by table; only
+	// applies touch them.
+	st      *State
+	byTable map[uint32][]routeKey
 
 	mu sync.Mutex
 	// watching: the streams were subscribed (Watching); down counts those
@@ -64,7 +66,9 @@ type View struct {
 	all, routes, rules bool
 	tables             map[uint32]bool
 	// links are the interfaces the routes in st go through, for
-	// LinkChanged.
+	// LinkChanged: rebuilt when every route is read, added to when a table
+	// is (one that is no longer used costs a dump too many, never one too
+	// few).
 	links map[int]bool
 	// desired is the last plan's routes by key (built when a notification
 	// first needs it), to tell a notification that shows the kernel as
@@ -267,11 +271,21 @@ func (v *View) state() (*State, error) {
 		v.all = true
 		return nil, err
 	}
-	if all || routes || len(tables) > 0 {
+	if all || routes {
+		v.byTable = map[uint32][]routeKey{}
 		v.links = map[int]bool{}
-		for _, r := range v.st.Routes {
+		for k, r := range v.st.Routes {
+			v.byTable[k.Table] = append(v.byTable[k.Table], k)
 			for _, nh := range r.Nexthops {
 				v.links[nh.LinkIndex] = true
+			}
+		}
+	} else {
+		for t := range tables {
+			for _, k := range v.byTable[t] {
+				for _, nh := range v.st.Routes[k].Nexthops {
+					v.links[nh.LinkIndex] = true
+				}
 			}
 		}
 	}
@@ -310,10 +324,20 @@ func (v *View) dumpRoutes(table uint32) error {
 		v.st.Routes, v.st.metrics = st.Routes, st.metrics
 		return nil
 	}
-	maps.DeleteFunc(v.st.Routes, func(k routeKey, _ planner.Route) bool { return k.Table == table })
-	maps.DeleteFunc(v.st.metrics, func(k routeKey, _ int) bool { return k.Table == table })
-	maps.Copy(v.st.Routes, st.Routes)
-	maps.Copy(v.st.metrics, st.metrics)
+	for _, k := range v.byTable[table] {
+		delete(v.st.Routes, k)
+		delete(v.st.metrics, k)
+	}
+	keys := make([]routeKey, 0, len(st.Routes))
+	for k, r := range st.Routes {
+		v.st.Routes[k], v.st.metrics[k] = r, st.metrics[k]
+		keys = append(keys, k)
+	}
+	if len(keys) == 0 {
+		delete(v.byTable, table)
+	} else {
+		v.byTable[table] = keys
+	}
 	return nil
 }
 
@@ -347,17 +371,18 @@ func (v *View) planned(plan planner.Plan) {
 func (v *View) wrote(plan planner.Plan, actual *State, routes, rules bool) {
 	tables := map[uint32]bool{}
 	if routes {
-		wanted := make(map[routeKey]bool, len(plan.Routes))
+		// A table all of whose planned routes are installed as planned,
+		// and which holds as many as planned, holds nothing else.
+		planned := map[uint32]int{}
 		for _, r := range plan.Routes {
-			key := keyOf(r)
-			wanted[key] = true
-			if have, ok := actual.Routes[key]; !ok || !sameRoute(have, r) {
+			planned[r.Table]++
+			if have, ok := actual.Routes[keyOf(r)]; !ok || !sameRoute(have, r) {
 				tables[r.Table] = true
 			}
 		}
-		for key := range actual.Routes {
-			if !wanted[key] {
-				tables[key.Table] = true
+		for t, keys := range v.byTable {
+			if len(keys) != planned[t] {
+				tables[t] = true
 			}
 		}
 	}
