@@ -340,10 +340,18 @@ func tableRoutes(applied []*candidate, down map[netip.Addr]bool) []Route {
 	var routes []Route
 	for _, c := range byTable {
 		first := len(routes)
+		// The nexthops of a family, shared by the Route's destinations of
+		// that family (read-only, like every Route of a plan).
+		var live [2][]Nexthop
+		var known [2]bool
 		for _, d := range installed[c] {
+			f := boolIndex(d.Addr().Is6())
+			if !known[f] {
+				live[f], known[f] = liveNexthops(c, f == 1, down), true
+			}
 			// A family whose gateways are all stranded has no live route:
 			// the backstop alone holds the destination.
-			if nhs := liveNexthops(c, d.Addr().Is6(), down); len(nhs) > 0 {
+			if nhs := live[f]; len(nhs) > 0 {
 				routes = append(routes, Route{Table: c.result.Table, Dst: d, Nexthops: nhs})
 			}
 			routes = append(routes, Route{Table: c.result.Table, Dst: d, Backstop: true})
