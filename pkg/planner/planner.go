@@ -337,7 +337,14 @@ func tableRoutes(applied []*candidate, down map[netip.Addr]bool) []Route {
 	// tables, then finds them in order and costs little.
 	byTable := slices.Clone(applied)
 	slices.SortStableFunc(byTable, func(a, b *candidate) int { return cmp.Compare(a.result.Table, b.result.Table) })
+	n := 0
+	for _, c := range applied {
+		n += 2*len(installed[c]) + len(throws[c])
+	}
 	var routes []Route
+	if n > 0 {
+		routes = make([]Route, 0, n)
+	}
 	for _, c := range byTable {
 		first := len(routes)
 		// The nexthops of a family, shared by the Route's destinations of
