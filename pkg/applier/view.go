@@ -390,6 +390,20 @@ func (v *View) wrote(plan planner.Plan, actual *State, routes, rules bool) {
 	defer v.mu.Unlock()
 	maps.Copy(v.tables, tables)
 	v.rules = v.rules || rules
+	// The links of what was written count from now on: the kernel may drop
+	// those routes before the next apply reads them.
+	if len(tables) > 0 {
+		if v.links == nil {
+			v.links = map[int]bool{}
+		}
+		for _, r := range plan.Routes {
+			if tables[r.Table] {
+				for _, nh := range r.Nexthops {
+					v.links[nh.LinkIndex] = true
+				}
+			}
+		}
+	}
 }
 
 // rulesWritten marks the rules dirty after a write outside Apply.

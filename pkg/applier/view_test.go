@@ -15,6 +15,7 @@ import (
 	"github.com/routing-agent/routing-agent/pkg/applier"
 	"github.com/routing-agent/routing-agent/pkg/kernelwatch"
 	"github.com/routing-agent/routing-agent/pkg/lab/netns"
+	"github.com/routing-agent/routing-agent/pkg/lab/topology"
 )
 
 const viewKinds = kernelwatch.Routes | kernelwatch.Rules | kernelwatch.Links | kernelwatch.Addrs
@@ -261,5 +262,38 @@ func TestViewReadsEverythingWhileAStreamIsDown(t *testing.T) {
 	e.apply(r)
 	if got := full(); got != 5 {
 		t.Errorf("%d full reads after Invalidate, want 5", got)
+	}
+}
+
+// TestViewLinkBounce: the kernel removes the IPv4 routes through a link
+// that goes down without a notification for each; the link's own
+// notification makes the view read the routes again, and the next apply
+// puts them back.
+func TestViewLinkBounce(t *testing.T) {
+	e := newEnv(t, "vlink")
+	v := e.useView()
+	changed := e.feed(v)
+	r := route("r", 0, []string{"198.51.100.0/24", "2001:db8:100::/48"}, "10.114.0.3", "10.114.0.4", "fd00:114::3")
+	e.apply(r)
+	want := e.owned()
+	drain(changed)
+
+	e.ip("link", "set", topology.VPCIf, "down")
+	e.ip("link", "set", topology.VPCIf, "up")
+	if got := e.owned(); got == want {
+		t.Fatal("the link bounce removed nothing: the test tests nothing")
+	}
+	drain(changed)
+	// IPv6 addresses come back after duplicate address detection, which
+	// the lab's links skip or finish within moments: retry until the
+	// kernel takes the routes again.
+	if err := waitFor(5*time.Second, func() bool {
+		_, err := e.ap.Apply(e.plan(r))
+		return err == nil && e.owned() == want
+	}); err != nil {
+		t.Errorf("after the link came back, through the view:\n%s\nwant\n%s", e.owned(), want)
+	}
+	if s := v.Stats(); s.Full != 1 || s.Routes == 0 {
+		t.Errorf("%+v: want one full read, and the routes read again", s)
 	}
 }
