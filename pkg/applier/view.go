@@ -25,8 +25,8 @@ import (
 // families: the kernel cannot filter rules by priority).
 //
 // Its own writes are dealt with the same way: after an apply, every table
-// it wrote to (or tried to) is dirty, and the rules are when it added or
-// removed one. Taking the content of the notifications instead would race:
+// it wrote a route to is dirty, and the rules are when it added or removed
+// one (a write that failed changed nothing). Taking the content of the notifications instead would race:
 // an apply that starts before the notifications of the previous apply's
 // writes have been read would see the kernel as it was before them (and
 // write again, or fail to add what exists); applying its own writes to the
@@ -88,8 +88,9 @@ type ViewStats struct {
 }
 
 // UseView makes a's applies read through a View, from now on. dumps is a
-// netlink handle of its own in a's namespace, which the view switches to
-// strict checking; it must stay open as long as a is used. Until
+// netlink handle of its own in a's namespace (netlink.NewHandle or
+// NewHandleAt: the zero Handle has no socket to switch), which the view
+// switches to strict checking; it must stay open as long as a is used. Until
 // Watching is called, every apply still reads everything.
 func (a *Applier) UseView(dumps *netlink.Handle) (*View, error) {
 	if err := dumps.SetStrictCheck(true); err != nil {
