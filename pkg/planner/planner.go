@@ -115,15 +115,14 @@ func checkOnNode(c *candidate, node Node, wasApplied bool) {
 		invalid(ReasonInvalidSpec, "%v", errs.ToAggregate())
 		return
 	}
-	seen := map[netip.Prefix]bool{}
+	c.destinations = make([]netip.Prefix, 0, len(c.route.Spec.Destinations))
 	for _, d := range c.route.Spec.Destinations {
 		p, _ := routespec.ParseDestination(d) // validated above
-		if !seen[p] {
-			seen[p] = true
-			c.destinations = append(c.destinations, p)
-		}
+		c.destinations = append(c.destinations, p)
 	}
+	// Sorted, and once each (1.2.3.4/5 and 0.0.0.0/5 are one).
 	slices.SortFunc(c.destinations, comparePrefix)
+	c.destinations = slices.Compact(c.destinations)
 
 	for _, g := range c.route.Spec.Gateways {
 		gw, _ := routespec.ParseGateway(g)
