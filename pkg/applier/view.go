@@ -79,6 +79,11 @@ type View struct {
 	stats ViewStats
 }
 
+// maxTableDumps is how many dirty tables an apply dumps one by one; more
+// are read in one dump of every route. Measured with 1,000 Routes of 2
+// destinations (4,000 routes): some 0.05 ms a table, 15 ms for all.
+const maxTableDumps = 256
+
 // ViewStats count a view's dumps since it was made.
 type ViewStats struct {
 	// Full are reads of everything; Tables are dumps of one table (both
@@ -234,6 +239,9 @@ func (v *View) state() (*State, error) {
 	routes, rules, tables := v.routes, v.rules, v.tables
 	v.all, v.routes, v.rules, v.tables = false, false, false, map[uint32]bool{}
 	v.mu.Unlock()
+	// Many tables (a failover rewrites every table using the gateway) are
+	// cheaper in one dump of every route.
+	routes = routes || len(tables) > maxTableDumps
 	// Whatever is marked from here on is dumped by the next apply: a
 	// change the dumps below miss is notified after they began.
 	var err error
