@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"slices"
 	"sync"
 
 	"github.com/vishvananda/netlink"
@@ -70,10 +71,12 @@ type View struct {
 	// is (one that is no longer used costs a dump too many, never one too
 	// few).
 	links map[int]bool
-	// desired is the last plan's routes by key (built when a notification
-	// first needs it), to tell a notification that shows the kernel as
-	// planned (the echo of the agent's own writes) from one that does not.
+	// plan is the last plan, to tell a notification that shows the kernel
+	// as planned (the echo of the agent's own writes) from one that does
+	// not: its routes are searched when sorted (as the planner makes them),
+	// else looked up in desired, built when a notification first needs it.
 	plan    *planner.Plan
+	sorted  bool
 	desired map[routeKey]planner.Route
 
 	stats ViewStats
@@ -182,13 +185,23 @@ func (v *View) RouteChanged(u netlink.RouteUpdate) (differs bool) {
 		return true
 	}
 	r := v.a.fromNetlinkRoute(u.Route, u.Family)
-	if v.desired == nil {
-		v.desired = make(map[routeKey]planner.Route, len(v.plan.Routes))
-		for _, p := range v.plan.Routes {
-			v.desired[keyOf(p)] = p
+	var want planner.Route
+	var ok bool
+	if v.sorted {
+		var i int
+		i, ok = slices.BinarySearchFunc(v.plan.Routes, r, planner.CompareRoutes)
+		if ok {
+			want = v.plan.Routes[i]
 		}
+	} else {
+		if v.desired == nil {
+			v.desired = make(map[routeKey]planner.Route, len(v.plan.Routes))
+			for _, p := range v.plan.Routes {
+				v.desired[keyOf(p)] = p
+			}
+		}
+		want, ok = v.desired[keyOf(r)]
 	}
-	want, ok := v.desired[keyOf(r)]
 	switch u.Type {
 	case unix.RTM_NEWROUTE:
 		return !ok || !sameRoute(r, want)
@@ -369,9 +382,15 @@ func (v *View) apply(plan planner.Plan) (Report, error) {
 // planned records plan as the one being applied, before its writes: their
 // notifications are compared with it.
 func (v *View) planned(plan planner.Plan) {
+	// Sorted and without two routes of one key (CompareRoutes orders by
+	// key), so that a search finds the one route of a key.
+	sorted := true
+	for i := 1; i < len(plan.Routes) && sorted; i++ {
+		sorted = planner.CompareRoutes(plan.Routes[i-1], plan.Routes[i]) < 0
+	}
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	v.plan, v.desired = &plan, nil
+	v.plan, v.sorted, v.desired = &plan, sorted, nil
 }
 
 // wrote marks dirty what an apply of plan onto actual (the view's state)

@@ -24,7 +24,19 @@ func TestViewSortsNotifications(t *testing.T) {
 	gw := planner.Nexthop{Gateway: netip.MustParseAddr("10.114.0.3"), LinkIndex: 2}
 	dst := netip.MustParsePrefix("198.51.100.0/24")
 	planned := planner.Route{Table: cfg.TableMin, Dst: dst, Nexthops: []planner.Nexthop{gw}}
-	v.planned(planner.Plan{Routes: []planner.Route{planned, {Table: cfg.TableMin, Dst: dst, Backstop: true}}})
+	backstop := planner.Route{Table: cfg.TableMin, Dst: dst, Backstop: true}
+	for i, order := range [][]planner.Route{{planned, backstop}, {backstop, planned}} { // searched, looked up
+		v.planned(planner.Plan{Routes: order})
+		if v.sorted != (i == 0) {
+			t.Fatalf("plan %d: sorted %v", i, v.sorted)
+		}
+		sortsRoutes(t, v, cfg, dst)
+	}
+	sortsRules(t, v, cfg)
+}
+
+func sortsRoutes(t *testing.T, v *View, cfg planner.Config, dst netip.Prefix) {
+	t.Helper()
 
 	update := func(typ uint16, table int, proto netlink.RouteProtocol, via string) netlink.RouteUpdate {
 		r := netlink.Route{Table: table, Dst: nlutil.IPNet(dst), Protocol: proto, Family: netlink.FAMILY_V4, LinkIndex: 2}
@@ -56,7 +68,10 @@ func TestViewSortsNotifications(t *testing.T) {
 			t.Errorf("%s: a table dirty %v, want %v", tc.name, got, tc.dirty)
 		}
 	}
+}
 
+func sortsRules(t *testing.T, v *View, cfg planner.Config) {
+	t.Helper()
 	for _, tc := range []struct {
 		name string
 		u    kernelwatch.RuleUpdate
