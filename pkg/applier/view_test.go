@@ -3,6 +3,7 @@ package applier_test
 import (
 	"context"
 	"fmt"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -40,13 +41,20 @@ func (e *env) useView() *applier.View {
 // returned.
 func (e *env) feed(v *applier.View) <-chan string {
 	e.t.Helper()
+	return e.feedWith(v, kernelwatch.Options{})
+}
+
+// feedWith is feed with opts for the watch (its kinds, namespace and
+// callbacks are feed's).
+func (e *env) feedWith(v *applier.View, opts kernelwatch.Options) <-chan string {
+	e.t.Helper()
 	ns, err := vnetns.GetFromName(e.lab.Node)
 	if err != nil {
 		e.t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	ev := kernelwatch.Watch(ctx, testr.New(e.t), kernelwatch.Options{Kinds: viewKinds, Namespace: &ns,
-		OnLost: v.Lost, OnResubscribe: v.Resubscribed})
+	opts.Kinds, opts.Namespace, opts.OnLost, opts.OnResubscribe = viewKinds, &ns, v.Lost, v.Resubscribed
+	ev := kernelwatch.Watch(ctx, testr.New(e.t), opts)
 	if err := v.Watching(viewKinds); err != nil {
 		e.t.Fatal(err)
 	}
@@ -295,5 +303,55 @@ func TestViewLinkBounce(t *testing.T) {
 	}
 	if s := v.Stats(); s.Full != 1 || s.Routes == 0 {
 		t.Errorf("%+v: want one full read, and the routes read again", s)
+	}
+}
+
+// TestViewOverflow: a burst that overflows the notification socket (ENOBUFS)
+// ends the subscription; from then until it is back every apply reads
+// everything, and so does the first one after.
+func TestViewOverflow(t *testing.T) {
+	e := newEnv(t, "vflood")
+	v := e.useView()
+	// The smallest buffer, and a reader that takes one notification at a
+	// time: a burst overflows it.
+	e.feedWith(v, kernelwatch.Options{ReceiveBufferSize: 1, ChannelSize: 1})
+	r := route("r", 0, []string{"198.51.100.0/24"}, "10.114.0.3")
+	e.apply(r)
+	want := e.owned()
+	// The first apply's own notifications may overflow it already.
+	if err := waitFor(15*time.Second, v.Watched); err != nil {
+		t.Fatal("the view is not watching")
+	}
+	var burst []string
+	for i := range 2000 {
+		burst = append(burst, fmt.Sprintf("route add 10.%d.%d.0/24 dev %s table 100", 200+i/256, i%256, topology.VPCIf))
+	}
+	cmd := exec.Command("ip", "-n", e.lab.Node, "-batch", "-")
+	cmd.Stdin = strings.NewReader(strings.Join(burst, "\n") + "\n")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("ip -batch: %v: %s", err, out)
+	}
+	if err := waitFor(5*time.Second, func() bool { return !v.Watched() }); err != nil {
+		t.Fatal("the burst did not bring a stream down")
+	}
+	// Drift while notifications are lost is repaired all the same.
+	e.ip("route", "del", "198.51.100.0/24", "table", fmt.Sprint(tableOf(t, e.plan(r), "r")))
+	before := v.Stats().Full
+	if _, rep := e.apply(r); rep.Changes != 1 {
+		t.Errorf("apply with a stream down made %d writes, want 1 (the route deleted meanwhile)", rep.Changes)
+	}
+	if got := v.Stats().Full; got != before+1 {
+		t.Errorf("apply with a stream down: %d full reads, want %d", got, before+1)
+	}
+	if err := waitFor(15*time.Second, v.Watched); err != nil {
+		t.Fatal("not resubscribed within 15s")
+	}
+	e.apply(r)
+	e.apply(r)
+	if got := v.Stats().Full; got != before+2 {
+		t.Errorf("after the resubscription: %d full reads, want %d (one more, then none)", got, before+2)
+	}
+	if got := e.owned(); got != want {
+		t.Errorf("after the overflow:\n%s\nwant\n%s", got, want)
 	}
 }
