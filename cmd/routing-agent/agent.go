@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
@@ -140,7 +141,15 @@ func runAgent(args []string, stderr io.Writer) int {
 	if err != nil {
 		return usageErr("%v", err)
 	}
+	// The kernel view's own socket, for dumps of one table (and of the main
+	// table alone); without it every reconcile reads everything.
+	dumps, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+	if err != nil {
+		log.Error(err, "no netlink socket for the kernel view; every reconcile reads every owned route and rule")
+		dumps = nil
+	}
 	a := agent.New(agent.Options{
+		DumpHandle:        dumps,
 		Marker:            connmark.Planned{Table: marks},
 		NodeName:          *nodeName,
 		Planner:           *cfg,

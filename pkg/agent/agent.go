@@ -11,7 +11,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/vishvananda/netns"
 	"net/netip"
 	"sync"
 	"sync/atomic"
@@ -19,6 +18,7 @@ import (
 
 	"github.com/go-logr/logr"
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -90,6 +90,17 @@ type Options struct {
 	// it cannot reach whether it is ready again (see apiGate); 0 for
 	// DefaultAPIProbeInterval.
 	APIProbeInterval time.Duration
+	// DumpHandle, when set, is a netlink handle of its own in the
+	// namespace of the agent's handle: with it, the agent keeps a view of
+	// what it owns in the kernel current from netlink notifications and a
+	// reconcile dumps only what changed (one table, the rules), and the
+	// node's main table alone. Without it, every reconcile reads every
+	// owned route and rule.
+	DumpHandle *netlink.Handle
+	// KernelNamespace is the network namespace whose notifications the
+	// agent watches; nil is the process's own (that of its handle, for the
+	// agent itself).
+	KernelNamespace *netns.NsHandle
 	// StartupTaint, when set, is the key of a taint the node registers
 	// with (kubelet --register-with-taints) to keep workloads off it until
 	// its Routes are in place; the agent removes it from its own Node after
@@ -112,6 +123,9 @@ type Agent struct {
 	kube    kubernetes.Interface
 	handle  *netlink.Handle
 	applier *applier.Applier
+	// view keeps what the applier diffs against current; nil without
+	// Options.DumpHandle.
+	view    *applier.View
 	metrics *metrics
 	prober  *prober.Prober
 
@@ -195,6 +209,13 @@ func New(opts Options, client versioned.Interface, kube kubernetes.Interface, ha
 	a.applier = applier.New(handle, opts.Planner, log.WithName("kernel"))
 	if opts.Marker != nil {
 		a.applier.SetMarker(opts.Marker)
+	}
+	if opts.DumpHandle != nil {
+		view, err := a.applier.UseView(opts.DumpHandle)
+		if err != nil {
+			log.Error(err, "no kernel view: every reconcile reads every owned route and rule")
+		}
+		a.view = view
 	}
 	if a.opts.Learned == nil {
 		a.opts.Learned = bypass.NewLearned(bypass.DefaultRetention)
@@ -340,6 +361,9 @@ func (a *Agent) Run(ctx context.Context) error {
 			case <-ctx.Done():
 				return
 			case <-ticker.C:
+				if a.view != nil {
+					a.view.Invalidate() // the resync reads everything
+				}
 				a.queue.Add(key)
 			}
 		}
@@ -382,32 +406,70 @@ func (a *Agent) processNext() bool {
 // going down is dealt with in moments rather than at the next resync.
 // Notifications missed while a subscription was down (the kernel drops one
 // that overflows on a busy node, and kernelwatch resubscribes) reconcile
-// at once.
+// at once. With a kernel view, they also mark what the next reconcile
+// dumps again, and a stream that is down makes reconciles read everything.
 func (a *Agent) watchKernel(ctx context.Context) {
+	const kinds = kernelwatch.Routes | kernelwatch.Rules | kernelwatch.Links | kernelwatch.Addrs
+	view := a.view
 	ev := kernelwatch.Watch(ctx, a.log.WithName("kernelwatch"), kernelwatch.Options{
-		Kinds:         kernelwatch.Routes | kernelwatch.Rules | kernelwatch.Links | kernelwatch.Addrs,
-		OnResubscribe: func(kernelwatch.Kind) { a.queue.Add(key) },
+		Kinds:     kinds,
+		Namespace: a.opts.KernelNamespace,
+		OnResubscribe: func(k kernelwatch.Kind) {
+			if view != nil {
+				view.Resubscribed(k)
+			}
+			a.queue.Add(key)
+		},
+		OnLost: func(k kernelwatch.Kind) {
+			if view != nil {
+				view.Lost(k)
+			}
+		},
 	})
-	// A short delay coalesces bursts (our own writes echo back too; the
-	// reconcile they cause finds nothing to do).
+	if view != nil {
+		if err := view.Watching(kinds); err != nil {
+			a.log.Error(err, "no kernel view")
+		}
+	}
+	// A short delay coalesces bursts. Without a view our own writes echo
+	// back too, and the reconcile they cause finds nothing to do; the view
+	// tells them from changes by others.
 	const settle = 100 * time.Millisecond
 	band := a.opts.Planner.PriorityBase
+	inRange := func(t uint32) bool { return t >= a.opts.Planner.TableMin && t <= a.opts.Planner.TableMax }
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case u := <-ev.Routes:
-			if t := uint32(u.Table); t == planner.MainTable || (t >= a.opts.Planner.TableMin && t <= a.opts.Planner.TableMax) {
+			t := uint32(u.Table)
+			switch {
+			case t == planner.MainTable:
+				a.queue.AddAfter(key, settle)
+			case view != nil:
+				if view.RouteChanged(u) {
+					a.queue.AddAfter(key, settle)
+				}
+			case inRange(t):
 				a.queue.AddAfter(key, settle)
 			}
 		case u := <-ev.Rules:
+			if view != nil {
+				view.RuleChanged(u)
+			}
 			// Only the band: a rule outside it is not the agent's to judge.
 			if u.Priority >= band && u.Priority < band+planner.BandWidth {
 				a.queue.AddAfter(key, settle)
 			}
-		case <-ev.Links:
+		case u := <-ev.Links:
+			if view != nil {
+				view.LinkChanged(int(u.Index))
+			}
 			a.queue.AddAfter(key, settle)
-		case <-ev.Addrs:
+		case u := <-ev.Addrs:
+			if view != nil {
+				view.LinkChanged(u.LinkIndex)
+			}
 			a.queue.AddAfter(key, settle)
 		}
 	}

@@ -44,7 +44,11 @@ func (a *Agent) reconcile() error {
 	}
 	selected, selectorErrs := selection.Filter(all, node)
 
-	facts, err := nodefacts.Read(a.handle)
+	dumps := a.handle
+	if a.view != nil {
+		dumps = a.opts.DumpHandle // strict: the main table alone
+	}
+	facts, err := nodefacts.ReadThrough(a.handle, dumps)
 	if err != nil {
 		return fmt.Errorf("reading the node's links, addresses and routes: %w", err)
 	}

@@ -37,6 +37,8 @@ type Applier struct {
 	nexthopsOff atomic.Bool
 	// Writes counts every netlink write since the Applier was made.
 	Writes Counters
+	// view, when set (UseView), is what Apply diffs against.
+	view *View
 }
 
 // Counters count netlink writes by kind.
@@ -133,23 +135,54 @@ type Rejection struct {
 // before the previous one's are done.
 func (a *Applier) Apply(plan planner.Plan) (Report, error) {
 	begin := time.Now()
+	v := a.view
+	if v != nil {
+		v.planned(plan) // before any write: their notifications compare with it
+	}
 	var pre Report
 	var preErrs []error
 	nhs := a.syncNexthops(plan, &writer{a: a, rep: &pre, errs: &preErrs})
 	if nhs != nil {
 		pre.NexthopsIn = time.Since(begin)
 	}
-	actual, err := a.Read()
+	var actual *State
+	var err error
+	if v != nil {
+		// The tables of the groups just written are read again: their
+		// routes now resolve to other gateways, with or without a route
+		// notification (the kernel sends those only in
+		// net.ipv4.nexthop_compat_mode).
+		v.nexthopsWritten(nhs, 0)
+		actual, err = v.state(nhs)
+	} else {
+		actual, err = a.Read()
+	}
 	if err != nil {
 		return pre, errors.Join(append(preErrs, err)...)
 	}
+	w := &a.Writes
+	routeWrites, ruleWrites := w.RouteReplace.Load()+w.RouteDelete.Load(), w.RuleAdd.Load()+w.RuleDelete.Load()
 	rep, err := a.applyTo(plan, actual, nhs)
+	if v != nil {
+		// A write that failed changed nothing: only successful ones (which
+		// the counters count) make the view stale.
+		v.wrote(plan, actual, nhs, w.RouteReplace.Load()+w.RouteDelete.Load() != routeWrites, w.RuleAdd.Load()+w.RuleDelete.Load() != ruleWrites)
+	}
 	rep.Changes += pre.Changes
 	rep.NexthopsIn = pre.NexthopsIn
 	if err == nil && len(rep.Rejected) == 0 && len(preErrs) == 0 {
 		// Only after a clean apply: a route that failed to move off an
 		// object would go with it.
+		synced := 0
+		if nhs != nil {
+			synced = len(nhs.changed)
+		}
 		a.collectNexthops(nhs, &writer{a: a, rep: &rep, errs: &preErrs}, outsideRange(a.cfg), false)
+		if v != nil {
+			// Deleting an object deletes the routes through it, IPv4 ones
+			// without a notification.
+			v.nexthopsWritten(nhs, synced)
+		}
 	}
 	return rep, errors.Join(append(preErrs, err)...)
 }
@@ -174,15 +207,9 @@ func (a *Applier) applyTo(plan planner.Plan, actual *State, nhs *nexthopState) (
 	}
 	var errs []error
 	w := &writer{a: a, rep: &rep, errs: &errs}
-	groupOf := func(r planner.Route) uint32 {
-		if nhs == nil || r.Throw || r.Backstop {
-			return 0
-		}
-		return nhs.groups[planner.TableFamily{Table: r.Table, IPv6: r.Dst.Addr().Is6()}]
-	}
 	replace := func(r planner.Route) {
-		nhid := groupOf(r)
-		if have, ok := actual.Routes[keyOf(r)]; ok && actual.nhid[keyOf(r)] == nhid && (nhid != 0 || sameRoute(have, r)) && have.Throw == r.Throw && have.Backstop == r.Backstop {
+		nhid := nhs.groupOf(r)
+		if actual.installed(r, nhid) {
 			return
 		}
 		x := a.routeWrite(r, nhid)
@@ -198,7 +225,7 @@ func (a *Applier) applyTo(plan planner.Plan, actual *State, nhs *nexthopState) (
 		w.add(a.routeRemoval(actual.Routes[key], actual.metrics[key]))
 	}
 
-	wanted := map[routeKey]bool{}
+	wanted := make(map[routeKey]bool, len(plan.Routes))
 	for _, r := range plan.Routes {
 		wanted[keyOf(r)] = true
 	}
@@ -283,9 +310,8 @@ func (a *Applier) applyTo(plan planner.Plan, actual *State, nhs *nexthopState) (
 		}
 	}
 	var early, late []routeKey
-	for _, key := range sortedRouteKeys(actual.Routes) {
+	for _, key := range sortedRouteKeys(actual.Routes, wanted) {
 		switch {
-		case wanted[key]:
 		case actual.Routes[key].Throw && !held[key.Dst]:
 			early = append(early, key)
 		default:
@@ -361,7 +387,25 @@ func (a *Applier) RemoveLayout(old planner.Config) (Report, error) {
 	a.Writes.RouteDelete.Add(prev.Writes.RouteDelete.Load())
 	a.Writes.NexthopDelete.Add(prev.Writes.NexthopDelete.Load())
 	rep.Foreign = nil // the old band's strangers are not this band's
+	if a.view != nil && rep.Changes > 0 {
+		a.view.Invalidate() // rare: the old band may overlap this one
+	}
 	return rep, err
+}
+
+// groupOf is the nexthop group r is to use, 0 for none.
+func (st *nexthopState) groupOf(r planner.Route) uint32 {
+	if st == nil || r.Throw || r.Backstop {
+		return 0
+	}
+	return st.groups[planner.TableFamily{Table: r.Table, IPv6: r.Dst.Addr().Is6()}]
+}
+
+// installed says whether s holds r as planned, through the nexthop object
+// nhid (0: naming its gateways).
+func (s *State) installed(r planner.Route, nhid uint32) bool {
+	have, ok := s.Routes[keyOf(r)]
+	return ok && s.nhid[keyOf(r)] == nhid && (nhid != 0 || sameRoute(have, r)) && have.Throw == r.Throw && have.Backstop == r.Backstop
 }
 
 func sameRoute(have, want planner.Route) bool {
@@ -453,10 +497,14 @@ func sortedKeys[V any](m map[string]V) []string {
 	return keys
 }
 
-func sortedRouteKeys(m map[routeKey]planner.Route) []routeKey {
-	keys := make([]routeKey, 0, len(m))
+// sortedRouteKeys are the keys of m less those of skip, sorted: only
+// those are sorted, so a diff with little to remove costs little.
+func sortedRouteKeys(m map[routeKey]planner.Route, skip map[routeKey]bool) []routeKey {
+	var keys []routeKey
 	for k := range m {
-		keys = append(keys, k)
+		if !skip[k] {
+			keys = append(keys, k)
+		}
 	}
 	slices.SortFunc(keys, func(a, b routeKey) int {
 		return planner.CompareRoutes(planner.Route{Table: a.Table, Dst: a.Dst, Backstop: a.Backstop}, planner.Route{Table: b.Table, Dst: b.Dst, Backstop: b.Backstop})
@@ -497,6 +545,9 @@ func (a *Applier) EnsureBypass(addrs []netip.Addr) (added int, err error) {
 		a.Writes.RuleAdd.Add(1)
 		a.log.Info("kernel change", "op", what, "why", "control-plane address learned")
 		added++
+	}
+	if added > 0 && a.view != nil {
+		a.view.rulesWritten()
 	}
 	return added, errors.Join(errs...)
 }

@@ -210,14 +210,15 @@ type ownRoute struct {
 	nhid   uint32
 }
 
-// listRoutes reads the agent's routes of family (every table; the caller
-// keeps its range), resolving nexthop objects through nhs.
-func (a *Applier) listRoutes(family int, nhs map[uint32]nlbatch.NexthopObject) ([]ownRoute, error) {
+// listRoutes reads the agent's routes of family in table (0: every table;
+// the caller keeps its range), resolving nexthop objects through nhs.
+// Without a socket of its own it dumps through h.
+func (a *Applier) listRoutes(h *netlink.Handle, family int, table uint32, nhs map[uint32]nlbatch.NexthopObject) ([]ownRoute, error) {
 	var out []ownRoute
 	if a.conn == nil {
-		filter := &netlink.Route{Table: unix.RT_TABLE_UNSPEC, Protocol: netlink.RouteProtocol(a.cfg.Protocol)}
+		filter := &netlink.Route{Table: int(table), Protocol: netlink.RouteProtocol(a.cfg.Protocol)}
 		routes, err := nlutil.RetryDump(func() ([]netlink.Route, error) {
-			return a.h.RouteListFiltered(family, filter, netlink.RT_FILTER_TABLE|netlink.RT_FILTER_PROTOCOL)
+			return h.RouteListFiltered(family, filter, netlink.RT_FILTER_TABLE|netlink.RT_FILTER_PROTOCOL)
 		})
 		if err != nil {
 			return nil, err
@@ -227,7 +228,7 @@ func (a *Applier) listRoutes(family int, nhs map[uint32]nlbatch.NexthopObject) (
 		}
 		return out, nil
 	}
-	routes, err := a.conn.Routes(uint8(family), a.cfg.Protocol)
+	routes, err := a.conn.RoutesIn(uint8(family), a.cfg.Protocol, table)
 	if err != nil {
 		return nil, err
 	}
@@ -294,6 +295,12 @@ type nexthopState struct {
 	groups map[planner.TableFamily]uint32
 	// keep are the objects the plan uses.
 	keep map[uint32]bool
+	// all are every nexthop object, as listed and then written: what
+	// routes read after the first phase resolve through.
+	all map[uint32]nlbatch.NexthopObject
+	// changed are the ids of the objects written (replaced or deleted),
+	// in order.
+	changed []uint32
 }
 
 // syncNexthops is Apply's first phase where the kernel has nexthop
@@ -320,7 +327,8 @@ func (a *Applier) syncNexthops(plan planner.Plan, w *writer) *nexthopState {
 		}
 		return nil
 	}
-	st := &nexthopState{own: map[uint32]nlbatch.NexthopObject{}, groups: map[planner.TableFamily]uint32{}, keep: map[uint32]bool{}}
+	st := &nexthopState{own: map[uint32]nlbatch.NexthopObject{}, groups: map[planner.TableFamily]uint32{}, keep: map[uint32]bool{},
+		all: make(map[uint32]nlbatch.NexthopObject, len(objs))}
 	type gwKey struct {
 		gw   string
 		link int
@@ -329,6 +337,7 @@ func (a *Applier) syncNexthops(plan planner.Plan, w *writer) *nexthopState {
 	used := map[uint32]bool{}
 	for _, o := range objs {
 		used[o.ID] = true
+		st.all[o.ID] = o
 		if o.Protocol != a.cfg.Protocol || !planner.OwnsNexthopID(a.cfg.Protocol, o.ID) {
 			continue
 		}
@@ -375,7 +384,7 @@ func (a *Applier) syncNexthops(plan planner.Plan, w *writer) *nexthopState {
 					a.nexthopsOff.Store(true)
 				}
 			},
-			ok: func() { st.own[id] = obj }})
+			ok: func() { st.written(obj) }})
 	}
 	w.flush()
 	byID := make(map[uint32]planner.NexthopObject, len(layout.Objects))
@@ -410,10 +419,16 @@ func (a *Applier) syncNexthops(plan planner.Plan, w *writer) *nexthopState {
 				delete(st.groups, tf)
 				a.log.Info("kernel refused a nexthop group; the table's routes name their gateways", "table", tf.Table, "error", err.Error())
 			},
-			ok: func() { st.own[gid] = obj }})
+			ok: func() { st.written(obj) }})
 	}
 	w.flush()
 	return st
+}
+
+// written records obj as made (or replaced) in the kernel.
+func (st *nexthopState) written(obj nlbatch.NexthopObject) {
+	st.own[obj.ID], st.all[obj.ID] = obj, obj
+	st.changed = append(st.changed, obj.ID)
 }
 
 func sameMembers(a, b []uint32) bool {
@@ -456,7 +471,12 @@ func (a *Applier) collectNexthops(st *nexthopState, w *writer, spare func(table 
 	slices.Sort(groups)
 	slices.Sort(gateways)
 	for _, id := range append(groups, gateways...) {
-		w.add(write{what: func() string { return fmt.Sprintf("nexthop del id %d", id) }, counter: &a.Writes.NexthopDelete, msg: nlbatch.DeleteNexthop(id)})
+		w.add(write{what: func() string { return fmt.Sprintf("nexthop del id %d", id) }, counter: &a.Writes.NexthopDelete, msg: nlbatch.DeleteNexthop(id),
+			ok: func() {
+				delete(st.own, id)
+				delete(st.all, id)
+				st.changed = append(st.changed, id)
+			}})
 	}
 	w.flush()
 }

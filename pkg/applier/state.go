@@ -10,6 +10,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/routing-agent/routing-agent/pkg/nlbatch"
 	"github.com/routing-agent/routing-agent/pkg/nlutil"
 	"github.com/routing-agent/routing-agent/pkg/planner"
 )
@@ -48,18 +49,42 @@ func keyOf(r planner.Route) routeKey { return routeKey{r.Table, r.Dst, r.Backsto
 // Read lists the kernel's rules and routes and keeps what the agent owns:
 // its protocol number, inside its rule band or table range.
 func (a *Applier) Read() (*State, error) {
-	st := &State{Rules: map[string][]planner.Rule{}, Routes: map[routeKey]planner.Route{}, metrics: map[routeKey]int{}, nhid: map[routeKey]uint32{}}
 	nhs, err := a.readNexthops()
 	if err != nil {
 		return nil, err
 	}
+	return a.read(nhs)
+}
+
+// read is Read with the routes' nexthop objects resolved through nhs (see
+// readNexthops).
+func (a *Applier) read(nhs map[uint32]nlbatch.NexthopObject) (*State, error) {
+	st := newState()
+	if err := a.readRules(st); err != nil {
+		return nil, err
+	}
+	for _, family := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+		if err := a.readRoutes(a.h, st, family, 0, nhs); err != nil {
+			return nil, err
+		}
+	}
+	return st, nil
+}
+
+func newState() *State {
+	return &State{Rules: map[string][]planner.Rule{}, Routes: map[routeKey]planner.Route{}, metrics: map[routeKey]int{}, nhid: map[routeKey]uint32{}}
+}
+
+// readRules fills st's rules, foreign rules and mark users from a dump of
+// every rule of both families.
+func (a *Applier) readRules(st *State) error {
 	for _, family := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
 		rules, err := nlutil.RetryDump(func() ([]netlink.Rule, error) { return a.h.RuleList(family) })
 		if family == netlink.FAMILY_V6 && nlutil.NoIPv6(err) {
 			break // booted with ipv6.disable=1: nothing of IPv6 to own
 		}
 		if err != nil {
-			return nil, fmt.Errorf("listing ip rules: %w", err)
+			return fmt.Errorf("listing ip rules: %w", err)
 		}
 		for _, r := range rules {
 			pr, plain := fromNetlinkRule(r, family == netlink.FAMILY_V6)
@@ -83,26 +108,37 @@ func (a *Applier) Read() (*State, error) {
 			key := a.ruleKey(pr)
 			st.Rules[key] = append(st.Rules[key], pr)
 		}
-
-		routes, err := a.listRoutes(family, nhs)
-		if err != nil {
-			return nil, fmt.Errorf("listing routes: %w", err)
-		}
-		for _, r := range routes {
-			if r.route.Table < a.cfg.TableMin || r.route.Table > a.cfg.TableMax {
-				continue
-			}
-			key := keyOf(r.route)
-			st.Routes[key] = r.route
-			st.metrics[key] = r.metric
-			if r.nhid != 0 {
-				st.nhid[key] = r.nhid
-			}
-		}
 	}
 	slices.Sort(st.Foreign)
 	slices.Sort(st.MarkUsers)
-	return st, nil
+	return nil
+}
+
+// readRoutes adds to st the agent's routes of family in table (0: every
+// table of its range), each with its metric and the nexthop object it
+// uses, resolved through nhs. Without a socket of its own (SetNamespace)
+// the Applier dumps through h, which for one table must have strict
+// checking on, or the kernel sends every table.
+func (a *Applier) readRoutes(h *netlink.Handle, st *State, family int, table uint32, nhs map[uint32]nlbatch.NexthopObject) error {
+	routes, err := a.listRoutes(h, family, table, nhs)
+	if family == netlink.FAMILY_V6 && nlutil.NoIPv6(err) {
+		return nil // booted with ipv6.disable=1
+	}
+	if err != nil {
+		return fmt.Errorf("listing routes: %w", err)
+	}
+	for _, r := range routes {
+		if r.route.Table < a.cfg.TableMin || r.route.Table > a.cfg.TableMax || table != 0 && r.route.Table != table {
+			continue
+		}
+		key := keyOf(r.route)
+		st.Routes[key] = r.route
+		st.metrics[key] = r.metric
+		if r.nhid != 0 {
+			st.nhid[key] = r.nhid
+		}
+	}
+	return nil
 }
 
 // ruleMarkMask is the fwmark bits a rule matches: its mask (the kernel
@@ -215,7 +251,7 @@ func (s *State) Route(table uint32, dst netip.Prefix) (planner.Route, bool) {
 // NewState returns a State holding routes, for tests of code that reads
 // one.
 func NewState(routes ...planner.Route) *State {
-	st := &State{Rules: map[string][]planner.Rule{}, Routes: map[routeKey]planner.Route{}, metrics: map[routeKey]int{}, nhid: map[routeKey]uint32{}}
+	st := newState()
 	for _, r := range routes {
 		st.Routes[keyOf(r)] = r
 	}

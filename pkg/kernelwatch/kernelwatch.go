@@ -81,6 +81,12 @@ type Options struct {
 	// Notifications were missed meanwhile: resync what depends on them.
 	// It runs on the watch's own goroutines.
 	OnResubscribe func(kind Kind)
+	// OnLost, if set, is called each time the stream of kind is down:
+	// when it could not be subscribed (from Watch itself, before it
+	// returns, for the first attempt) or its subscription ended.
+	// Notifications are missed until OnResubscribe. It runs on the
+	// watch's own goroutines, or Watch's.
+	OnLost func(kind Kind)
 }
 
 // Events carries the notifications of the streams asked for; the channel of
@@ -108,12 +114,15 @@ func Watch(ctx context.Context, log logr.Logger, opts Options) *Events {
 	if rcvbuf <= 0 {
 		rcvbuf = DefaultReceiveBufferSize
 	}
-	w := &watcher{ctx: ctx, log: log, size: opts.ChannelSize, onResubscribe: opts.OnResubscribe}
+	w := &watcher{ctx: ctx, log: log, size: opts.ChannelSize, onResubscribe: opts.OnResubscribe, onLost: opts.OnLost}
 	if w.size <= 0 {
 		w.size = DefaultChannelSize
 	}
 	if w.onResubscribe == nil {
 		w.onResubscribe = func(Kind) {}
+	}
+	if w.onLost == nil {
+		w.onLost = func(Kind) {}
 	}
 
 	ev := &Events{}
@@ -160,6 +169,7 @@ type watcher struct {
 	log           logr.Logger
 	size          int
 	onResubscribe func(Kind)
+	onLost        func(Kind)
 }
 
 // stream keeps one kind subscribed and forwards its updates to out, which
@@ -171,6 +181,7 @@ type stream[T any] struct {
 	subscribe     subscribeFunc[T]
 	out           chan T
 	onResubscribe func(Kind)
+	onLost        func(Kind)
 }
 
 // subscription is one life of a stream: updates closes when it ends, and
@@ -182,8 +193,11 @@ type subscription[T any] struct {
 
 func start[T any](w *watcher, kind Kind, subscribe subscribeFunc[T]) <-chan T {
 	s := &stream[T]{ctx: w.ctx, log: w.log.WithValues("stream", kind.String()), kind: kind,
-		subscribe: subscribe, out: make(chan T, w.size), onResubscribe: w.onResubscribe}
+		subscribe: subscribe, out: make(chan T, w.size), onResubscribe: w.onResubscribe, onLost: w.onLost}
 	sub, err := s.open()
+	if err != nil {
+		s.onLost(kind)
+	}
 	go s.run(sub, err)
 	return s.out
 }
@@ -204,6 +218,7 @@ func (s *stream[T]) run(sub subscription[T], err error) {
 				return
 			}
 			uptime, err = time.Since(began), errEnded
+			s.onLost(s.kind)
 		}
 		delay := b.next(uptime)
 		s.log.Error(err, "resubscribing", "in", delay.String())

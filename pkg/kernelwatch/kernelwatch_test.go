@@ -9,6 +9,7 @@ import (
 	"runtime"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -207,8 +208,22 @@ func TestWatchInNamespace(t *testing.T) {
 func TestResubscribesAfterOverflow(t *testing.T) {
 	n := newNamespace(t, "kwresub")
 	resubscribed := make(chan Kind, 16)
+	var mu sync.Mutex
+	lost := map[Kind]bool{}
 	ev := n.watch(t, Options{Kinds: Routes | Rules, ReceiveBufferSize: 1, ChannelSize: 1,
-		OnResubscribe: func(k Kind) { resubscribed <- k }})
+		OnResubscribe: func(k Kind) {
+			mu.Lock()
+			defer mu.Unlock()
+			if !lost[k] {
+				t.Errorf("%v resubscribed without being reported lost first", k)
+			}
+			resubscribed <- k
+		},
+		OnLost: func(k Kind) {
+			mu.Lock()
+			defer mu.Unlock()
+			lost[k] = true
+		}})
 
 	var burst []string
 	for i := range 500 {

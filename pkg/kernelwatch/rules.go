@@ -21,6 +21,9 @@ type RuleUpdate struct {
 	Table int
 	// Protocol is the rule's originator (`protocol` in ip rule).
 	Protocol uint8
+	// Mark and Mask are the rule's fwmark and its mask; 0 when it has
+	// none (the kernel reports the mask of every fwmark rule).
+	Mark, Mask uint32
 }
 
 // subscribeRules is a subscribeFunc, with a receive buffer of rcvbuf, for
@@ -100,6 +103,10 @@ func parseRule(m syscall.NetlinkMessage) (RuleUpdate, error) {
 			u.Table = int(native.Uint32(a.Value))
 		case a.Attr.Type == unix.FRA_PROTOCOL && len(a.Value) == 1:
 			u.Protocol = a.Value[0]
+		case a.Attr.Type == unix.FRA_FWMARK && len(a.Value) == 4:
+			u.Mark = native.Uint32(a.Value)
+		case a.Attr.Type == unix.FRA_FWMASK && len(a.Value) == 4:
+			u.Mask = native.Uint32(a.Value)
 		}
 	}
 	return u, nil

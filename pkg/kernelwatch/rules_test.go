@@ -37,12 +37,14 @@ func TestParseRule(t *testing.T) {
 		u32Attr(unix.FRA_TABLE, 10061),
 		u32Attr(unix.FRA_PRIORITY, 30300),
 		u8Attr(unix.FRA_PROTOCOL, 245),
-		u32Attr(unix.FRA_FWMARK, 0x4000)) // attributes not asked for are skipped
+		u32Attr(unix.FRA_FWMARK, 0x4000),
+		u32Attr(unix.FRA_FWMASK, 0x6000),
+		u32Attr(unix.FRA_SUPPRESS_PREFIXLEN, 0)) // attributes not asked for are skipped
 	got, err := parseRule(m)
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := RuleUpdate{Type: unix.RTM_DELRULE, Family: unix.AF_INET6, Priority: 30300, Table: 10061, Protocol: 245}
+	want := RuleUpdate{Type: unix.RTM_DELRULE, Family: unix.AF_INET6, Priority: 30300, Table: 10061, Protocol: 245, Mark: 0x4000, Mask: 0x6000}
 	if got != want {
 		t.Errorf("got %+v, want %+v", got, want)
 	}

@@ -3,6 +3,7 @@ package nlbatch
 import (
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 
 	"github.com/vishvananda/netlink/nl"
@@ -225,6 +226,34 @@ func ackError(h unix.NlMsghdr, payload []byte) error {
 	return err
 }
 
+// doneError is the error an NLMSG_DONE message carries (its int, then
+// the extended-ack attributes), nil when the dump succeeded.
+func doneError(h unix.NlMsghdr, payload []byte) error {
+	if len(payload) < 4 {
+		return nil // an old kernel's empty NLMSG_DONE
+	}
+	code := int32(native.Uint32(payload[0:4]))
+	if code == 0 {
+		return nil
+	}
+	err := error(unix.Errno(-code))
+	if h.Flags&unix.NLM_F_ACK_TLVS == 0 {
+		return err
+	}
+	attrs, perr := nl.ParseRouteAttr(payload[4:])
+	if perr != nil {
+		return err
+	}
+	for _, a := range attrs {
+		if a.Attr.Type == unix.NLMSGERR_ATTR_MSG {
+			if text := strings.TrimRight(string(a.Value), "\x00"); text != "" {
+				return fmt.Errorf("%w (%s)", err, text)
+			}
+		}
+	}
+	return err
+}
+
 // Dump sends the dump request req and calls fn with each answer's type and
 // payload.
 func (c *Conn) Dump(req Msg, fn func(typ uint16, payload []byte) error) error {
@@ -263,6 +292,10 @@ func (c *Conn) Dump(req Msg, fn func(typ uint16, payload []byte) error) error {
 				if ferr != nil {
 					return ferr
 				}
+				// A dump that failed says so here (netlink_dump_done).
+				if e := doneError(h, payload); e != nil {
+					return e
+				}
 				if interrupted {
 					return ErrDumpInterrupted
 				}
@@ -295,12 +328,23 @@ func retry(dump func() error) error {
 // Routes dumps the routes of family (AF_INET, AF_INET6) with protocol
 // (0: any), every table.
 func (c *Conn) Routes(family uint8, protocol uint8) ([]Route, error) {
+	return c.RoutesIn(family, protocol, 0)
+}
+
+// RoutesIn dumps the routes of family with protocol (0: any) in table (0:
+// every table). The socket checks strictly, so the kernel sends that
+// table's routes alone; a table the family does not have has none.
+func (c *Conn) RoutesIn(family uint8, protocol uint8, table uint32) ([]Route, error) {
 	var out []Route
 	err := retry(func() error {
 		out = out[:0]
 		m := nl.NewRtMsg()
 		m.Family, m.Protocol, m.Table, m.Scope, m.Type = family, protocol, unix.RT_TABLE_UNSPEC, 0, 0
-		return c.Dump(Msg{Type: unix.RTM_GETROUTE, Body: m.Serialize()}, func(typ uint16, b []byte) error {
+		b := m.Serialize()
+		if table != 0 {
+			b = appendU32(b, unix.RTA_TABLE, table)
+		}
+		return c.Dump(Msg{Type: unix.RTM_GETROUTE, Body: b}, func(typ uint16, b []byte) error {
 			if typ != unix.RTM_NEWROUTE {
 				return nil
 			}
@@ -308,12 +352,16 @@ func (c *Conn) Routes(family uint8, protocol uint8) ([]Route, error) {
 			if err != nil {
 				return err
 			}
-			if r.Family == family && (protocol == 0 || r.Protocol == protocol) {
+			if r.Family == family && (protocol == 0 || r.Protocol == protocol) && (table == 0 || r.Table == table) {
 				out = append(out, r)
 			}
 			return nil
 		})
 	})
+	// The kernel's answer to a dump of a table it does not have.
+	if table != 0 && errors.Is(err, unix.ENOENT) {
+		return nil, nil
+	}
 	return out, err
 }
 

@@ -21,7 +21,13 @@ import (
 )
 
 // Read fills the kernel-derived fields of a planner.Node through h.
-func Read(h *netlink.Handle) (planner.Node, error) {
+func Read(h *netlink.Handle) (planner.Node, error) { return ReadThrough(h, h) }
+
+// ReadThrough is Read with the main table dumped through routes: with
+// strict checking on (netlink.Handle.SetStrictCheck) the kernel sends that
+// table alone, where without it sends every table (the agent's thousands
+// of routes too) for the library to filter.
+func ReadThrough(h, routes *netlink.Handle) (planner.Node, error) {
 	var node planner.Node
 	links, err := nlutil.RetryDump(h.LinkList)
 	if err != nil {
@@ -40,7 +46,7 @@ func Read(h *netlink.Handle) (planner.Node, error) {
 	}
 	for _, family := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
 		routes, err := nlutil.RetryDump(func() ([]netlink.Route, error) {
-			return h.RouteListFiltered(family, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
+			return routes.RouteListFiltered(family, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
 		})
 		if err != nil {
 			return node, fmt.Errorf("listing main routes: %w", err)

@@ -119,15 +119,14 @@ func checkOnNode(c *candidate, node Node, wasApplied bool) {
 		invalid(ReasonInvalidSpec, "%v", errs.ToAggregate())
 		return
 	}
-	seen := map[netip.Prefix]bool{}
+	c.destinations = make([]netip.Prefix, 0, len(c.route.Spec.Destinations))
 	for _, d := range c.route.Spec.Destinations {
 		p, _ := routespec.ParseDestination(d) // validated above
-		if !seen[p] {
-			seen[p] = true
-			c.destinations = append(c.destinations, p)
-		}
+		c.destinations = append(c.destinations, p)
 	}
+	// Sorted, and once each (1.2.3.4/5 and 0.0.0.0/5 are one).
 	slices.SortFunc(c.destinations, comparePrefix)
+	c.destinations = slices.Compact(c.destinations)
 
 	for _, g := range c.route.Spec.Gateways {
 		gw, _ := routespec.ParseGateway(g)
@@ -305,18 +304,26 @@ func tableRoutes(applied []*candidate, down map[netip.Addr]bool) []Route {
 	// throw route in the table of each other Route that owns one of its
 	// supernets; walking up its at most 128 supernets keeps this linear in
 	// the number of destinations.
+	// Only the lengths some destination has can hold a supernet: most
+	// nodes' destinations have a few lengths, and most walks are short.
 	owner := map[netip.Prefix]*candidate{}
-	installed := map[*candidate][]netip.Prefix{}
+	installed := make(map[*candidate][]netip.Prefix, len(applied))
+	var lengths [2][129]bool // by family (IPv6 second), prefix length
 	for _, c := range applied {
 		installed[c] = c.installed()
 		for _, d := range installed[c] {
 			owner[d] = c
+			lengths[boolIndex(d.Addr().Is6())][d.Bits()] = true
 		}
 	}
 	throws := map[*candidate]map[netip.Prefix]bool{}
 	for _, c := range applied {
 		for _, e := range installed[c] {
+			have := &lengths[boolIndex(e.Addr().Is6())]
 			for bits := e.Bits() - 1; bits >= 0; bits-- {
+				if !have[bits] {
+					continue
+				}
 				super, _ := e.Addr().Prefix(bits)
 				if o := owner[super]; o != nil && o != c {
 					if throws[o] == nil {
@@ -328,12 +335,33 @@ func tableRoutes(applied []*candidate, down map[netip.Addr]bool) []Route {
 		}
 	}
 
-	var routes []Route
+	// Built in table order, each table's routes sorted on their own: the
+	// sort of the whole below, which keeps the order exact whatever the
+	// tables, then finds them in order and costs little.
+	byTable := slices.Clone(applied)
+	slices.SortStableFunc(byTable, func(a, b *candidate) int { return cmp.Compare(a.result.Table, b.result.Table) })
+	n := 0
 	for _, c := range applied {
+		n += 2*len(installed[c]) + len(throws[c])
+	}
+	var routes []Route
+	if n > 0 {
+		routes = make([]Route, 0, n)
+	}
+	for _, c := range byTable {
+		first := len(routes)
+		// The nexthops of a family, shared by the Route's destinations of
+		// that family (read-only, like every Route of a plan).
+		var live [2][]Nexthop
+		var known [2]bool
 		for _, d := range installed[c] {
+			f := boolIndex(d.Addr().Is6())
+			if !known[f] {
+				live[f], known[f] = liveNexthops(c, f == 1, down), true
+			}
 			// A family whose gateways are all stranded has no live route:
 			// the backstop alone holds the destination.
-			if nhs := liveNexthops(c, d.Addr().Is6(), down); len(nhs) > 0 {
+			if nhs := live[f]; len(nhs) > 0 {
 				routes = append(routes, Route{Table: c.result.Table, Dst: d, Nexthops: nhs})
 			}
 			routes = append(routes, Route{Table: c.result.Table, Dst: d, Backstop: true})
@@ -341,6 +369,7 @@ func tableRoutes(applied []*candidate, down map[netip.Addr]bool) []Route {
 		for e := range throws[c] {
 			routes = append(routes, Route{Table: c.result.Table, Dst: e, Throw: true})
 		}
+		slices.SortFunc(routes[first:], CompareRoutes)
 		if len(c.nexthops) > 0 && c.allDown(down) {
 			c.result.Reason = ReasonAllGatewaysDown
 			c.result.Message = "every gateway is down; routes stay pointed at them so traffic fails closed instead of leaking through the node's default route"
@@ -571,6 +600,13 @@ func defaultLink(node Node, ipv6 bool) (int, bool) {
 // backstop: the order plans list them in, and the applier removes them in.
 func CompareRoutes(a, b Route) int {
 	return cmp.Or(cmp.Compare(a.Table, b.Table), comparePrefix(a.Dst, b.Dst), compareBool(a.Backstop, b.Backstop))
+}
+
+func boolIndex(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 func compareBool(a, b bool) int {

@@ -1,0 +1,297 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/go-logr/logr"
+	"github.com/vishvananda/netlink"
+	vnetns "github.com/vishvananda/netns"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	kubefake "k8s.io/client-go/kubernetes/fake"
+	"k8s.io/client-go/tools/cache"
+
+	v1alpha1 "github.com/routing-agent/routing-agent/apis/networking/v1alpha1"
+	"github.com/routing-agent/routing-agent/generated/clientset/versioned/fake"
+	"github.com/routing-agent/routing-agent/pkg/applier"
+	"github.com/routing-agent/routing-agent/pkg/lab/netns"
+	"github.com/routing-agent/routing-agent/pkg/nodefacts"
+	"github.com/routing-agent/routing-agent/pkg/planner"
+)
+
+// benchAgent is an Agent on fake clientsets whose kernel is a bare network
+// namespace: one VPC interface, 10.114.0.10/20, on which gateways
+// 10.114.0.3 and .4 are directly connected.
+type benchAgent struct {
+	*Agent
+	ns     string
+	h      *netlink.Handle
+	client *fake.Clientset
+	objs   []*v1alpha1.Route
+}
+
+// newBenchAgent holds n Routes of per destinations each (consecutive /24s
+// of 172.16.0.0/12, through two ECMP gateways), their informers synced,
+// and the first reconcile done.
+// With view, the agent keeps a kernel view (Options.DumpHandle) fed by its
+// own watch of the namespace.
+func newBenchAgent(b *testing.B, purpose string, n, per int, view bool) *benchAgent {
+	b.Helper()
+	if os.Geteuid() != 0 {
+		b.Fatal("this benchmark builds a network namespace and must run as root")
+	}
+	if err := netns.RemoveStale(); err != nil {
+		b.Fatal(err)
+	}
+	name := netns.Name(purpose)
+	if err := netns.Add(name); err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { netns.Delete(name) })
+	for _, args := range [][]string{
+		{"-n", name, "link", "add", "vpc0", "type", "veth", "peer", "name", "vpc1"},
+		{"-n", name, "addr", "add", "10.114.0.10/20", "dev", "vpc0"},
+		{"-n", name, "link", "set", "vpc0", "up"},
+		{"-n", name, "link", "set", "vpc1", "up"},
+	} {
+		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+			b.Fatalf("ip %v: %v: %s", args, err, out)
+		}
+	}
+	h, closeHandle, err := netns.NetlinkHandle(name)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(closeHandle)
+
+	var objs []runtime.Object
+	var routes []*v1alpha1.Route
+	i := 0
+	for r := range n {
+		route := &v1alpha1.Route{
+			ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("r%04d", r), Generation: 1, CreationTimestamp: metav1.NewTime(time.Unix(int64(r), 0))},
+			Spec:       v1alpha1.RouteSpec{Gateways: []string{"10.114.0.3", "10.114.0.4"}},
+		}
+		for range per {
+			route.Spec.Destinations = append(route.Spec.Destinations, fmt.Sprintf("172.%d.%d.0/24", 16+i/256, i%256))
+			i++
+		}
+		routes = append(routes, route)
+		objs = append(objs, route)
+	}
+	client := fake.NewSimpleClientset(objs...)
+	kube := kubefake.NewSimpleClientset(&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "bench"}})
+	resolv := filepath.Join(b.TempDir(), "resolv.conf")
+	if err := os.WriteFile(resolv, []byte("nameserver 198.51.100.53\n"), 0o644); err != nil {
+		b.Fatal(err)
+	}
+	opts := Options{NodeName: "bench", Planner: planner.DefaultConfig(), ResyncPeriod: time.Hour, ResolvConf: resolv}
+	if view {
+		dumps, closeDumps, err := netns.NetlinkHandle(name)
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(closeDumps)
+		ns, err := vnetns.GetFromName(name)
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { ns.Close() })
+		opts.DumpHandle, opts.KernelNamespace = dumps, &ns
+	}
+	a := New(opts, client, kube, h, logr.Discard())
+	if view && a.view == nil {
+		b.Fatal("no kernel view")
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	b.Cleanup(cancel)
+	if view {
+		watching := make(chan struct{})
+		go func() {
+			a.watchKernel(ctx)
+			close(watching)
+		}()
+		b.Cleanup(func() { cancel(); <-watching })
+		// watchKernel calls Watching once subscribed; reconciles before
+		// that read everything.
+		for deadline := time.Now().Add(5 * time.Second); !a.view.Watched(); time.Sleep(time.Millisecond) {
+			if time.Now().After(deadline) {
+				b.Fatal("the kernel watch never started")
+			}
+		}
+	}
+	a.routeFactory.Start(ctx.Done())
+	a.nodeFactory.Start(ctx.Done())
+	a.epFactory.Start(ctx.Done())
+	if !cache.WaitForCacheSync(ctx.Done(), a.synced...) {
+		b.Fatal("caches did not sync")
+	}
+	if err := a.reconcile(); err != nil {
+		b.Fatal(err)
+	}
+	for _, r := range a.last.Results {
+		if r.Phase != planner.Applied {
+			b.Fatalf("%s: %s %s", r.Name, r.Reason, r.Message)
+		}
+	}
+	if view {
+		// The notifications of the cold apply mark every table dirty as
+		// they are read: once they are, one reconcile dumps them again.
+		time.Sleep(time.Second)
+		if err := a.reconcile(); err != nil {
+			b.Fatal(err)
+		}
+	}
+	return &benchAgent{Agent: a, ns: name, h: h, client: client, objs: routes}
+}
+
+// change flips the gateways of Route i between one and two and waits until
+// the informer's cache has the new version: what a reconcile then finds.
+func (ba *benchAgent) change(b *testing.B, i, round int) {
+	b.Helper()
+	gateways := [][]string{{"10.114.0.3"}, {"10.114.0.3", "10.114.0.4"}}[round%2]
+	r := ba.objs[i].DeepCopy()
+	r.Spec.Gateways = gateways
+	r.Generation++
+	updated, err := ba.client.NetworkingV1alpha1().Routes().Update(context.Background(), r, metav1.UpdateOptions{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	ba.objs[i] = updated
+	for deadline := time.Now().Add(5 * time.Second); ; {
+		got, err := ba.Agent.routes.Get(r.Name)
+		if err == nil && len(got.Spec.Gateways) == len(gateways) {
+			return
+		}
+		if time.Now().After(deadline) {
+			b.Fatalf("the informer never saw %s change", r.Name)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// BenchmarkReconcileOneOf1000 is the agent's reconcile after one Route
+// among 1,000 (2 destinations each: 4,000 routes with their backstops and
+// 1,000 rules) changed its gateways: its 2 routes are rewritten. It runs
+// the agent with its kernel view and, as the baseline, without (every
+// reconcile reads every owned route and rule), and reports the ratios;
+// both report what the parts of a reconcile cost on their own.
+//
+//	go test -run '^$' -bench ReconcileOneOf1000 -benchtime 20x ./pkg/agent
+func BenchmarkReconcileOneOf1000(b *testing.B) {
+	var full, fullCPU float64
+	for _, mode := range []struct {
+		name string
+		view bool
+	}{{"full-read", false}, {"view", true}} {
+		b.Run(mode.name, func(b *testing.B) {
+			ba := newBenchAgent(b, "bench-rec", 1000, 2, mode.view)
+			ms, cpu := ba.benchChanges(b)
+			ba.reportParts(b)
+			if !mode.view {
+				full, fullCPU = ms, cpu
+			} else if full > 0 && fullCPU > 0 {
+				b.ReportMetric(ms/full, "x-full-read")
+				b.ReportMetric(cpu/fullCPU, "x-full-read-cpu")
+			}
+		})
+	}
+}
+
+// benchChanges changes one Route b.N times, reconciling after each, and
+// returns the mean reconcile time and CPU time in milliseconds.
+func (ba *benchAgent) benchChanges(b *testing.B) (ms, cpuMS float64) {
+	before := ba.applier.Writes.Total()
+	var stats applier.ViewStats
+	if ba.view != nil {
+		stats = ba.view.Stats()
+	}
+	var total, cpu time.Duration
+	b.ResetTimer()
+	for i := range b.N {
+		b.StopTimer()
+		ba.change(b, 500, i)
+		b.StartTimer()
+		began, cpuBegan := time.Now(), processCPU(b)
+		if err := ba.reconcile(); err != nil {
+			b.Fatal(err)
+		}
+		total += time.Since(began)
+		cpu += processCPU(b) - cpuBegan
+	}
+	b.StopTimer()
+	ms = total.Seconds() * 1e3 / float64(b.N)
+	cpuMS = cpu.Seconds() * 1e3 / float64(b.N)
+	b.ReportMetric(float64(ba.applier.Writes.Total()-before)/float64(b.N), "writes/op")
+	b.ReportMetric(ms, "ms/change")
+	// The process's CPU time (every goroutine's, the garbage collector's
+	// too) while it reconciled: what a loaded machine does not inflate.
+	b.ReportMetric(cpuMS, "cpu-ms/change")
+	if ba.view != nil {
+		after := ba.view.Stats()
+		b.ReportMetric(float64(after.Full-stats.Full)/float64(b.N), "full-reads/op")
+		b.ReportMetric(float64(after.Tables-stats.Tables)/float64(b.N), "table-dumps/op")
+	}
+	return ms, cpuMS
+}
+
+// processCPU is the CPU time the process has used, user and system.
+func processCPU(b *testing.B) time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		b.Fatal(err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// reportParts times, a few rounds each, the parts of one reconcile at
+// rest: reading the node, planning, reading the kernel (without a view),
+// an Apply with nothing to write (its read, through the view if any, and
+// the diff), building the status.
+func (ba *benchAgent) reportParts(b *testing.B) {
+	const rounds = 5
+	timeIt := func(unit string, f func()) {
+		began := time.Now()
+		for range rounds {
+			f()
+		}
+		b.ReportMetric(time.Since(began).Seconds()*1e3/rounds, unit)
+	}
+	var facts planner.Node
+	dumps := ba.h
+	if ba.view != nil {
+		dumps = ba.opts.DumpHandle // the main table alone
+	}
+	timeIt("ms-nodefacts", func() {
+		var err error
+		if facts, err = nodefacts.ReadThrough(ba.h, dumps); err != nil {
+			b.Fatal(err)
+		}
+	})
+	facts.DNSServers = ba.dnsServers()
+	facts.ControlPlane = ba.controlPlane(time.Now())
+	input := planner.Input{Config: ba.opts.Planner, Node: facts, Routes: ba.objs, Tables: ba.tables}
+	var plan planner.Plan
+	timeIt("ms-plan", func() { plan = planner.Compute(input) })
+	if ba.view == nil {
+		timeIt("ms-kernel-read", func() {
+			if _, err := ba.applier.Read(); err != nil {
+				b.Fatal(err)
+			}
+		})
+	}
+	timeIt("ms-apply-at-rest", func() {
+		if rep, err := ba.applier.Apply(plan); err != nil || rep.Changes != 0 {
+			b.Fatalf("apply at rest: %d changes, %v", rep.Changes, err)
+		}
+	})
+	timeIt("ms-status", func() { ba.buildStatus(plan, ba.prober.States(), applier.Report{}, nil, nil) })
+}
