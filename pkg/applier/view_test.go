@@ -3,7 +3,9 @@ package applier_test
 import (
 	"context"
 	"fmt"
+	"net/netip"
 	"os/exec"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -399,5 +401,64 @@ func TestViewOverflow(t *testing.T) {
 	}
 	if got := e.owned(); got != want {
 		t.Errorf("after the overflow:\n%s\nwant\n%s", got, want)
+	}
+}
+
+// TestViewFailover: a gateway going down is one write, the replace of the
+// table's nexthop group, with or without route notifications for the
+// routes through it (net.ipv4.nexthop_compat_mode): the view reads the
+// group's table again in that apply and holds the routes as the kernel
+// now forwards them, and what notifications come are echoes.
+func TestViewFailover(t *testing.T) {
+	e := newEnv(t, "vfail")
+	for _, compat := range []string{"1", "0"} {
+		t.Run("compat "+compat, func(t *testing.T) {
+			e.t = t
+			e.ip("netns", "exec", e.lab.Node, "sysctl", "-qw", "net.ipv4.nexthop_compat_mode="+compat)
+			e.ap = e.newApplier(e.cfg)
+			v := e.useView()
+			changed := e.feed(v)
+			r := route("r", 0, append(manyDestinations(16), "198.51.100.0/24"), "10.114.0.3", "10.114.0.4")
+			plan, _ := e.apply(r)
+			table := tableOf(t, plan, "r")
+			dst := netip.MustParsePrefix("198.51.100.0/24")
+			drain(changed)
+			for _, step := range []struct {
+				down []string
+				want []string
+			}{{[]string{"10.114.0.4"}, []string{"10.114.0.3"}}, {nil, []string{"10.114.0.3", "10.114.0.4"}}} {
+				tables := v.Stats().Tables
+				rep, err := e.ap.Apply(e.planDown(step.down, r))
+				if err != nil || rep.Changes != 1 {
+					t.Fatalf("down %v: %d writes, %v; want 1 (the group)", step.down, rep.Changes, err)
+				}
+				if got := v.Stats().Tables; got != tables+1 {
+					t.Errorf("down %v: %d table dumps, want 1", step.down, got-tables)
+				}
+				got, ok := v.ViewRoute(table, dst)
+				var gws []string
+				for _, nh := range got.Nexthops {
+					gws = append(gws, nh.Gateway.String())
+				}
+				if !ok || !slices.Equal(gws, step.want) {
+					t.Errorf("down %v: the view holds %v (%v), want gateways %v", step.down, gws, ok, step.want)
+				}
+				time.Sleep(300 * time.Millisecond)
+				select {
+				case what := <-changed:
+					t.Errorf("down %v: the group's own replace called for an apply: %s", step.down, what)
+				default:
+				}
+				if rep, err := e.ap.Apply(e.planDown(step.down, r)); err != nil || rep.Changes != 0 {
+					t.Errorf("down %v: again, %d writes, %v; want none", step.down, rep.Changes, err)
+				}
+				if rep, err := e.newApplier(e.cfg).Apply(e.planDown(step.down, r)); err != nil || rep.Changes != 0 {
+					t.Errorf("down %v: a full read finds %d writes to make, %v; want none", step.down, rep.Changes, err)
+				}
+			}
+			if _, err := e.ap.Cleanup(); err != nil {
+				t.Fatal(err)
+			}
+		})
 	}
 }
