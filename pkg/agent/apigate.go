@@ -237,10 +237,13 @@ func (g *apiGate) isOpen() bool {
 
 // gatedInformer builds, for an informer factory's InformerFor, the informer
 // of obj on lw, with the indexers the generated informers have. C is the
-// factory's clientset type; lw brings its own client.
+// factory's clientset type; lw brings its own client. As in the generated
+// informers, a client that cannot stream a list through a watch (the fake
+// clientsets) says so to the reflector, which then lists: without it, a
+// fake's watch sends every object into a channel of 100 and panics.
 func gatedInformer[C any](lw *cache.ListWatch, obj runtime.Object) func(C, time.Duration) cache.SharedIndexInformer {
-	return func(_ C, resync time.Duration) cache.SharedIndexInformer {
-		return cache.NewSharedIndexInformer(lw, obj, resync, cache.Indexers{cache.NamespaceIndex: cache.MetaNamespaceIndexFunc})
+	return func(client C, resync time.Duration) cache.SharedIndexInformer {
+		return cache.NewSharedIndexInformer(cache.ToListWatcherWithWatchListSemantics(lw, client), obj, resync, cache.Indexers{cache.NamespaceIndex: cache.MetaNamespaceIndexFunc})
 	}
 }
 

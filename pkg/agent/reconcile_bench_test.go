@@ -94,23 +94,29 @@ func newBenchAgent(b *testing.B, purpose string, n, per int, view bool) *benchAg
 		b.Fatal(err)
 	}
 	opts := Options{NodeName: "bench", Planner: planner.DefaultConfig(), ResyncPeriod: time.Hour, ResolvConf: resolv}
+	ns, err := vnetns.GetFromName(name)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { ns.Close() })
 	if view {
 		dumps, closeDumps, err := netns.NetlinkHandle(name)
 		if err != nil {
 			b.Fatal(err)
 		}
 		b.Cleanup(closeDumps)
-		ns, err := vnetns.GetFromName(name)
-		if err != nil {
-			b.Fatal(err)
-		}
-		b.Cleanup(func() { ns.Close() })
 		opts.DumpHandle, opts.KernelNamespace = dumps, &ns
 	}
 	a := New(opts, client, kube, h, logr.Discard())
 	if view && a.view == nil {
 		b.Fatal("no kernel view")
 	}
+	// As the agent runs: batched writes and nexthop objects (its routes
+	// are read with their nexthop ids).
+	if err := a.SetNamespace(ns); err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { a.applier.Close() })
 	ctx, cancel := context.WithCancel(context.Background())
 	b.Cleanup(cancel)
 	if view {
@@ -179,8 +185,9 @@ func (ba *benchAgent) change(b *testing.B, i, round int) {
 }
 
 // BenchmarkReconcileOneOf1000 is the agent's reconcile after one Route
-// among 1,000 (2 destinations each: 4,000 routes with their backstops and
-// 1,000 rules) changed its gateways: its 2 routes are rewritten. It runs
+// among 1,000 (2 destinations each: 4,000 routes with their backstops, the
+// dispatch's rules, a nexthop group per table) changed its gateways: its
+// table's group is replaced (its 2 routes stay on the group). It runs
 // the agent with its kernel view and, as the baseline, without (every
 // reconcile reads every owned route and rule), and reports the ratios;
 // both report what the parts of a reconcile cost on their own.
@@ -278,7 +285,7 @@ func (ba *benchAgent) reportParts(b *testing.B) {
 	})
 	facts.DNSServers = ba.dnsServers()
 	facts.ControlPlane = ba.controlPlane(time.Now())
-	input := planner.Input{Config: ba.opts.Planner, Node: facts, Routes: ba.objs, Tables: ba.tables}
+	input := planner.Input{Config: ba.opts.Planner, Node: facts, Routes: ba.objs, Tables: ba.tables, Layout: ba.layout()}
 	var plan planner.Plan
 	timeIt("ms-plan", func() { plan = planner.Compute(input) })
 	if ba.view == nil {
