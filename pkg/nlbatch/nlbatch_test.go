@@ -203,6 +203,25 @@ func TestInNamespace(t *testing.T) {
 	if len(routes) != 6000 || nhid != 3000 {
 		t.Errorf("dump: %d routes, %d with nhid 20; want 6000 and 3000", len(routes), nhid)
 	}
+	// One table's dump is filtered by the kernel (strict checking): the
+	// table alone, a table id past 255 too; a table the family does not
+	// have has no routes, not an error.
+	ip("route", "add", "198.51.100.0/24", "via", "10.114.0.3", "table", "10001", "proto", "245")
+	ip("route", "add", "198.51.100.0/25", "via", "10.114.0.3", "table", "10001", "proto", "boot")
+	one, err := c.RoutesIn(unix.AF_INET, 245, 10001)
+	if err != nil || len(one) != 1 || one[0].Table != 10001 || one[0].Dst != netip.MustParsePrefix("198.51.100.0/24") {
+		t.Errorf("dump of table 10001: %+v, %v; want its one route of protocol 245", one, err)
+	}
+	if none, err := c.RoutesIn(unix.AF_INET6, 245, 10001); err != nil || len(none) != 0 {
+		t.Errorf("IPv6 dump of a table IPv6 does not have: %+v, %v; want nothing", none, err)
+	}
+	if none, err := c.RoutesIn(unix.AF_INET, 245, 10002); err != nil || len(none) != 0 {
+		t.Errorf("dump of a table that does not exist: %+v, %v; want nothing", none, err)
+	}
+	// A dump the kernel refuses fails (its error comes in NLMSG_DONE).
+	if err := c.Dump(nlbatch.Msg{Type: unix.RTM_GETROUTE, Body: []byte{unix.AF_INET, 24, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}}, func(uint16, []byte) error { return nil }); err == nil {
+		t.Error("a strict dump with a destination length was not refused")
+	}
 	objs, err := c.Nexthops()
 	if err != nil {
 		t.Fatal(err)
