@@ -226,7 +226,9 @@ func New(opts Options, client versioned.Interface, kube kubernetes.Interface, ha
 	// the writer then creates it again, tables and all.
 	a.selfFactory = informers.NewSharedInformerFactoryWithOptions(client, 0,
 		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.FieldSelector = "metadata.name=" + opts.NodeName }))
-	_, _ = a.selfFactory.Networking().V1alpha1().NodeRoutings().Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
+	selfInformer := a.selfFactory.Networking().V1alpha1().NodeRoutings().Informer()
+	slimCaches(routeInformer.Informer(), nodeInformer.Informer(), sliceInformer.Informer(), selfInformer)
+	_, _ = selfInformer.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		DeleteFunc: func(any) { a.statusWriter.forget() },
 	})
 
