@@ -115,7 +115,9 @@ func (a *Agent) reconcile() error {
 
 	a.emitEvents(plan, selectorErrs)
 	a.emitGatewayEvents(plan, gateways)
-	a.last = &plan
+	// Only the results are compared next time: the tables and rules of
+	// the plan go to the garbage collector.
+	a.last = &planner.Plan{Results: plan.Results}
 	a.statusWriter.offer(node, a.buildStatus(plan, gateways, rep, applyErr, selectorErrs))
 	return applyErr
 }
