@@ -102,6 +102,7 @@ func runAgent(args []string, stderr io.Writer) int {
 		return usageErr("%v", err)
 	}
 	log := newLogger(stderr)
+	setGCPercent(log)
 	setMemoryLimit(log, *memoryRatio)
 
 	restConfig, err := loadConfig(*kubeconfig)
