@@ -23,6 +23,7 @@ import (
 // reconcile plans this node from the caches and the kernel, applies the
 // plan and reports it. It runs on one goroutine at a time.
 func (a *Agent) reconcile() error {
+	defer releaseMemory() // after the unlock
 	a.kernelMu.Lock()
 	defer a.kernelMu.Unlock()
 	begin := time.Now()
