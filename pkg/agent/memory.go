@@ -18,8 +18,9 @@ var lastRelease atomic.Int64
 // A reconcile reads the kernel's routes and rules and builds the plan and
 // the status: megabytes that are garbage once it is done, and that the
 // runtime would otherwise hand back over minutes, keeping the RSS between
-// resyncs at its peak. At rest that is one collection per resync period of
-// a heap of a few MiB: about a millisecond of CPU.
+// resyncs at its peak. At rest an agent reconciles about 3 times a minute
+// (measured, at the default 30 s resync), each then a collection of a heap
+// of a few MiB; in a burst of changes, one every 5 s at most.
 func releaseMemory() {
 	now := time.Now().UnixNano()
 	last := lastRelease.Load()

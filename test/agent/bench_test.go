@@ -69,6 +69,7 @@ func BenchmarkAgent(b *testing.B) {
 	idle := func(label string) {
 		pid := e.c.Nodes[0].Agent.PID() // ip netns exec execs the agent in place
 		cpu0, req0 := cpuTicks(b, pid), e.metric(0, "routing_agent_api_requests_total")
+		rec0 := e.metric(0, "routing_agent_reconcile_duration_seconds_count")
 		window := time.Minute
 		// RSS at the end of the window is the figure; its range over the
 		// window (a resync every 30 s makes garbage) is logged.
@@ -78,11 +79,12 @@ func BenchmarkAgent(b *testing.B) {
 			low, high = min(low, rss), max(high, rss)
 		}
 		cpu1, req1 := cpuTicks(b, pid), e.metric(0, "routing_agent_api_requests_total")
+		rec1 := e.metric(0, "routing_agent_reconcile_duration_seconds_count")
 		cpu := float64(cpu1-cpu0) / 100 / window.Seconds() * 100 // USER_HZ is 100
 		rss := rssKiB(b, pid)
 		heap := e.metric(0, "go_memstats_heap_inuse_bytes") / (1 << 20)
-		b.Logf("%s: RSS %.1f MiB (%.1f-%.1f over the minute; Go heap in use %.1f MiB), CPU %.2f%% of a core, %.0f API requests in %s",
-			label, float64(rss)/1024, float64(low)/1024, float64(high)/1024, heap, cpu, req1-req0, window)
+		b.Logf("%s: RSS %.1f MiB (%.1f-%.1f over the minute; Go heap in use %.1f MiB), CPU %.2f%% of a core, %.0f API requests and %.0f reconciles in %s",
+			label, float64(rss)/1024, float64(low)/1024, float64(high)/1024, heap, cpu, req1-req0, rec1-rec0, window)
 		b.ReportMetric(float64(rss)/1024, label+"-rss-MiB")
 		b.ReportMetric(cpu, label+"-cpu-%")
 		b.ReportMetric(req1-req0, label+"-api-req/min")
