@@ -66,7 +66,7 @@ bench: deps
 	go test -count=1 -run '^$$' -bench . -benchtime 20x ./pkg/applier
 	@# Forwarded pps with and without the connection-marking table (3 rounds of 2 s each).
 	go test -count=1 -run '^$$' -bench Forwarding ./pkg/connmark
-	LAB_BIN_DIR=$$(hack/build-lab-tools.sh) go test -count=1 -run '^$$' -bench . -benchtime 1x -timeout 20m ./test/agent
+	LAB_BIN_DIR=$$(hack/build-lab-tools.sh) go test -count=1 -run '^$$' -bench . -benchtime 1x -timeout 40m ./test/agent
 
 # The product end to end in a lab of network namespaces: a control plane,
 # two nodes running real kubelets and containerd, NAT gateways, an external
