@@ -23,7 +23,8 @@ import (
 // BenchmarkAgent measures one agent at its default resync period:
 // Route-change-to-kernel latency over 100 changes, RSS, CPU and API
 // requests per minute at idle, then the same with 1,000 and with 10,000
-// Routes created as `kubectl apply` creates them.
+// Routes created as `kubectl apply` creates them. With -short (make test)
+// 10 changes, 5 s windows and 1,000 Routes only.
 //
 //	LAB_BIN_DIR=$(hack/build-lab-tools.sh) go test -run '^$' -bench Agent -benchtime 1x ./test/agent
 func BenchmarkAgent(b *testing.B) {
@@ -43,7 +44,10 @@ func BenchmarkAgent(b *testing.B) {
 		b.Fatal(err)
 	}
 
-	const changes = 100
+	changes, window, levels := 100, time.Minute, []int{1000, 10000}
+	if testing.Short() { // make test: one quick pass
+		changes, window, levels = 10, 5*time.Second, []int{1000}
+	}
 	var latencies []time.Duration
 	route := e.applyRoute(newRoute("latency", []string{"198.51.100.0/32"}, []string{"10.114.0.3"}))
 	waitRoute(b, updates, "198.51.100.0/32")
@@ -70,7 +74,6 @@ func BenchmarkAgent(b *testing.B) {
 		pid := e.c.Nodes[0].Agent.PID() // ip netns exec execs the agent in place
 		cpu0, req0 := cpuTicks(b, pid), e.metric(0, "routing_agent_api_requests_total")
 		rec0 := e.metric(0, "routing_agent_reconcile_duration_seconds_count")
-		window := time.Minute
 		// RSS at the end of the window is the figure; its range over the
 		// window (a resync every 30 s makes garbage) is logged.
 		low, high := int64(math.MaxInt64), int64(0)
@@ -95,7 +98,7 @@ func BenchmarkAgent(b *testing.B) {
 	// a copy of the whole object, and its managedFields entry is kubectl's.
 	// 1,000, then 9,000 more; each level idles as above.
 	created := 0
-	for _, many := range []int{1000, 10000} {
+	for _, many := range levels {
 		createBulk(b, e, created, many)
 		created = many
 		// The agent's own count: at 10,000 Routes the NodeRouting is
