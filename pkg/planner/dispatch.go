@@ -80,7 +80,8 @@ func buildDispatch(items []dispatchItem, leaf int) *dispatchNode {
 		return &dispatchNode{prefix: cp, own: []dispatchItem{{cp, items[0].table}}, rules: 1}
 	}
 	if len(items) <= leaf {
-		return &dispatchNode{prefix: commonPrefix(items), own: items, rules: len(items)}
+		own := byTable(items)
+		return &dispatchNode{prefix: commonPrefix(items), own: own, rules: len(own)}
 	}
 	cp, own, lo, hi := split(items)
 	n := &dispatchNode{prefix: cp, own: own, rules: len(own)}
@@ -92,6 +93,43 @@ func buildDispatch(items []dispatchItem, leaf int) *dispatchNode {
 		}
 	}
 	return n
+}
+
+// collapseAt is how many destinations of one table in a block get one rule
+// (byTable); fewer keep a rule each, which reads better in `ip rule`.
+const collapseAt = 4
+
+// byTable gives a table's destinations among items one rule, with their
+// common prefix, where they are many and that prefix holds no other
+// table's destination: a
+// block then holds one rule per Route whatever its number of destinations
+// (a packet inside the prefix but for none of them misses in the table and
+// goes on). Elsewhere each destination keeps its own rule, so no rule
+// sends another Route's traffic through a table first.
+func byTable(items []dispatchItem) []dispatchItem {
+	var tables []uint32
+	of := map[uint32][]dispatchItem{}
+	for _, it := range items {
+		if of[it.table] == nil {
+			tables = append(tables, it.table)
+		}
+		of[it.table] = append(of[it.table], it)
+	}
+	out := make([]dispatchItem, 0, len(items))
+	for _, t := range tables {
+		cp := commonPrefix(of[t])
+		alone := len(of[t]) >= collapseAt
+		for _, it := range items {
+			alone = alone && (it.table == t || !cp.Overlaps(it.dst))
+		}
+		if alone {
+			out = append(out, dispatchItem{cp, t})
+		} else {
+			out = append(out, of[t]...)
+		}
+	}
+	slices.SortFunc(out, func(a, b dispatchItem) int { return comparePrefix(a.dst, b.dst) })
+	return out
 }
 
 // split divides sorted items at their common prefix cp: own are the items
