@@ -48,25 +48,38 @@ unit:
 
 # Every test: generated code, vet, and the whole suite against a real
 # kube-apiserver and etcd (and, where a test needs them, network namespaces
-# as root).
+# as root). Every benchmark runs once too, in its short form (-short: fewer
+# trials, shorter windows and outages), so they keep working; the figures
+# come from make bench.
 test: deps
 	hack/verify-codegen.sh
 	$(MAKE) --no-print-directory vet
-	@# One pass of every benchmark, so they keep working; numbers come from make bench.
-	go test -count=1 -run '^$$' -bench . -benchtime 1x ./pkg/applier ./pkg/connmark
 	@lab_bin=$$(hack/build-lab-tools.sh) && \
 	echo "lab control plane: $$lab_bin" && \
-	LAB_BIN_DIR=$$lab_bin go test -count=1 -timeout 30m ./...
+	LAB_BIN_DIR=$$lab_bin go test -count=1 -timeout 40m -short -bench . -benchtime 1x ./...
 
-# Benchmarks (root: they build network namespaces): the netlink applier
-# against ip -batch in one run, and one agent against the lab API server
-# (Route-to-kernel latency, RSS, CPU, API requests at idle, catch-up after a
-# 45 s API server outage; ~6 minutes).
+# Benchmarks (root: they build network namespaces), all in one run:
+#  - cold apply against ip -batch of the same objects, a failover of a
+#    4,096-destination Route, one Route changed among 500 (pkg/applier);
+#  - forwarded pps with 0, 100 and 1,000 Routes, traffic no Route matches
+#    and traffic to a Route, and the ratios (pkg/applier Datapath), and the
+#    cost of the connection-marking table (pkg/connmark);
+#  - one Route changed among 1,000 through the agent's reconcile, with the
+#    kernel view and with a full re-read (pkg/agent);
+#  - the planner at the destination limit (pkg/planner);
+#  - the CEL budget of the CRD (test/admission);
+#  - one agent against the lab API server: Route-to-kernel latency, RSS with
+#    1,000 and 10,000 Routes, failover and recovery times, catch-up after a
+#    45 s API outage (test/agent; ~25 minutes).
 bench: deps
-	go test -count=1 -run '^$$' -bench . -benchtime 20x ./pkg/applier
-	@# Forwarded pps with and without the connection-marking table (3 rounds of 2 s each).
-	go test -count=1 -run '^$$' -bench Forwarding ./pkg/connmark
-	LAB_BIN_DIR=$$(hack/build-lab-tools.sh) go test -count=1 -run '^$$' -bench . -benchtime 1x -timeout 20m ./test/agent
+	go test -count=1 -run '^$$' -bench 'Cold|Failover4096|Incremental|Compute' -benchtime 20x ./pkg/applier
+	go test -count=1 -run '^$$' -bench 'Datapath' ./pkg/applier
+	go test -count=1 -run '^$$' -bench 'Forwarding' ./pkg/connmark
+	go test -count=1 -run '^$$' -bench . -benchtime 20x ./pkg/agent
+	go test -count=1 -run '^$$' -bench . ./pkg/planner
+	@lab_bin=$$(hack/build-lab-tools.sh) && \
+	LAB_BIN_DIR=$$lab_bin go test -count=1 -run '^$$' -bench . -benchtime 1x ./test/admission && \
+	LAB_BIN_DIR=$$lab_bin go test -count=1 -run '^$$' -bench . -benchtime 1x -timeout 60m ./test/agent
 
 # The product end to end in a lab of network namespaces: a control plane,
 # two nodes running real kubelets and containerd, NAT gateways, an external

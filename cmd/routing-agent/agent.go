@@ -75,6 +75,7 @@ func runAgent(args []string, stderr io.Writer) int {
 	fs.IntVar(&probe.Fall, "probe-fall", probe.Fall, "consecutive unanswered probes that take a gateway down")
 	fs.IntVar(&probe.Rise, "probe-rise", probe.Rise, "consecutive answers that bring a down gateway back")
 	fs.DurationVar(&probe.FlapWindow, "probe-flap-window", probe.FlapWindow, "a gateway falling again within this window needs twice the answers to come back, per repeat (0 disables)")
+	memoryRatio := fs.Float64("memory-limit-ratio", 0.9, "fraction of the container's memory limit (its cgroup's memory.max) the Go runtime takes as its soft limit, collecting harder as it nears it rather than being OOM-killed; 0 disables; GOMEMLIMIT, when set, wins")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -103,7 +104,12 @@ func runAgent(args []string, stderr io.Writer) int {
 	if *retention < time.Minute {
 		return usageErr("--bypass-retention %s: must be 1m or more", *retention)
 	}
+	if err := checkMemoryLimitRatio(*memoryRatio); err != nil {
+		return usageErr("%v", err)
+	}
 	log := newLogger(stderr)
+	setGCPercent(log)
+	setMemoryLimit(log, *memoryRatio)
 
 	restConfig, err := loadConfig(*kubeconfig)
 	if err != nil {

@@ -272,7 +272,9 @@ func New(opts Options, client versioned.Interface, kube kubernetes.Interface, ha
 	a.selfFactory = informers.NewSharedInformerFactory(client, 0)
 	selfAPI := client.NetworkingV1alpha1().NodeRoutings()
 	a.selfFactory.InformerFor(&v1alpha1.NodeRouting{}, gatedInformer[versioned.Interface](listWatch(a.gate, onlySelf, selfAPI.List, selfAPI.Watch), &v1alpha1.NodeRouting{}))
-	_, _ = a.selfFactory.Networking().V1alpha1().NodeRoutings().Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
+	selfInformer := a.selfFactory.Networking().V1alpha1().NodeRoutings().Informer()
+	slimCaches(routeInformer.Informer(), nodeInformer.Informer(), sliceInformer.Informer(), selfInformer)
+	_, _ = selfInformer.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		DeleteFunc: func(any) { a.statusWriter.forget() },
 	})
 

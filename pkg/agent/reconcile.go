@@ -23,6 +23,7 @@ import (
 // reconcile plans this node from the caches and the kernel, applies the
 // plan and reports it. It runs on one goroutine at a time.
 func (a *Agent) reconcile() error {
+	defer releaseMemory() // after the unlock
 	a.kernelMu.Lock()
 	defer a.kernelMu.Unlock()
 	begin := time.Now()
@@ -119,7 +120,9 @@ func (a *Agent) reconcile() error {
 
 	a.emitEvents(plan, selectorErrs)
 	a.emitGatewayEvents(plan, gateways)
-	a.last = &plan
+	// Only the results are compared next time: the tables and rules of
+	// the plan go to the garbage collector.
+	a.last = &planner.Plan{Results: plan.Results}
 	a.statusWriter.offer(node, a.buildStatus(plan, gateways, rep, applyErr, selectorErrs))
 	return applyErr
 }

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"crypto/sha256"
 	"encoding/json"
 	"fmt"
 	"net/netip"
@@ -152,7 +153,9 @@ type statusWriter struct {
 	forgotten bool
 	// Only run touches these.
 	created bool
-	written []byte
+	// written is the digest of the status last written, not the status:
+	// that is megabytes on a node with 10,000 Routes.
+	written [sha256.Size]byte
 }
 
 func newStatusWriter(a *Agent) *statusWriter {
@@ -193,7 +196,7 @@ func (w *statusWriter) run(ctx context.Context) {
 		w.mu.Lock()
 		node, status := w.node, w.latest
 		if w.forgotten {
-			w.created, w.written, w.forgotten = false, nil, false
+			w.created, w.written, w.forgotten = false, [sha256.Size]byte{}, false
 		}
 		w.mu.Unlock()
 		if status == nil {
@@ -231,7 +234,8 @@ func (w *statusWriter) write(ctx context.Context, node *corev1.Node, status *app
 	if err != nil {
 		return err
 	}
-	if w.created && slices.Equal(content, w.written) {
+	digest := sha256.Sum256(content)
+	if w.created && digest == w.written {
 		return nil
 	}
 	nodeRoutings := w.a.client.NetworkingV1alpha1().NodeRoutings()
@@ -253,7 +257,7 @@ func (w *statusWriter) write(ctx context.Context, node *corev1.Node, status *app
 		return err
 	}
 	w.a.metrics.statusWrites.Inc()
-	w.written = content
+	w.written = digest
 	return nil
 }
 

@@ -70,31 +70,22 @@ type dispatchNode struct {
 }
 
 // buildDispatch builds the trie of items, which must be sorted and all
-// inside one family.
+// inside one family. Its nodes share items' array.
 func buildDispatch(items []dispatchItem, leaf int) *dispatchNode {
-	cp := commonPrefix(items)
-	n := &dispatchNode{prefix: cp}
 	if sameTable(items) {
-		// One Route: a single rule covers the lot. A packet inside cp that
-		// is for none of its destinations misses in the table and goes on.
-		n.own, n.rules = []dispatchItem{{cp, items[0].table}}, 1
-		return n
+		// One Route: a single rule covers the lot. A packet inside the
+		// common prefix that is for none of its destinations misses in the
+		// table and goes on.
+		cp := commonPrefix(items)
+		return &dispatchNode{prefix: cp, own: []dispatchItem{{cp, items[0].table}}, rules: 1}
 	}
 	if len(items) <= leaf {
-		n.own, n.rules = items, len(items)
-		return n
+		own := byTable(items)
+		return &dispatchNode{prefix: commonPrefix(items), own: own, rules: len(own)}
 	}
-	var halves [2][]dispatchItem
-	for _, it := range items {
-		if it.dst.Bits() == cp.Bits() {
-			n.own = append(n.own, it) // cp itself, owned by one Route
-			continue
-		}
-		b := bitAt(it.dst.Addr(), cp.Bits())
-		halves[b] = append(halves[b], it)
-	}
-	n.rules = len(n.own)
-	for _, h := range halves {
+	cp, own, lo, hi := split(items)
+	n := &dispatchNode{prefix: cp, own: own, rules: len(own)}
+	for _, h := range [][]dispatchItem{lo, hi} {
 		if len(h) > 0 {
 			c := buildDispatch(h, leaf)
 			n.children = append(n.children, c)
@@ -102,6 +93,58 @@ func buildDispatch(items []dispatchItem, leaf int) *dispatchNode {
 		}
 	}
 	return n
+}
+
+// collapseAt is how many destinations of one table in a block get one rule
+// (byTable); fewer keep a rule each, which reads better in `ip rule`.
+const collapseAt = 4
+
+// byTable gives a table's destinations among items one rule, with their
+// common prefix, where they are many and that prefix holds no other
+// table's destination: a
+// block then holds one rule per Route whatever its number of destinations
+// (a packet inside the prefix but for none of them misses in the table and
+// goes on). Elsewhere each destination keeps its own rule, so no rule
+// sends another Route's traffic through a table first.
+func byTable(items []dispatchItem) []dispatchItem {
+	var tables []uint32
+	of := map[uint32][]dispatchItem{}
+	for _, it := range items {
+		if of[it.table] == nil {
+			tables = append(tables, it.table)
+		}
+		of[it.table] = append(of[it.table], it)
+	}
+	out := make([]dispatchItem, 0, len(items))
+	for _, t := range tables {
+		cp := commonPrefix(of[t])
+		alone := len(of[t]) >= collapseAt
+		for _, it := range items {
+			alone = alone && (it.table == t || !cp.Overlaps(it.dst))
+		}
+		if alone {
+			out = append(out, dispatchItem{cp, t})
+		} else {
+			out = append(out, of[t]...)
+		}
+	}
+	slices.SortFunc(out, func(a, b dispatchItem) int { return comparePrefix(a.dst, b.dst) })
+	return out
+}
+
+// split divides sorted items at their common prefix cp: own are the items
+// that are cp itself (an older Route owns a prefix alone, so at most one),
+// lo and hi the others, by cp's next bit. Sorted by address, they come in
+// that order.
+func split(items []dispatchItem) (cp netip.Prefix, own, lo, hi []dispatchItem) {
+	cp = commonPrefix(items)
+	i := 0
+	for i < len(items) && items[i].dst.Bits() == cp.Bits() {
+		i++
+	}
+	rest := items[i:]
+	j, _ := slices.BinarySearchFunc(rest, 1, func(it dispatchItem, bit int) int { return bitAt(it.dst.Addr(), cp.Bits()) - bit })
+	return cp, items[:i], rest[:j], rest[j:]
 }
 
 // dispatchSlot is one priority of the layout: a skip, or lookup rules.
@@ -128,9 +171,10 @@ func (n *dispatchNode) slots(ipv6 bool, out []dispatchSlot) []dispatchSlot {
 	if len(n.own) > 0 {
 		// Most specific first: a packet for one of them then meets no
 		// supernet's table (whose throw would only send it on).
-		slices.SortStableFunc(n.own, func(a, b dispatchItem) int { return b.dst.Bits() - a.dst.Bits() })
-		var s dispatchSlot
-		for _, it := range n.own {
+		own := slices.Clone(n.own) // n.own is a part of the items' array
+		slices.SortStableFunc(own, func(a, b dispatchItem) int { return b.dst.Bits() - a.dst.Bits() })
+		s := dispatchSlot{rules: make([]Rule, 0, len(own))}
+		for _, it := range own {
 			for _, dst := range selectors(it.dst) {
 				s.rules = append(s.rules, Rule{IPv6: ipv6, Dst: dst, Table: it.table, SuppressPrefixlen: -1})
 			}
@@ -162,7 +206,11 @@ func dispatchRules(items []dispatchItem, ipv6 bool, base int, previous map[strin
 		}
 	}
 	prio := slotPriorities(slots, first, end, previous)
-	var out []Rule
+	n := 1
+	for _, s := range slots {
+		n += len(s.rules)
+	}
+	out := make([]Rule, 0, n)
 	skips := false
 	for i, s := range slots {
 		skips = skips || s.skip
@@ -177,9 +225,9 @@ func dispatchRules(items []dispatchItem, ipv6 bool, base int, previous map[strin
 			out = append(out, r)
 		}
 	}
-	// The gate's regions come from the trie split as far as it goes (a
+	// The gate's regions come from splitting items as far as it goes (a
 	// block of a few rules may span much more address space than they do).
-	regions := gateRegions(buildDispatch(items, 1))
+	regions := gateRegions(items)
 	for _, p := range regions {
 		gate = append(gate, Rule{Priority: base + OffsetGate, IPv6: ipv6, Dst: p, Goto: base + OffsetSuppress, SuppressPrefixlen: -1})
 	}
@@ -192,31 +240,42 @@ func dispatchRules(items []dispatchItem, ipv6 bool, base int, previous map[strin
 	return gate, out
 }
 
-// gateRegions are at most dispatchGate prefixes that hold every item of
-// the trie: its root, split into its children while there is room, widest
-// first. None when an item is a /0.
-func gateRegions(root *dispatchNode) []netip.Prefix {
-	nodes := []*dispatchNode{root}
+// gateRegions are at most dispatchGate prefixes that hold every item:
+// the items' common prefix, split at its next bit while there is room,
+// widest first. None when an item is a /0.
+func gateRegions(items []dispatchItem) []netip.Prefix {
+	type region struct {
+		prefix netip.Prefix
+		items  []dispatchItem // nil when it cannot be split
+	}
+	// A region whose own prefix is an item stays whole.
+	splittable := func(h []dispatchItem) region {
+		p, own, _, _ := split(h)
+		if len(own) > 0 || len(h) == 1 {
+			return region{p, nil}
+		}
+		return region{p, h}
+	}
+	regions := []region{splittable(items)}
 	for {
 		widest := -1
-		for i, n := range nodes {
-			// A node with its own items must stay whole: they are its prefix.
-			if len(n.own) == 0 && len(n.children) > 0 && (widest < 0 || n.prefix.Bits() < nodes[widest].prefix.Bits()) {
+		for i, r := range regions {
+			if r.items != nil && (widest < 0 || r.prefix.Bits() < regions[widest].prefix.Bits()) {
 				widest = i
 			}
 		}
-		if widest < 0 || len(nodes)-1+len(nodes[widest].children) > dispatchGate {
+		if widest < 0 || len(regions)+1 > dispatchGate {
 			break
 		}
-		n := nodes[widest]
-		nodes = append(slices.Delete(nodes, widest, widest+1), n.children...)
+		_, _, lo, hi := split(regions[widest].items)
+		regions = append(slices.Delete(regions, widest, widest+1), splittable(lo), splittable(hi))
 	}
 	var out []netip.Prefix
-	for _, n := range nodes {
-		if n.prefix.Bits() == 0 {
+	for _, r := range regions {
+		if r.prefix.Bits() == 0 {
 			return nil
 		}
-		out = append(out, n.prefix)
+		out = append(out, r.prefix)
 	}
 	slices.SortFunc(out, comparePrefix)
 	return out

@@ -367,3 +367,36 @@ func transition(a, b []Rule) []ruleStep {
 	add(narrowing)
 	return steps
 }
+
+// TestDispatchOneRulePerRoute: Routes of many destinations each get one
+// lookup rule for the lot where their destinations share a prefix no other
+// Route's falls in, also when the trie's blocks grow past dispatchLeaf
+// (500 Routes of 8 /24s: 4,000 destinations).
+func TestDispatchOneRulePerRoute(t *testing.T) {
+	var routes []*routeT
+	i := 0
+	for r := range 500 {
+		rt := &routeT{name: fmt.Sprintf("r-%04d", r), age: r}
+		for range 8 {
+			rt.dsts = append(rt.dsts, fmt.Sprintf("172.%d.%d.0/24", 16+i/256, i%256))
+			i++
+		}
+		routes = append(routes, rt)
+	}
+	plan := computeT(routes, nil)
+	lookups := 0
+	for _, r := range plan.Rules {
+		if !r.IsSkip() && !r.Nop && r.Table != MainTable {
+			lookups++
+		}
+	}
+	if lookups != 500 {
+		t.Errorf("%d lookup rules for 500 Routes of 8 adjacent destinations, want 500", lookups)
+	}
+	sim := newSim(plan.Rules, plan.Routes, false, DefaultConfig().PriorityBase+OffsetGate)
+	for _, a := range probes(rand.New(rand.NewPCG(7, 8)), plan, 200) {
+		if got, want := lookupTable(sim, a), owner(plan.Routes, a); got != want {
+			t.Fatalf("%s went to table %d, want %d", a, got, want)
+		}
+	}
+}

@@ -201,7 +201,8 @@ ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
 ip -4 rule add priority 30100 fwmark 0x2000/0x2000 lookup main protocol 245
 ip -4 rule add priority 30150 to 0.0.0.0/5 goto 30200 protocol 245
 ip -4 rule add priority 30150 to 10.244.1.0/24 goto 30200 protocol 245
-ip -4 rule add priority 30150 to 192.0.0.0/4 goto 30200 protocol 245
+ip -4 rule add priority 30150 to 198.18.0.0/15 goto 30200 protocol 245
+ip -4 rule add priority 30150 to 203.0.113.0/25 goto 30200 protocol 245
 ip -4 rule add priority 30151 goto 30999 protocol 245
 ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
 ip -4 rule add priority 30301 to 203.0.113.0/25 lookup 10003 protocol 245

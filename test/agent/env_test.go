@@ -186,6 +186,18 @@ func (e *env) routesOn(i int) string {
 	return out
 }
 
+// routeThrough says whether ip route output holds a route for dst through
+// via ("10.114.0.3 dev vpc0"), whether it names its gateway or a nexthop
+// object (`nhid N via ...`).
+func routeThrough(out, dst, via string) bool {
+	for _, l := range strings.Split(out, "\n") {
+		if strings.HasPrefix(l, dst+" ") && strings.Contains(l, "via "+via) {
+			return true
+		}
+	}
+	return false
+}
+
 func (e *env) eventually(timeout time.Duration, what string, cond func() (bool, string)) {
 	e.t.Helper()
 	deadline := time.Now().Add(timeout)
