@@ -168,9 +168,12 @@ type Agent struct {
 	dnsWatch *dnsWatch
 
 	// Only the reconcile goroutine touches these.
-	last   *planner.Plan
-	tables map[string]uint32
-	status statusState
+	last *planner.Plan
+	// lastLayout is where the last plan put the dispatch's rules, what the
+	// next plan keeps them at (planner.Input.Layout).
+	lastLayout map[string]int
+	tables     map[string]uint32
+	status     statusState
 
 	// marking remembers a connection-marking table the kernel refused
 	// (no nf_tables): the agent plans without marking until retryAt.

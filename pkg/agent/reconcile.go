@@ -123,6 +123,7 @@ func (a *Agent) reconcile() error {
 	// Only the results are compared next time: the tables and rules of
 	// the plan go to the garbage collector.
 	a.last = &planner.Plan{Results: plan.Results}
+	a.lastLayout = planner.LayoutOf(plan.Rules)
 	a.statusWriter.offer(node, a.buildStatus(plan, gateways, rep, applyErr, selectorErrs))
 	return applyErr
 }
@@ -131,8 +132,8 @@ func (a *Agent) reconcile() error {
 // the rules around it: as the last plan put them, or on this process's
 // first reconcile as the kernel holds them (a restart rewrites nothing).
 func (a *Agent) layout() map[string]int {
-	if a.last != nil {
-		return planner.LayoutOf(a.last.Rules)
+	if a.lastLayout != nil {
+		return a.lastLayout
 	}
 	kernel, err := a.applier.Read()
 	if err != nil {

@@ -43,7 +43,7 @@ type benchAgent struct {
 // and the first reconcile done.
 // With view, the agent keeps a kernel view (Options.DumpHandle) fed by its
 // own watch of the namespace.
-func newBenchAgent(b *testing.B, purpose string, n, per int, view bool) *benchAgent {
+func newBenchAgent(b testing.TB, purpose string, n, per int, view bool) *benchAgent {
 	b.Helper()
 	if os.Geteuid() != 0 {
 		b.Fatal("this benchmark builds a network namespace and must run as root")
@@ -301,4 +301,47 @@ func (ba *benchAgent) reportParts(b *testing.B) {
 		}
 	})
 	timeIt("ms-status", func() { ba.buildStatus(plan, ba.prober.States(), applier.Report{}, nil, nil) })
+}
+
+// TestReconcileKeepsTheDispatchInPlace: a Route added among 300 rewrites a
+// few of the dispatch's rules, not the ~300 after it (the agent plans with
+// the layout its last plan left), and an unchanged plan writes nothing.
+// The /25 inside a /24 of the trie's blocks splits that block: one half
+// moves (at most 8 rules), with the new rule and skips.
+func TestReconcileKeepsTheDispatchInPlace(t *testing.T) {
+	ba := newBenchAgent(t, "layout", 300, 1, false)
+	writes := func() int64 {
+		w := &ba.applier.Writes
+		return w.RuleAdd.Load() + w.RuleDelete.Load()
+	}
+	for _, step := range []struct {
+		what string
+		dst  string
+		max  int64
+	}{{"a Route added in the middle", "172.16.150.128/25", 16}, {"nothing changed", "", 0}} {
+		if step.dst != "" {
+			r := &v1alpha1.Route{
+				ObjectMeta: metav1.ObjectMeta{Name: "added", Generation: 1, CreationTimestamp: metav1.NewTime(time.Unix(5000, 0))},
+				Spec:       v1alpha1.RouteSpec{Destinations: []string{step.dst}, Gateways: []string{"10.114.0.3"}},
+			}
+			if _, err := ba.client.NetworkingV1alpha1().Routes().Create(context.Background(), r, metav1.CreateOptions{}); err != nil {
+				t.Fatal(err)
+			}
+			for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(time.Millisecond) {
+				if _, err := ba.Agent.routes.Get("added"); err == nil {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatal("the informer never saw the new Route")
+				}
+			}
+		}
+		before := writes()
+		if err := ba.reconcile(); err != nil {
+			t.Fatal(err)
+		}
+		if n := writes() - before; n > step.max {
+			t.Errorf("%s: %d rule writes, want at most %d", step.what, n, step.max)
+		}
+	}
 }

@@ -149,7 +149,9 @@ func split(items []dispatchItem) (cp netip.Prefix, own, lo, hi []dispatchItem) {
 
 // dispatchSlot is one priority of the layout: a skip, or lookup rules.
 type dispatchSlot struct {
-	key   string // identity across plans, see slotKey
+	// keys identify the slot across plans (LayoutOf): a skip's prefix, or
+	// each of its lookups; the slot stays where any of them was.
+	keys  []string
 	rules []Rule
 	skip  bool
 	end   int // for a skip: the index of the first slot after its block
@@ -162,7 +164,7 @@ func (n *dispatchNode) slots(ipv6 bool, out []dispatchSlot) []dispatchSlot {
 	skip := -1
 	if n.rules > 1 && n.prefix.Bits() > 0 { // everything is inside a /0
 		skip = len(out)
-		out = append(out, dispatchSlot{key: "skip " + n.prefix.String(), skip: true,
+		out = append(out, dispatchSlot{keys: []string{"skip " + n.prefix.String()}, skip: true,
 			rules: []Rule{{IPv6: ipv6, Dst: n.prefix, Invert: true, SuppressPrefixlen: -1}}})
 	}
 	for _, c := range n.children {
@@ -179,7 +181,9 @@ func (n *dispatchNode) slots(ipv6 bool, out []dispatchSlot) []dispatchSlot {
 				s.rules = append(s.rules, Rule{IPv6: ipv6, Dst: dst, Table: it.table, SuppressPrefixlen: -1})
 			}
 		}
-		s.key = fmt.Sprintf("lookup %s %d", s.rules[0].Dst, s.rules[0].Table)
+		for _, r := range s.rules {
+			s.keys = append(s.keys, fmt.Sprintf("lookup %s %d", r.Dst, r.Table))
+		}
 		out = append(out, s)
 	}
 	if skip >= 0 {
@@ -292,7 +296,14 @@ func slotPriorities(slots []dispatchSlot, first, end int, previous map[string]in
 	kept := make([]bool, n)
 	last, lastIdx := first-1, -1
 	for i, s := range slots {
-		p, ok := previous[s.key]
+		// Where the first of its rules that was there before sat: a block
+		// that gains or loses a rule stays in place.
+		p, ok := 0, false
+		for _, k := range s.keys {
+			if p, ok = previous[k]; ok {
+				break
+			}
+		}
 		// Room for the slots since the last kept one, and for every slot
 		// after this one before end.
 		if ok && p > last+(i-lastIdx-1) && p < end-(n-1-i) {
