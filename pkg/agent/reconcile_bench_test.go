@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"syscall"
 	"testing"
@@ -23,6 +22,7 @@ import (
 	"github.com/routing-agent/routing-agent/generated/clientset/versioned/fake"
 	"github.com/routing-agent/routing-agent/pkg/applier"
 	"github.com/routing-agent/routing-agent/pkg/lab/netns"
+	"github.com/routing-agent/routing-agent/pkg/lab/vpcnode"
 	"github.com/routing-agent/routing-agent/pkg/nodefacts"
 	"github.com/routing-agent/routing-agent/pkg/planner"
 )
@@ -45,32 +45,7 @@ type benchAgent struct {
 // own watch of the namespace.
 func newBenchAgent(b testing.TB, purpose string, n, per int, view bool) *benchAgent {
 	b.Helper()
-	if os.Geteuid() != 0 {
-		b.Fatal("this benchmark builds a network namespace and must run as root")
-	}
-	if err := netns.RemoveStale(); err != nil {
-		b.Fatal(err)
-	}
-	name := netns.Name(purpose)
-	if err := netns.Add(name); err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { netns.Delete(name) })
-	for _, args := range [][]string{
-		{"-n", name, "link", "add", "vpc0", "type", "veth", "peer", "name", "vpc1"},
-		{"-n", name, "addr", "add", "10.114.0.10/20", "dev", "vpc0"},
-		{"-n", name, "link", "set", "vpc0", "up"},
-		{"-n", name, "link", "set", "vpc1", "up"},
-	} {
-		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
-			b.Fatalf("ip %v: %v: %s", args, err, out)
-		}
-	}
-	h, closeHandle, err := netns.NetlinkHandle(name)
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(closeHandle)
+	name, h := vpcnode.New(b, purpose)
 
 	var objs []runtime.Object
 	var routes []*v1alpha1.Route

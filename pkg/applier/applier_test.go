@@ -96,6 +96,13 @@ func newApplierIn(t testing.TB, name string, h *netlink.Handle, cfg planner.Conf
 
 func (e *env) plan(routes ...*v1alpha1.Route) planner.Plan {
 	e.t.Helper()
+	return e.planDown(nil, routes...)
+}
+
+// planDown is plan with gateways marked down, as the prober reports them;
+// the dispatch stays where the kernel has it, as the agent plans.
+func (e *env) planDown(down []string, routes ...*v1alpha1.Route) planner.Plan {
+	e.t.Helper()
 	node, err := nodefacts.Read(e.h)
 	if err != nil {
 		e.t.Fatal(err)
@@ -106,7 +113,11 @@ func (e *env) plan(routes ...*v1alpha1.Route) planner.Plan {
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	return planner.Compute(planner.Input{Config: e.cfg, Node: node, Routes: routes, Layout: kernel.Layout()})
+	in := map[netip.Addr]bool{}
+	for _, d := range down {
+		in[netip.MustParseAddr(d)] = true
+	}
+	return planner.Compute(planner.Input{Config: e.cfg, Node: node, Routes: routes, Down: in, Layout: kernel.Layout()})
 }
 
 func (e *env) apply(routes ...*v1alpha1.Route) (planner.Plan, applier.Report) {
@@ -499,6 +510,35 @@ func TestLongestPrefixAcrossRoutes(t *testing.T) {
 // is repaired; foreign rules and routes are left alone and reported; what a
 // killed agent left for a since-deleted Route is collected, and nothing of
 // the surviving Route is rewritten.
+// drift does to the kernel what TestIdempotenceAndDrift repairs: keep's
+// rule deleted, one of its routes replaced and another deleted (in table),
+// a rule of the agent's form it does not want, a foreign rule in its band
+// and a foreign route in its table.
+func (e *env) drift(table string) {
+	e.t.Helper()
+	e.ip("rule", "del", "to", "198.51.100.0/24", "lookup", table)
+	e.ip("route", "replace", "198.51.100.0/24", "via", "10.114.0.4", "dev", "vpc0", "table", table, "proto", "245")
+	e.ip("route", "del", "2001:db8:100::/48", "table", table)
+	e.ip("rule", "add", "priority", "30000", "to", "192.0.2.1", "lookup", "main", "protocol", "245") // ours in form, unwanted
+	e.ip("rule", "add", "priority", "30500", "lookup", "777")                                        // foreign
+	e.ip("route", "add", "203.0.113.128/25", "via", "10.114.0.3", "table", table)                    // foreign (proto boot)
+}
+
+// checkRepaired checks the apply after drift: four writes, the foreign rule
+// reported, and what the agent owns as it was (want is e.owned() before).
+func (e *env) checkRepaired(rep applier.Report, want string) {
+	e.t.Helper()
+	if rep.Changes != 4 {
+		e.t.Errorf("repair made %d writes, want 4 (rule re-added, two routes replaced, stray rule removed)", rep.Changes)
+	}
+	if len(rep.Foreign) != 1 || !strings.Contains(rep.Foreign[0], "777") {
+		e.t.Errorf("foreign rules reported: %q, want the lookup 777 rule", rep.Foreign)
+	}
+	if got := e.owned(); got != want {
+		e.t.Errorf("after repair:\n%s\nwant\n%s", got, want)
+	}
+}
+
 func TestIdempotenceAndDrift(t *testing.T) {
 	e := newEnv(t, "drift")
 	keep := route("keep", 0, []string{"198.51.100.0/24", "2001:db8:100::/48"}, "10.114.0.3", "10.114.0.4", "fd00:114::3")
@@ -514,22 +554,9 @@ func TestIdempotenceAndDrift(t *testing.T) {
 	}
 
 	keepTable := fmt.Sprint(tableOf(t, plan, "keep"))
-	e.ip("rule", "del", "to", "198.51.100.0/24", "lookup", keepTable)
-	e.ip("route", "replace", "198.51.100.0/24", "via", "10.114.0.4", "dev", "vpc0", "table", keepTable, "proto", "245")
-	e.ip("route", "del", "2001:db8:100::/48", "table", keepTable)
-	e.ip("rule", "add", "priority", "30000", "to", "192.0.2.1", "lookup", "main", "protocol", "245") // ours in form, unwanted
-	e.ip("rule", "add", "priority", "30500", "lookup", "777")                                        // foreign
-	e.ip("route", "add", "203.0.113.128/25", "via", "10.114.0.3", "table", keepTable)                // foreign (proto boot)
+	e.drift(keepTable)
 	_, rep = e.apply(keep, gone)
-	if rep.Changes != 4 {
-		t.Errorf("repair made %d writes, want 4 (rule re-added, two routes replaced, stray rule removed)", rep.Changes)
-	}
-	if len(rep.Foreign) != 1 || !strings.Contains(rep.Foreign[0], "777") {
-		t.Errorf("foreign rules reported: %q, want the lookup 777 rule", rep.Foreign)
-	}
-	if got := e.owned(); got != want {
-		t.Errorf("after repair:\n%s\nwant\n%s", got, want)
-	}
+	e.checkRepaired(rep, want)
 	if !strings.Contains(e.ip("rule"), "30500:\tfrom all lookup 777") || !strings.Contains(e.ip("route", "show", "table", keepTable), "203.0.113.128/25") {
 		t.Error("a foreign rule or route was removed")
 	}

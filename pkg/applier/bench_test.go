@@ -18,6 +18,7 @@ import (
 	"github.com/routing-agent/routing-agent/pkg/applier"
 	"github.com/routing-agent/routing-agent/pkg/kernelwatch"
 	"github.com/routing-agent/routing-agent/pkg/lab/netns"
+	"github.com/routing-agent/routing-agent/pkg/lab/vpcnode"
 	"github.com/routing-agent/routing-agent/pkg/nodefacts"
 	"github.com/routing-agent/routing-agent/pkg/planner"
 )
@@ -32,32 +33,7 @@ type benchNS struct {
 
 func newBenchNS(b *testing.B, purpose string) *benchNS {
 	b.Helper()
-	if os.Geteuid() != 0 {
-		b.Fatal("benchmarks build network namespaces and must run as root")
-	}
-	if err := netns.RemoveStale(); err != nil {
-		b.Fatal(err)
-	}
-	name := netns.Name(purpose)
-	if err := netns.Add(name); err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { netns.Delete(name) })
-	for _, args := range [][]string{
-		{"-n", name, "link", "add", "vpc0", "type", "veth", "peer", "name", "vpc1"},
-		{"-n", name, "addr", "add", "10.114.0.10/20", "dev", "vpc0"},
-		{"-n", name, "link", "set", "vpc0", "up"},
-		{"-n", name, "link", "set", "vpc1", "up"},
-	} {
-		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
-			b.Fatalf("ip %v: %v: %s", args, err, out)
-		}
-	}
-	h, closeHandle, err := netns.NetlinkHandle(name)
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(closeHandle)
+	name, h := vpcnode.New(b, purpose)
 	node, err := nodefacts.Read(h)
 	if err != nil {
 		b.Fatal(err)

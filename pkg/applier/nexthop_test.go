@@ -11,28 +11,10 @@ import (
 	"github.com/go-logr/logr/funcr"
 	vnetns "github.com/vishvananda/netns"
 
-	v1alpha1 "github.com/routing-agent/routing-agent/apis/networking/v1alpha1"
 	"github.com/routing-agent/routing-agent/pkg/applier"
 	"github.com/routing-agent/routing-agent/pkg/lab/topology"
-	"github.com/routing-agent/routing-agent/pkg/nodefacts"
 	"github.com/routing-agent/routing-agent/pkg/planner"
 )
-
-// planDown is e.plan with gateways marked down, as the prober reports them.
-func (e *env) planDown(down []string, routes ...*v1alpha1.Route) planner.Plan {
-	e.t.Helper()
-	node, err := nodefacts.Read(e.h)
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	node.ControlPlane = []planner.Endpoint{{Addr: controlPlane, Source: "test"}}
-	node.DNSServers = []planner.Endpoint{{Addr: dnsServer, Source: "test"}}
-	in := map[netip.Addr]bool{}
-	for _, d := range down {
-		in[netip.MustParseAddr(d)] = true
-	}
-	return planner.Compute(planner.Input{Config: e.cfg, Node: node, Routes: routes, Down: in})
-}
 
 func manyDestinations(n int) []string {
 	var out []string

@@ -167,23 +167,10 @@ func TestViewRepairsDrift(t *testing.T) {
 	default:
 	}
 
-	e.ip("rule", "del", "to", "198.51.100.0/24", "lookup", table)
-	e.ip("route", "replace", "198.51.100.0/24", "via", "10.114.0.4", "dev", "vpc0", "table", table, "proto", "245")
-	e.ip("route", "del", "2001:db8:100::/48", "table", table)
-	e.ip("rule", "add", "priority", "30000", "to", "192.0.2.1", "lookup", "main", "protocol", "245") // ours in form, unwanted
-	e.ip("rule", "add", "priority", "30500", "lookup", "777")                                        // foreign
-	e.ip("route", "add", "203.0.113.128/25", "via", "10.114.0.3", "table", table)                    // foreign (proto boot)
+	e.drift(table)
 	await(t, changed, 6)
 	_, rep = e.apply(keep, gone)
-	if rep.Changes != 4 {
-		t.Errorf("repair made %d writes, want 4 (rule re-added, two routes replaced, stray rule removed)", rep.Changes)
-	}
-	if len(rep.Foreign) != 1 || !strings.Contains(rep.Foreign[0], "777") {
-		t.Errorf("foreign rules reported: %q, want the lookup 777 rule", rep.Foreign)
-	}
-	if got := e.owned(); got != want {
-		t.Errorf("after repair:\n%s\nwant\n%s", got, want)
-	}
+	e.checkRepaired(rep, want)
 	// Someone else's route replacing the agent's is drift too.
 	e.ip("route", "replace", "198.51.100.0/24", "via", "10.114.0.4", "dev", "vpc0", "table", table, "proto", "static")
 	await(t, changed, 1)
