@@ -357,7 +357,11 @@ func (a *Agent) Run(ctx context.Context) error {
 
 	go a.prober.Run(ctx)
 	go a.watchKernel(ctx)
-	go a.statusWriter.run(ctx)
+	statusDone := make(chan struct{})
+	go func() {
+		defer close(statusDone)
+		a.statusWriter.run(ctx)
+	}()
 	go func() {
 		ticker := time.NewTicker(a.opts.ResyncPeriod)
 		defer ticker.Stop()
@@ -387,6 +391,10 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.log.Info("stopping; finishing the reconcile in progress, and the kernel keeps its routes")
 	a.queue.ShutDown()
 	<-worker
+	// The status of the last reconcile (where this agent wrote, for the
+	// next one) is written before the process goes.
+	<-statusDone
+	a.statusWriter.flush()
 	return nil
 }
 

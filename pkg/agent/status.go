@@ -229,6 +229,25 @@ func (w *statusWriter) run(ctx context.Context) {
 	}
 }
 
+// flush writes, as the agent stops (after run has returned and the last
+// reconcile is done), the status offered last if it is not written yet,
+// for a few seconds at most: the next agent reads the layout
+// it records (a restart with another band removes this one's by it), and a
+// status written a moment before the stop would otherwise be lost.
+func (w *statusWriter) flush() {
+	w.mu.Lock()
+	node, status := w.node, w.latest
+	w.mu.Unlock()
+	if status == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	if err := w.write(ctx, node, status); err != nil {
+		w.a.log.Error(err, "writing NodeRouting as the agent stops", "node", w.a.opts.NodeName)
+	}
+}
+
 func (w *statusWriter) write(ctx context.Context, node *corev1.Node, status *apply.NodeRoutingStatusApplyConfiguration) error {
 	content, err := json.Marshal(status)
 	if err != nil {
