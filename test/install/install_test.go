@@ -196,6 +196,12 @@ func TestInstallFromManifests(t *testing.T) {
 		}
 		for i := range c.Nodes {
 			l.waitNexthops(i, gw3+","+gw4, 15*time.Second)
+			// The table is filled before the rules lead to it: until they
+			// do, the Route is not in effect yet and traffic takes main.
+			l.eventually(5*time.Second, c.Nodes[i].Name+": the external host through the Route's table", func() (bool, string) {
+				out, err := c.Net.Exec(c.Nodes[i].NS, "ip", "route", "get", c.Net.ExternalAddr.String())
+				return err == nil && strings.Contains(out, " table "), out
+			})
 			seen := map[string]int{}
 			for range 16 {
 				who, err := c.Egress(i)
