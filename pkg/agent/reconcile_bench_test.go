@@ -2,7 +2,6 @@ package agent
 
 import (
 	"context"
-	"fmt"
 	"os"
 	"path/filepath"
 	"syscall"
@@ -47,20 +46,10 @@ func newBenchAgent(b testing.TB, purpose string, n, per int, view bool) *benchAg
 	b.Helper()
 	name, h := vpcnode.New(b, purpose)
 
+	routes := vpcnode.Routes(n, per)
 	var objs []runtime.Object
-	var routes []*v1alpha1.Route
-	i := 0
-	for r := range n {
-		route := &v1alpha1.Route{
-			ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("r%04d", r), Generation: 1, CreationTimestamp: metav1.NewTime(time.Unix(int64(r), 0))},
-			Spec:       v1alpha1.RouteSpec{Gateways: []string{"10.114.0.3", "10.114.0.4"}},
-		}
-		for range per {
-			route.Spec.Destinations = append(route.Spec.Destinations, fmt.Sprintf("172.%d.%d.0/24", 16+i/256, i%256))
-			i++
-		}
-		routes = append(routes, route)
-		objs = append(objs, route)
+	for _, r := range routes {
+		objs = append(objs, r)
 	}
 	client := fake.NewSimpleClientset(objs...)
 	kube := kubefake.NewSimpleClientset(&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "bench"}})

@@ -1,7 +1,6 @@
 package applier_test
 
 import (
-	"fmt"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -12,7 +11,6 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	v1alpha1 "github.com/routing-agent/routing-agent/apis/networking/v1alpha1"
 	"github.com/routing-agent/routing-agent/pkg/applier"
@@ -41,24 +39,8 @@ func newBenchNS(b *testing.B, purpose string) *benchNS {
 	return &benchNS{name: name, h: h, node: node}
 }
 
-// benchRoutes makes n Routes of per destinations each: consecutive /24s of
-// 172.16.0.0/12 (4,096 of them), through two ECMP gateways.
-func benchRoutes(n, per int) []*v1alpha1.Route {
-	var routes []*v1alpha1.Route
-	i := 0
-	for r := range n {
-		route := &v1alpha1.Route{
-			ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("r%04d", r), Generation: 1, CreationTimestamp: metav1.NewTime(time.Unix(int64(r), 0))},
-			Spec:       v1alpha1.RouteSpec{Gateways: []string{"10.114.0.3", "10.114.0.4"}},
-		}
-		for range per {
-			route.Spec.Destinations = append(route.Spec.Destinations, fmt.Sprintf("172.%d.%d.0/24", 16+i/256, i%256))
-			i++
-		}
-		routes = append(routes, route)
-	}
-	return routes
-}
+// benchRoutes are the benchmarks' Routes (vpcnode.Routes).
+func benchRoutes(n, per int) []*v1alpha1.Route { return vpcnode.Routes(n, per) }
 
 func (n *benchNS) plan(b *testing.B, routes []*v1alpha1.Route) planner.Plan {
 	plan := planner.Compute(planner.Input{Config: planner.DefaultConfig(), Node: n.node, Routes: routes})

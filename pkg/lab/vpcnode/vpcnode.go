@@ -6,12 +6,16 @@
 package vpcnode
 
 import (
+	"fmt"
 	"os"
 	"os/exec"
 	"testing"
+	"time"
 
 	"github.com/vishvananda/netlink"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	v1alpha1 "github.com/routing-agent/routing-agent/apis/networking/v1alpha1"
 	"github.com/routing-agent/routing-agent/pkg/lab/netns"
 )
 
@@ -46,4 +50,24 @@ func New(tb testing.TB, purpose string) (string, *netlink.Handle) {
 	}
 	tb.Cleanup(closeHandle)
 	return name, h
+}
+
+// Routes makes n Routes of per destinations each, consecutive /24s of
+// 172.16.0.0/12 (4,096 of them), through both of the node's gateways: the
+// shape the applier's and the agent's benchmarks measure.
+func Routes(n, per int) []*v1alpha1.Route {
+	var routes []*v1alpha1.Route
+	i := 0
+	for r := range n {
+		route := &v1alpha1.Route{
+			ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("r%04d", r), Generation: 1, CreationTimestamp: metav1.NewTime(time.Unix(int64(r), 0))},
+			Spec:       v1alpha1.RouteSpec{Gateways: []string{"10.114.0.3", "10.114.0.4"}},
+		}
+		for range per {
+			route.Spec.Destinations = append(route.Spec.Destinations, fmt.Sprintf("172.%d.%d.0/24", 16+i/256, i%256))
+			i++
+		}
+		routes = append(routes, route)
+	}
+	return routes
 }
