@@ -14,6 +14,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/wait"
 
 	v1alpha1 "github.com/routing-agent/routing-agent/apis/networking/v1alpha1"
+	"github.com/routing-agent/routing-agent/pkg/applier"
 	"github.com/routing-agent/routing-agent/pkg/nodefacts"
 	"github.com/routing-agent/routing-agent/pkg/planner"
 	"github.com/routing-agent/routing-agent/pkg/prober"
@@ -62,10 +63,16 @@ func (a *Agent) reconcile() error {
 		// IPv6 source rules come back) until the next try.
 		cfg.ConnMark = 0
 	}
-	input := planner.Input{Config: cfg, Node: facts, Routes: selected, Tables: a.tables, Down: a.prober.Down(), Layout: a.layout()}
-	plan := planner.Compute(input)
+	// This process's first reconcile starts from what the kernel holds:
+	// where the dispatch sits, and which gateways were out of use.
+	var kernel *applier.State
 	if a.last == nil {
-		plan = a.carryOverGatewayHealth(input, plan)
+		kernel, _ = a.applier.Read() // on error, Apply reads again and reports it
+	}
+	input := planner.Input{Config: cfg, Node: facts, Routes: selected, Tables: a.tables, Down: a.prober.Down(), Layout: a.layout(kernel)}
+	plan := planner.Compute(input)
+	if kernel != nil {
+		plan = a.carryOverGatewayHealth(input, plan, kernel)
 	}
 	rep, applyErr := a.applier.Apply(plan)
 	switch {
@@ -131,15 +138,14 @@ func (a *Agent) reconcile() error {
 // layout is where the dispatch's rules sit, so that a change moves only
 // the rules around it: as the last plan put them, or on this process's
 // first reconcile as the kernel holds them (a restart rewrites nothing).
-func (a *Agent) layout() map[string]int {
-	if a.lastLayout != nil {
+func (a *Agent) layout(kernel *applier.State) map[string]int {
+	switch {
+	case a.lastLayout != nil:
 		return a.lastLayout
+	case kernel != nil:
+		return kernel.Layout()
 	}
-	kernel, err := a.applier.Read()
-	if err != nil {
-		return nil // Apply reads again and reports the error
-	}
-	return kernel.Layout()
+	return nil
 }
 
 // removePreviousLayout removes, once this agent's own rules are in place,
@@ -161,12 +167,8 @@ func (a *Agent) removePreviousLayout() {
 // carryOverGatewayHealth, on the first reconcile of this process, starts
 // Down the gateways its predecessor had taken out of the kernel's nexthops
 // (gatewaysOutOfUse), and plans again with them down.
-func (a *Agent) carryOverGatewayHealth(input planner.Input, plan planner.Plan) planner.Plan {
+func (a *Agent) carryOverGatewayHealth(input planner.Input, plan planner.Plan, kernel *applier.State) planner.Plan {
 	a.prober.Set(probeTargets(plan))
-	kernel, err := a.applier.Read()
-	if err != nil {
-		return plan // Apply reads again and reports the error
-	}
 	out := gatewaysOutOfUse(plan, kernel, a.knownGateways)
 	if len(out) == 0 {
 		return plan

@@ -249,7 +249,7 @@ func (ba *benchAgent) reportParts(b *testing.B) {
 	})
 	facts.DNSServers = ba.dnsServers()
 	facts.ControlPlane = ba.controlPlane(time.Now())
-	input := planner.Input{Config: ba.opts.Planner, Node: facts, Routes: ba.objs, Tables: ba.tables, Layout: ba.layout()}
+	input := planner.Input{Config: ba.opts.Planner, Node: facts, Routes: ba.objs, Tables: ba.tables, Layout: ba.layout(nil)}
 	var plan planner.Plan
 	timeIt("ms-plan", func() { plan = planner.Compute(input) })
 	if ba.view == nil {
