@@ -68,7 +68,7 @@ func TestPlanAndCleanupInNamespace(t *testing.T) {
 	}
 	for _, want := range []string{
 		"# Route basic: Applied, table ",
-		"ip -4 rule add priority 30000 to 198.51.100.53/32 lookup main protocol 245",
+		"ip -4 rule add priority 30010 to 198.51.100.53/32 lookup main protocol 245",
 		"ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245",
 		"ip -4 rule add priority 30100 fwmark 0x2000/0x2000 lookup main protocol 245",
 		"ip nexthop replace id 4110417921 via 10.114.0.3 dev vpc0 protocol 245",

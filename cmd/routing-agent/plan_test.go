@@ -27,15 +27,14 @@ func TestPlanSeedExampleOnDescribedNode(t *testing.T) {
 ip nexthop replace id 4110417921 via 10.114.0.3 dev eth1 protocol 245
 ip nexthop replace id 4110417922 via 10.114.0.4 dev eth1 protocol 245
 ip nexthop replace id 4110483656 group 4110417921/4110417922 protocol 245
-ip -4 rule add priority 30000 to 10.114.0.3/32 lookup main protocol 245
-ip -4 rule add priority 30000 to 10.114.0.4/32 lookup main protocol 245
-ip -4 rule add priority 30000 to 169.254.169.254/32 lookup main protocol 245
-ip -4 rule add priority 30000 to 198.51.100.53/32 lookup main protocol 245
-ip -4 rule add priority 30000 to 203.0.113.100/32 lookup main protocol 245
+ip -4 rule add priority 30001 not to 0.0.0.0/5 goto 30999 protocol 245
+ip -4 rule add priority 30010 to 10.114.0.3/32 lookup main protocol 245
+ip -4 rule add priority 30010 to 10.114.0.4/32 lookup main protocol 245
+ip -4 rule add priority 30010 to 169.254.169.254/32 lookup main protocol 245
+ip -4 rule add priority 30010 to 198.51.100.53/32 lookup main protocol 245
+ip -4 rule add priority 30010 to 203.0.113.100/32 lookup main protocol 245
 ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
 ip -4 rule add priority 30100 fwmark 0x2000/0x2000 lookup main protocol 245
-ip -4 rule add priority 30150 to 0.0.0.0/5 goto 30200 protocol 245
-ip -4 rule add priority 30151 goto 30999 protocol 245
 ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
 ip -4 rule add priority 30301 to 0.0.0.0/5 lookup 100 protocol 245
 ip -4 rule add priority 30999 nop protocol 245

@@ -272,10 +272,10 @@ func TestSeedExamples(t *testing.T) {
 
 			rules := e.ip("-4", "rule")
 			for _, want := range []string{
-				"30000:\tfrom all to 10.114.0.3 lookup main proto 245",
-				"30000:\tfrom all to 169.254.169.254 lookup main proto 245",
-				"30000:\tfrom all to 198.51.100.53 lookup main proto 245",
-				"30000:\tfrom all to 203.0.113.100 lookup main proto 245",
+				"30010:\tfrom all to 10.114.0.3 lookup main proto 245",
+				"30010:\tfrom all to 169.254.169.254 lookup main proto 245",
+				"30010:\tfrom all to 198.51.100.53 lookup main proto 245",
+				"30010:\tfrom all to 203.0.113.100 lookup main proto 245",
 				"30100:\tfrom 203.0.113.10 lookup main proto 245",
 				"30200:\tfrom all lookup main suppress_prefixlength 0 proto 245",
 				fmt.Sprintf("30301:\tfrom all to %s lookup %d proto 245", map[bool]string{false: "0.0.0.0/5", true: "0.0.0.0/1"}[tc.default_], table),
@@ -519,7 +519,7 @@ func (e *env) drift(table string) {
 	e.ip("rule", "del", "to", "198.51.100.0/24", "lookup", table)
 	e.ip("route", "replace", "198.51.100.0/24", "via", "10.114.0.4", "dev", "vpc0", "table", table, "proto", "245")
 	e.ip("route", "del", "2001:db8:100::/48", "table", table)
-	e.ip("rule", "add", "priority", "30000", "to", "192.0.2.1", "lookup", "main", "protocol", "245") // ours in form, unwanted
+	e.ip("rule", "add", "priority", "30010", "to", "192.0.2.1", "lookup", "main", "protocol", "245") // ours in form, unwanted
 	e.ip("rule", "add", "priority", "30500", "lookup", "777")                                        // foreign
 	e.ip("route", "add", "203.0.113.128/25", "via", "10.114.0.3", "table", table)                    // foreign (proto boot)
 }
@@ -571,10 +571,11 @@ func TestIdempotenceAndDrift(t *testing.T) {
 	if n := restarted.Writes.RouteReplace.Load() + restarted.Writes.RuleAdd.Load(); n != 0 {
 		t.Errorf("restart rewrote %d routes or rules of the surviving Route", n)
 	}
-	// gone's rule, its entry in the gate, and the skip over the two
-	// Routes' rules, which one rule does not need.
-	if restarted.Writes.RuleDelete.Load() != 3 || restarted.Writes.RouteDelete.Load() != 2 {
-		t.Errorf("collecting gone: %d rule and %d route deletes, want 3 and 2 (its rule, its gate entry and the skip; its route and backstop)", restarted.Writes.RuleDelete.Load(), restarted.Writes.RouteDelete.Load())
+	// gone's rule, its entry in the gate and the nop that entry landed on
+	// (keep's region, the last, is the gate's exit), and the skip over the
+	// two Routes' rules, which one rule does not need.
+	if restarted.Writes.RuleDelete.Load() != 4 || restarted.Writes.RouteDelete.Load() != 2 {
+		t.Errorf("collecting gone: %d rule and %d route deletes, want 4 and 2 (its rule, its gate entry, the gate's landing and the skip; its route and backstop)", restarted.Writes.RuleDelete.Load(), restarted.Writes.RouteDelete.Load())
 	}
 	if strings.Contains(e.ip("route", "show", "table", "all", "proto", "245"), "192.0.2.128/25") {
 		t.Error("the deleted Route's route is still installed")

@@ -214,8 +214,8 @@ func TestViewRepairsDrift(t *testing.T) {
 
 	// A Route deleted: what a full read (a restart) sees afterwards is what
 	// the view does.
-	if _, rep = e.apply(keep); rep.Changes != 6 {
-		t.Errorf("deleting a Route made %d writes, want 6 (its rule, its gate entry and the skip; its route and backstop; its group: its gateway is keep's too)", rep.Changes)
+	if _, rep = e.apply(keep); rep.Changes != 7 {
+		t.Errorf("deleting a Route made %d writes, want 7 (its rule, its gate entry, the gate's landing and the skip; its route and backstop; its group: its gateway is keep's too)", rep.Changes)
 	}
 	fresh := e.newApplier(e.cfg)
 	if rep, err := fresh.Apply(e.plan(keep)); err != nil || rep.Changes != 0 {

@@ -2,6 +2,7 @@ package planner
 
 import (
 	"fmt"
+	"math"
 	"net/netip"
 	"slices"
 )
@@ -25,12 +26,16 @@ import (
 // A packet therefore meets about two skips per level of the trie and at
 // most dispatchLeaf rules at its end, whatever the number of Routes.
 //
-// Before main's specific routes (OffsetSuppress) sits a gate: `to <region>
-// goto <OffsetSuppress>` for the few regions at the top of the trie, then
-// `goto <DispatchEnd>`. A packet outside every Route's destinations — pod
-// egress to the internet, mostly — costs a handful of compares and no
-// table lookup at all, and meets the rules after the band exactly as it
-// would without the agent. There is no gate when a Route holds a /0.
+// First in the band sits a gate over the few regions that hold every
+// Route's destinations: `to <region> goto <OffsetGateLanding>` for all but
+// the last, then `not to <last region> goto <DispatchEnd>`. A
+// packet outside every Route's destinations — pod egress to the internet,
+// mostly — costs a handful of compares and no table lookup at all, and
+// meets the rules after the band exactly as it would without the agent.
+// The gate comes before the bypass and symmetric rules too: they send
+// traffic to main ahead of the Routes' rules, and for traffic no Route can
+// capture main is where it goes anyway. There is no gate when a Route
+// holds a /0.
 //
 // Correctness never depends on the skips. Longest-prefix match across
 // Routes is kept by the throw routes in the tables (a table hands a more
@@ -231,12 +236,18 @@ func dispatchRules(items []dispatchItem, ipv6 bool, base int, previous map[strin
 	}
 	// The gate's regions come from splitting items as far as it goes (a
 	// block of a few rules may span much more address space than they do).
+	// Entries for all regions but the last, whose exit is `not to <it>`:
+	// a packet outside every region takes one compare per region.
 	regions := gateRegions(items)
-	for _, p := range regions {
-		gate = append(gate, Rule{Priority: base + OffsetGate, IPv6: ipv6, Dst: p, Goto: base + OffsetSuppress, SuppressPrefixlen: -1})
-	}
 	if len(regions) > 0 {
-		gate = append(gate, Rule{Priority: base + OffsetGate + 1, IPv6: ipv6, Goto: end, SuppressPrefixlen: -1})
+		last := len(regions) - 1
+		for _, p := range regions[:last] {
+			gate = append(gate, Rule{Priority: base + OffsetGate, IPv6: ipv6, Dst: p, Goto: base + OffsetGateLanding, SuppressPrefixlen: -1})
+		}
+		gate = append(gate, Rule{Priority: base + OffsetGate + 1, IPv6: ipv6, Dst: regions[last], Invert: true, Goto: end, SuppressPrefixlen: -1})
+		if last > 0 {
+			gate = append(gate, Rule{Priority: base + OffsetGateLanding, IPv6: ipv6, Nop: true, SuppressPrefixlen: -1})
+		}
 	}
 	if skips || len(regions) > 0 {
 		out = append(out, Rule{Priority: end, IPv6: ipv6, Nop: true, SuppressPrefixlen: -1})
@@ -244,45 +255,54 @@ func dispatchRules(items []dispatchItem, ipv6 bool, base int, previous map[strin
 	return gate, out
 }
 
-// gateRegions are at most dispatchGate prefixes that hold every item:
-// the items' common prefix, split at its next bit while there is room,
-// widest first. None when an item is a /0.
+// gateRegions are at most dispatchGate prefixes that hold every item, as
+// little address space as they can: the fewest regions that cover at most
+// an eighth more than the best dispatchGate regions can. A region more
+// costs every packet outside every Route a compare, so a split that
+// removes little or no address space (172.16.0.0/14 of consecutive /24s
+// into four /16s) is not made. None when an item is a /0.
 func gateRegions(items []dispatchItem) []netip.Prefix {
-	type region struct {
-		prefix netip.Prefix
-		items  []dispatchItem // nil when it cannot be split
+	var best [dispatchGate + 1]gateCover
+	for k := 1; k <= dispatchGate; k++ {
+		best[k] = coverWith(items, k)
 	}
-	// A region whose own prefix is an item stays whole.
-	splittable := func(h []dispatchItem) region {
-		p, own, _, _ := split(h)
-		if len(own) > 0 || len(h) == 1 {
-			return region{p, nil}
-		}
-		return region{p, h}
+	k := 1
+	for best[k].space > best[dispatchGate].space*9/8 {
+		k++
 	}
-	regions := []region{splittable(items)}
-	for {
-		widest := -1
-		for i, r := range regions {
-			if r.items != nil && (widest < 0 || r.prefix.Bits() < regions[widest].prefix.Bits()) {
-				widest = i
-			}
-		}
-		if widest < 0 || len(regions)+1 > dispatchGate {
-			break
-		}
-		_, _, lo, hi := split(regions[widest].items)
-		regions = append(slices.Delete(regions, widest, widest+1), splittable(lo), splittable(hi))
-	}
-	var out []netip.Prefix
-	for _, r := range regions {
-		if r.prefix.Bits() == 0 {
+	out := best[k].regions
+	for _, p := range out {
+		if p.Bits() == 0 {
 			return nil
 		}
-		out = append(out, r.prefix)
 	}
 	slices.SortFunc(out, comparePrefix)
 	return out
+}
+
+// gateCover is a set of regions and the address space they cover.
+type gateCover struct {
+	space   float64
+	regions []netip.Prefix
+}
+
+// coverWith is the cover of items by at most k prefixes with the least
+// address space: the items' common prefix, or the best split of k between
+// its two halves. A prefix that is itself an item cannot be split. Each
+// split leaves its halves at most k-1, so the recursion is shallow.
+func coverWith(items []dispatchItem, k int) gateCover {
+	p, own, lo, hi := split(items)
+	best := gateCover{space: math.Ldexp(1, p.Addr().BitLen()-p.Bits()), regions: []netip.Prefix{p}}
+	if k < 2 || len(own) > 0 || len(lo) == 0 || len(hi) == 0 {
+		return best
+	}
+	for k1 := 1; k1 < k; k1++ {
+		a, b := coverWith(lo, k1), coverWith(hi, k-k1)
+		if a.space+b.space < best.space {
+			best = gateCover{a.space + b.space, append(slices.Clone(a.regions), b.regions...)}
+		}
+	}
+	return best
 }
 
 // slotPriorities gives slot i a priority in [first, end), increasing with

@@ -482,8 +482,8 @@ func BypassPrefix(a netip.Addr) (netip.Prefix, bool) {
 }
 
 // rules builds the band, per address family in use by an applied Route:
-// bypass, symmetric replies, main's specific routes, then the dispatch to
-// the Routes' tables (dispatch.go).
+// the dispatch's gate, bypass, symmetric replies, main's specific routes,
+// then the dispatch to the Routes' tables (dispatch.go).
 func rules(in Input, applied []*candidate, bypass []Bypass, gws []Gateway) []Rule {
 	base := in.Config.PriorityBase
 	var out []Rule
@@ -499,6 +499,8 @@ func rules(in Input, applied []*candidate, bypass []Bypass, gws []Gateway) []Rul
 		if len(items) == 0 {
 			continue // nothing of this family to protect
 		}
+		gate, dispatch := dispatchRules(items, ipv6, base, layoutFor(in.Layout, ipv6))
+		out = append(out, gate...)
 		for _, b := range bypass {
 			if b.Prefix.Addr().Is6() == ipv6 {
 				out = append(out, Rule{Priority: base + OffsetBypass, IPv6: ipv6, Dst: b.Prefix, Table: MainTable, SuppressPrefixlen: -1})
@@ -511,8 +513,6 @@ func rules(in Input, applied []*candidate, bypass []Bypass, gws []Gateway) []Rul
 		if in.Config.ConnMark != 0 {
 			out = append(out, Rule{Priority: base + OffsetSymmetric, IPv6: ipv6, Mark: in.Config.ConnMark, Mask: in.Config.ConnMark, Table: MainTable, SuppressPrefixlen: -1})
 		}
-		gate, dispatch := dispatchRules(items, ipv6, base, layoutFor(in.Layout, ipv6))
-		out = append(out, gate...)
 		out = append(out, Rule{Priority: base + OffsetSuppress, IPv6: ipv6, Table: MainTable, SuppressPrefixlen: 0})
 		out = append(out, dispatch...)
 	}

@@ -53,9 +53,9 @@ func list(s ...string) []string { return s }
 // bypass4 are testNode's IPv4 bypass rules other than gateways: metadata,
 // DNS (the loopback stub is left out) and control plane. Rules sort by
 // address, so the 10.114.0.x gateways come before them.
-const bypass4 = `ip -4 rule add priority 30000 to 169.254.169.254/32 lookup main protocol 245
-ip -4 rule add priority 30000 to 198.51.100.53/32 lookup main protocol 245
-ip -4 rule add priority 30000 to 203.0.113.100/32 lookup main protocol 245`
+const bypass4 = `ip -4 rule add priority 30010 to 169.254.169.254/32 lookup main protocol 245
+ip -4 rule add priority 30010 to 198.51.100.53/32 lookup main protocol 245
+ip -4 rule add priority 30010 to 203.0.113.100/32 lookup main protocol 245`
 
 func TestCompute(t *testing.T) {
 	tests := []struct {
@@ -68,12 +68,11 @@ func TestCompute(t *testing.T) {
 		name:   "seed basic: one destination, one gateway",
 		routes: []*v1alpha1.Route{route("basic", 0, list("1.2.3.4/5"), list("10.114.0.3"))},
 		tables: map[string]uint32{"basic": 10001},
-		want: `ip -4 rule add priority 30000 to 10.114.0.3/32 lookup main protocol 245
+		want: `ip -4 rule add priority 30001 not to 0.0.0.0/5 goto 30999 protocol 245
+ip -4 rule add priority 30010 to 10.114.0.3/32 lookup main protocol 245
 ` + bypass4 + `
 ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
 ip -4 rule add priority 30100 fwmark 0x2000/0x2000 lookup main protocol 245
-ip -4 rule add priority 30150 to 0.0.0.0/5 goto 30200 protocol 245
-ip -4 rule add priority 30151 goto 30999 protocol 245
 ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
 ip -4 rule add priority 30301 to 0.0.0.0/5 lookup 10001 protocol 245
 ip -4 rule add priority 30999 nop protocol 245
@@ -83,8 +82,8 @@ ip -4 route replace unreachable 0.0.0.0/5 table 10001 proto 245 metric 429496729
 		name:   "seed ECMP default override: multipath, main untouched, bypass first",
 		routes: []*v1alpha1.Route{route("basic", 0, list("0.0.0.0/0"), list("10.114.0.4", "10.114.0.3"))},
 		tables: map[string]uint32{"basic": 10001},
-		want: `ip -4 rule add priority 30000 to 10.114.0.3/32 lookup main protocol 245
-ip -4 rule add priority 30000 to 10.114.0.4/32 lookup main protocol 245
+		want: `ip -4 rule add priority 30010 to 10.114.0.3/32 lookup main protocol 245
+ip -4 rule add priority 30010 to 10.114.0.4/32 lookup main protocol 245
 ` + bypass4 + `
 ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
 ip -4 rule add priority 30100 fwmark 0x2000/0x2000 lookup main protocol 245
@@ -98,8 +97,8 @@ ip -4 route replace unreachable 0.0.0.0/0 table 10001 proto 245 metric 429496729
 		routes: []*v1alpha1.Route{route("basic", 0, list("0.0.0.0/0"), list("10.114.0.3", "10.114.0.4"))},
 		down:   list("10.114.0.4"),
 		tables: map[string]uint32{"basic": 10001},
-		want: `ip -4 rule add priority 30000 to 10.114.0.3/32 lookup main protocol 245
-ip -4 rule add priority 30000 to 10.114.0.4/32 lookup main protocol 245
+		want: `ip -4 rule add priority 30010 to 10.114.0.3/32 lookup main protocol 245
+ip -4 rule add priority 30010 to 10.114.0.4/32 lookup main protocol 245
 ` + bypass4 + `
 ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
 ip -4 rule add priority 30100 fwmark 0x2000/0x2000 lookup main protocol 245
@@ -113,8 +112,8 @@ ip -4 route replace unreachable 0.0.0.0/0 table 10001 proto 245 metric 429496729
 		routes: []*v1alpha1.Route{route("basic", 0, list("0.0.0.0/0"), list("10.114.0.3", "10.114.0.4"))},
 		down:   list("10.114.0.3", "10.114.0.4"),
 		tables: map[string]uint32{"basic": 10001},
-		want: `ip -4 rule add priority 30000 to 10.114.0.3/32 lookup main protocol 245
-ip -4 rule add priority 30000 to 10.114.0.4/32 lookup main protocol 245
+		want: `ip -4 rule add priority 30010 to 10.114.0.3/32 lookup main protocol 245
+ip -4 rule add priority 30010 to 10.114.0.4/32 lookup main protocol 245
 ` + bypass4 + `
 ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
 ip -4 rule add priority 30100 fwmark 0x2000/0x2000 lookup main protocol 245
@@ -127,10 +126,10 @@ ip -4 route replace unreachable 0.0.0.0/0 table 10001 proto 245 metric 429496729
 		name:   "gateway behind the default route's interface: no symmetric rule (single-NIC case)",
 		routes: []*v1alpha1.Route{route("basic", 0, list("0.0.0.0/0"), list("203.0.113.5"))},
 		tables: map[string]uint32{"basic": 10001},
-		want: `ip -4 rule add priority 30000 to 169.254.169.254/32 lookup main protocol 245
-ip -4 rule add priority 30000 to 198.51.100.53/32 lookup main protocol 245
-ip -4 rule add priority 30000 to 203.0.113.5/32 lookup main protocol 245
-ip -4 rule add priority 30000 to 203.0.113.100/32 lookup main protocol 245
+		want: `ip -4 rule add priority 30010 to 169.254.169.254/32 lookup main protocol 245
+ip -4 rule add priority 30010 to 198.51.100.53/32 lookup main protocol 245
+ip -4 rule add priority 30010 to 203.0.113.5/32 lookup main protocol 245
+ip -4 rule add priority 30010 to 203.0.113.100/32 lookup main protocol 245
 ip -4 rule add priority 30100 fwmark 0x2000/0x2000 lookup main protocol 245
 ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
 ip -4 rule add priority 30301 to 0.0.0.0/1 lookup 10001 protocol 245
@@ -144,14 +143,14 @@ ip -4 route replace unreachable 0.0.0.0/0 table 10001 proto 245 metric 429496729
 			route("narrow", 0, list("10.1.0.0/16", "10.1.2.0/24"), list("10.114.0.4")),
 		},
 		tables: map[string]uint32{"wide": 10001, "narrow": 10002},
-		want: `ip -4 rule add priority 30000 to 10.114.0.3/32 lookup main protocol 245
-ip -4 rule add priority 30000 to 10.114.0.4/32 lookup main protocol 245
+		want: `ip -4 rule add priority 30000 to 10.0.0.0/8 goto 30009 protocol 245
+ip -4 rule add priority 30001 not to 198.51.100.0/24 goto 30999 protocol 245
+ip -4 rule add priority 30009 nop protocol 245
+ip -4 rule add priority 30010 to 10.114.0.3/32 lookup main protocol 245
+ip -4 rule add priority 30010 to 10.114.0.4/32 lookup main protocol 245
 ` + bypass4 + `
 ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
 ip -4 rule add priority 30100 fwmark 0x2000/0x2000 lookup main protocol 245
-ip -4 rule add priority 30150 to 10.0.0.0/8 goto 30200 protocol 245
-ip -4 rule add priority 30150 to 198.51.100.0/24 goto 30200 protocol 245
-ip -4 rule add priority 30151 goto 30999 protocol 245
 ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
 ip -4 rule add priority 30301 to 10.1.2.0/24 lookup 10002 protocol 245
 ip -4 rule add priority 30301 to 198.51.100.0/24 lookup 10001 protocol 245
@@ -172,9 +171,9 @@ ip -4 route replace unreachable 10.1.2.0/24 table 10002 proto 245 metric 4294967
 		name:   "IPv6 default override with IPv6 gateway, plus normalized duplicates merged",
 		routes: []*v1alpha1.Route{route("v6", 0, list("::/0", "2001:db8:100::1/48", "2001:db8:100::/48"), list("fd00:114::3"))},
 		tables: map[string]uint32{"v6": 10001},
-		want: `ip -6 rule add priority 30000 to fd00:114::3/128 lookup main protocol 245
-ip -6 rule add priority 30000 to fd00:ec2::254/128 lookup main protocol 245
-ip -6 rule add priority 30000 to fd20:ce::254/128 lookup main protocol 245
+		want: `ip -6 rule add priority 30010 to fd00:114::3/128 lookup main protocol 245
+ip -6 rule add priority 30010 to fd00:ec2::254/128 lookup main protocol 245
+ip -6 rule add priority 30010 to fd20:ce::254/128 lookup main protocol 245
 ip -6 rule add priority 30100 fwmark 0x2000/0x2000 lookup main protocol 245
 ip -6 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
 ip -6 rule add priority 30301 to ::/1 lookup 10001 protocol 245
@@ -194,16 +193,16 @@ ip -6 route replace unreachable 2001:db8:100::/48 table 10001 proto 245 metric 4
 			route("younger", 2, list("0.0.0.0/5", "203.0.113.0/25", "198.18.0.0/15"), list("10.114.0.4")),
 		},
 		tables: map[string]uint32{"older": 10001, "shadowed": 10002, "younger": 10003},
-		want: `ip -4 rule add priority 30000 to 10.114.0.3/32 lookup main protocol 245
-ip -4 rule add priority 30000 to 10.114.0.4/32 lookup main protocol 245
+		want: `ip -4 rule add priority 30000 to 0.0.0.0/5 goto 30009 protocol 245
+ip -4 rule add priority 30000 to 10.244.1.0/24 goto 30009 protocol 245
+ip -4 rule add priority 30000 to 198.18.0.0/15 goto 30009 protocol 245
+ip -4 rule add priority 30001 not to 203.0.113.0/25 goto 30999 protocol 245
+ip -4 rule add priority 30009 nop protocol 245
+ip -4 rule add priority 30010 to 10.114.0.3/32 lookup main protocol 245
+ip -4 rule add priority 30010 to 10.114.0.4/32 lookup main protocol 245
 ` + bypass4 + `
 ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
 ip -4 rule add priority 30100 fwmark 0x2000/0x2000 lookup main protocol 245
-ip -4 rule add priority 30150 to 0.0.0.0/5 goto 30200 protocol 245
-ip -4 rule add priority 30150 to 10.244.1.0/24 goto 30200 protocol 245
-ip -4 rule add priority 30150 to 198.18.0.0/15 goto 30200 protocol 245
-ip -4 rule add priority 30150 to 203.0.113.0/25 goto 30200 protocol 245
-ip -4 rule add priority 30151 goto 30999 protocol 245
 ip -4 rule add priority 30200 lookup main suppress_prefixlength 0 protocol 245
 ip -4 rule add priority 30301 to 203.0.113.0/25 lookup 10003 protocol 245
 ip -4 rule add priority 30301 to 10.244.1.0/24 lookup 10002 protocol 245
@@ -225,8 +224,8 @@ ip -4 route replace unreachable 203.0.113.0/25 table 10003 proto 245 metric 4294
 			route("nat", 1, list("0.0.0.0/0", "192.0.2.0/24"), list("10.114.0.4")),
 		},
 		tables: map[string]uint32{"vpn": 10001, "nat": 10002},
-		want: `ip -4 rule add priority 30000 to 10.114.0.3/32 lookup main protocol 245
-ip -4 rule add priority 30000 to 10.114.0.4/32 lookup main protocol 245
+		want: `ip -4 rule add priority 30010 to 10.114.0.3/32 lookup main protocol 245
+ip -4 rule add priority 30010 to 10.114.0.4/32 lookup main protocol 245
 ` + bypass4 + `
 ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
 ip -4 rule add priority 30100 fwmark 0x2000/0x2000 lookup main protocol 245
@@ -247,7 +246,7 @@ ip -4 route replace throw 192.0.2.0/24 table 10002 proto 245`,
 			route("half", 2, list("198.51.100.0/24"), list("10.99.0.2", "10.114.0.3")),
 		},
 		tables: map[string]uint32{"was-here": 10001, "half": 10003},
-		want: `ip -4 rule add priority 30000 to 10.114.0.3/32 lookup main protocol 245
+		want: `ip -4 rule add priority 30010 to 10.114.0.3/32 lookup main protocol 245
 ` + bypass4 + `
 ip -4 rule add priority 30100 from 203.0.113.10/32 lookup main protocol 245
 ip -4 rule add priority 30100 fwmark 0x2000/0x2000 lookup main protocol 245

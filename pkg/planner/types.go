@@ -16,13 +16,19 @@ const MainTable = 254
 
 // Offsets of the rule kinds inside the priority band, first to last.
 const (
-	OffsetBypass    = 0
-	OffsetSymmetric = 100
-	// OffsetGate is the dispatch's gate (dispatch.go): traffic no Route
-	// can capture jumps from there past the rest of the band.
-	OffsetGate     = 150
-	OffsetSuppress = 200
-	OffsetRoutes   = 300
+	// OffsetGate is the dispatch's gate (dispatch.go), first in the band:
+	// its entries (`to <region> goto OffsetGateLanding`) at OffsetGate, its
+	// exit (`goto DispatchEnd`) at OffsetGate+1. Traffic no Route can
+	// capture jumps from there past the whole band, bypass rules included:
+	// for it they decide nothing.
+	OffsetGate = 0
+	// OffsetGateLanding is the `nop` the gate's entries land on (a goto
+	// needs a rule to land on, and a band may have no bypass rule).
+	OffsetGateLanding = 9
+	OffsetBypass      = 10
+	OffsetSymmetric   = 100
+	OffsetSuppress    = 200
+	OffsetRoutes      = 300
 	// OffsetDispatch is where the per-Route rules start (dispatch.go). Not
 	// at OffsetRoutes itself: there earlier versions kept one `lookup
 	// <table>` per Route, and deleting such a rule, which names no
@@ -219,7 +225,8 @@ type Rule struct {
 func (r Rule) IsSkip() bool { return r.Goto > 0 }
 
 // Narrows says whether r is a jump that takes packets past rules: a skip
-// (`not to <prefix> goto`) or the gate's exit (`goto` with no selector).
+// or the gate's exit (`not to <prefix> goto`; earlier versions' exit had
+// no selector).
 // The applier removes stale ones first and adds new ones last.
 func (r Rule) Narrows() bool { return r.Goto > 0 && (r.Invert || !r.Dst.IsValid()) }
 

@@ -252,6 +252,39 @@ func TestNeverCutOff(t *testing.T) {
 			return len(wrong) == 0, strings.Join(wrong, "\n")
 		})
 	})
+
+	// Without a /0 the band starts with the dispatch's gate, ahead of the
+	// bypass rules: traffic inside a Route's destinations must still meet
+	// them before the Route's rule.
+	t.Run("a Route over the API server's range, behind the gate: still bypassed", func(t *testing.T) {
+		e.t = t
+		e.deleteRoute("override")
+		e.applyRoute(newRoute("api-range", []string{"198.51.100.0/24"}, []string{"10.114.0.3", "10.114.0.4"}))
+		e.eventually(15*time.Second, "the Route applied without an override, behind the gate", func() (bool, string) {
+			rules, _ := e.lab.Exec(e.ns(0), "ip", "-4", "rule")
+			s := routeState(e.nodeRouting(0), "api-range")
+			return s != nil && s.Phase == v1alpha1.RouteApplied && !strings.Contains(e.routesOn(0), "default") &&
+				strings.Contains(rules, "to 198.51.100.0/24 goto "), fmt.Sprintf("%+v\n%s\n%s", s, rules, e.routesOn(0))
+		})
+		// The range itself takes the Route: a dial of an address there that
+		// is not bypassed goes to the gateways, which drop it.
+		drops := guardDrops()
+		if err := e.dialAPI(0, "198.51.100.200"); err == nil {
+			t.Fatal("198.51.100.200:6443 answered: the Route does not take its range, this test proves nothing")
+		}
+		if guardDrops() == drops {
+			t.Fatal("the dial of 198.51.100.200 was not dropped by a gateway: the Route does not take its range")
+		}
+		drops = guardDrops()
+		for _, server := range []string{cluster.APIName, vip4.String()} {
+			if err := e.dialAPI(0, server); err != nil {
+				t.Errorf("with a Route over its range, the API server at %s: %v", server, err)
+			}
+		}
+		if d := guardDrops() - drops; d != 0 {
+			t.Errorf("%d control-plane packets went to the gateways", d)
+		}
+	})
 }
 
 func writeFile(t testing.TB, path, content string) {

@@ -63,14 +63,14 @@ func New(tb testing.TB, purpose string) *Lab {
 	return l
 }
 
-// Rounds is how a benchmark repeats its measurements: 3 rounds of 2 s by
+// Rounds is how a benchmark repeats its measurements: 5 rounds of 1 s by
 // default, or with -benchtime Nx N rounds of 1 s (-benchtime 1x: one quick
 // round, as make test runs it).
 func Rounds(b *testing.B) (int, time.Duration) {
 	if bt := flag.Lookup("test.benchtime"); bt != nil && strings.HasSuffix(bt.Value.String(), "x") {
 		return b.N, time.Second
 	}
-	return 3, 2 * time.Second
+	return 5, time.Second
 }
 
 // Measure sends 64-byte frames from the sender to dst:9000 from two sockets
