@@ -169,9 +169,10 @@ type Agent struct {
 
 	// Only the reconcile goroutine touches these.
 	last *planner.Plan
-	// lastLayout is where the last plan put the dispatch's rules, what the
-	// next plan keeps them at (planner.Input.Layout).
-	lastLayout map[string]int
+	// memo carries from one plan to the next where the last plan put the
+	// dispatch's rules, which the next keeps them at, and the dispatch
+	// itself while the Routes' destinations stay as they are.
+	memo planner.Memo
 	tables     map[string]uint32
 	status     statusState
 

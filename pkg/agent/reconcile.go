@@ -69,7 +69,7 @@ func (a *Agent) reconcile() error {
 	if a.last == nil {
 		kernel, _ = a.applier.Read() // on error, Apply reads again and reports it
 	}
-	input := planner.Input{Config: cfg, Node: facts, Routes: selected, Tables: a.tables, Down: a.prober.Down(), Layout: a.layout(kernel)}
+	input := planner.Input{Config: cfg, Node: facts, Routes: selected, Tables: a.tables, Down: a.prober.Down(), Layout: a.layout(kernel), Memo: &a.memo}
 	plan := planner.Compute(input)
 	if kernel != nil {
 		plan = a.carryOverGatewayHealth(input, plan, kernel)
@@ -130,7 +130,6 @@ func (a *Agent) reconcile() error {
 	// Only the results are compared next time: the tables and rules of
 	// the plan go to the garbage collector.
 	a.last = &planner.Plan{Results: plan.Results}
-	a.lastLayout = planner.LayoutOf(plan.Rules)
 	a.statusWriter.offer(node, a.buildStatus(plan, gateways, rep, applyErr, selectorErrs))
 	return applyErr
 }
@@ -138,12 +137,12 @@ func (a *Agent) reconcile() error {
 // layout is where the dispatch's rules sit, so that a change moves only
 // the rules around it: as the last plan put them, or on this process's
 // first reconcile as the kernel holds them (a restart rewrites nothing).
-func (a *Agent) layout(kernel *applier.State) map[string]int {
+func (a *Agent) layout(kernel *applier.State) planner.Layout {
 	switch {
-	case a.lastLayout != nil:
-		return a.lastLayout
+	case a.memo.Layout() != nil:
+		return a.memo.Layout()
 	case kernel != nil:
-		return kernel.Layout()
+		return kernel.Layout(a.opts.Planner.PriorityBase)
 	}
 	return nil
 }

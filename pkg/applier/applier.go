@@ -7,6 +7,7 @@
 package applier
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"net"
@@ -229,10 +230,20 @@ func (a *Applier) applyTo(plan planner.Plan, actual *State, nhs *nexthopState) (
 	for _, r := range plan.Routes {
 		wanted[keyOf(r)] = true
 	}
-	wantedRules := map[string]bool{}
+	wantedRules := make(map[ruleKey]bool, len(plan.Rules))
 	for _, r := range plan.Rules {
-		wantedRules[a.ruleKey(r)] = true
+		wantedRules[keyOfRule(r)] = true
 	}
+	// The rules to remove, in a stable order: those the plan does not
+	// want, and duplicates. Only they are sorted, so a diff with little to
+	// remove costs little.
+	var stale []ruleKey
+	for key, have := range actual.Rules {
+		if !wantedRules[key] || len(have) > 1 {
+			stale = append(stale, key)
+		}
+	}
+	slices.SortFunc(stale, compareRuleKeys)
 	// Rules come in three kinds for the order they are written in: jumps
 	// that take packets past rules (the dispatch's skips, the gate's exit)
 	// go first and come last; the gate's entries, which let packets in,
@@ -246,32 +257,28 @@ func (a *Applier) applyTo(plan planner.Plan, actual *State, nhs *nexthopState) (
 		}
 		return plain
 	}
-	removeRules := func(key string, k int) {
-		have := actual.Rules[key]
-		if kind(have[0]) != k {
-			return
-		}
-		extra := have
-		if wantedRules[key] {
-			extra = have[1:]
-		}
-		for _, r := range extra {
-			w.add(a.ruleWrite(strings.Replace(key, "rule add", "rule del", 1), r, false))
-		}
-	}
 	removeAll := func(k int) {
-		for _, key := range sortedKeys(actual.Rules) {
-			removeRules(key, k)
+		for _, key := range stale {
+			have := actual.Rules[key]
+			if kind(have[0]) != k {
+				continue
+			}
+			extra := have
+			if wantedRules[key] {
+				extra = have[1:]
+			}
+			for _, r := range extra {
+				w.add(a.ruleWrite(r, false))
+			}
 		}
 		w.flush()
 	}
 	addRules := func(k int) {
 		for _, r := range plan.Rules {
-			key := a.ruleKey(r)
-			if kind(r) != k || len(actual.Rules[key]) > 0 {
+			if kind(r) != k || len(actual.Rules[keyOfRule(r)]) > 0 {
 				continue
 			}
-			w.add(a.ruleWrite(key, r, true))
+			w.add(a.ruleWrite(r, true))
 		}
 		w.flush()
 	}
@@ -488,6 +495,20 @@ func family(a netip.Addr) int {
 	return netlink.FAMILY_V4
 }
 
+// compareRuleKeys orders rules by family, priority, then rendering.
+func compareRuleKeys(a, b ruleKey) int {
+	switch {
+	case a.IPv6 != b.IPv6:
+		if b.IPv6 {
+			return -1
+		}
+		return 1
+	case a.Priority != b.Priority:
+		return cmp.Compare(a.Priority, b.Priority)
+	}
+	return strings.Compare(planner.Rule(a).Batch(0), planner.Rule(b).Batch(0))
+}
+
 func sortedKeys[V any](m map[string]V) []string {
 	keys := make([]string, 0, len(m))
 	for k := range m {
@@ -534,7 +555,7 @@ func (a *Applier) EnsureBypass(addrs []netip.Addr) (added int, err error) {
 			continue
 		}
 		r := planner.Rule{Priority: a.cfg.PriorityBase + planner.OffsetBypass, IPv6: dst.Addr().Is6(), Dst: dst, Table: planner.MainTable, SuppressPrefixlen: -1}
-		if !inUse[r.IPv6] || len(st.Rules[a.ruleKey(r)]) > 0 {
+		if !inUse[r.IPv6] || len(st.Rules[keyOfRule(r)]) > 0 {
 			continue
 		}
 		what := r.Batch(a.cfg.Protocol)

@@ -117,7 +117,7 @@ func (e *env) planDown(down []string, routes ...*v1alpha1.Route) planner.Plan {
 	for _, d := range down {
 		in[netip.MustParseAddr(d)] = true
 	}
-	return planner.Compute(planner.Input{Config: e.cfg, Node: node, Routes: routes, Down: in, Layout: kernel.Layout()})
+	return planner.Compute(planner.Input{Config: e.cfg, Node: node, Routes: routes, Down: in, Layout: kernel.Layout(e.cfg.PriorityBase)})
 }
 
 func (e *env) apply(routes ...*v1alpha1.Route) (planner.Plan, applier.Report) {

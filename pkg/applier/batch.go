@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"sync/atomic"
 
 	"github.com/vishvananda/netlink"
@@ -147,9 +148,10 @@ func (a *Applier) routeRemoval(r planner.Route, metric int) write {
 	return x
 }
 
-func (a *Applier) ruleWrite(key string, r planner.Rule, add bool) write {
-	x := write{what: func() string { return key }, counter: &a.Writes.RuleAdd}
+func (a *Applier) ruleWrite(r planner.Rule, add bool) write {
+	x := write{what: func() string { return keyOfRule(r).text(a.cfg.Protocol) }, counter: &a.Writes.RuleAdd}
 	if !add {
+		x.what = func() string { return strings.Replace(keyOfRule(r).text(a.cfg.Protocol), "rule add", "rule del", 1) }
 		x.counter = &a.Writes.RuleDelete
 	}
 	if a.conn == nil {

@@ -18,9 +18,9 @@ import (
 // State is what the agent owns in the kernel, plus the foreign rules that
 // sit in its band.
 type State struct {
-	// Rules are the agent's rules, keyed by ruleKey; more than one rule
-	// under a key are duplicates.
-	Rules map[string][]planner.Rule
+	// Rules are the agent's rules, by what the kernel compares; more than
+	// one rule under a key are duplicates.
+	Rules map[ruleKey][]planner.Rule
 	// Routes are the agent's routes, by table, destination and kind.
 	Routes map[routeKey]planner.Route
 	// metrics are the installed routes' metrics, which deleting one names
@@ -72,7 +72,7 @@ func (a *Applier) read(nhs map[uint32]nlbatch.NexthopObject) (*State, error) {
 }
 
 func newState() *State {
-	return &State{Rules: map[string][]planner.Rule{}, Routes: map[routeKey]planner.Route{}, metrics: map[routeKey]int{}, nhid: map[routeKey]uint32{}}
+	return &State{Rules: map[ruleKey][]planner.Rule{}, Routes: map[routeKey]planner.Route{}, metrics: map[routeKey]int{}, nhid: map[routeKey]uint32{}}
 }
 
 // readRules fills st's rules, foreign rules and mark users from a dump of
@@ -105,7 +105,7 @@ func (a *Applier) readRules(st *State) error {
 				st.Foreign = append(st.Foreign, describeForeign(pr, r.Protocol, plain))
 				continue
 			}
-			key := a.ruleKey(pr)
+			key := keyOfRule(pr)
 			st.Rules[key] = append(st.Rules[key], pr)
 		}
 	}
@@ -153,14 +153,32 @@ func ruleMarkMask(r netlink.Rule) uint32 {
 	return 0
 }
 
-// ruleKey identifies a rule by everything the kernel compares: its family
-// and its ip rule rendering.
-func (a *Applier) ruleKey(r planner.Rule) string {
+// ruleKey identifies a rule by everything the kernel compares, what its
+// `ip rule` rendering shows: a rule with the fields that rendering leaves
+// out zeroed.
+type ruleKey planner.Rule
+
+func keyOfRule(r planner.Rule) ruleKey {
+	if r.Mask == 0 {
+		r.Mark = 0
+	}
+	if r.IsSkip() || r.Nop {
+		r.Table, r.SuppressPrefixlen = 0, -1
+		r.Nop = !r.IsSkip()
+	}
+	if r.SuppressPrefixlen < 0 {
+		r.SuppressPrefixlen = -1
+	}
+	return ruleKey(r)
+}
+
+// text is the rule as `ip -batch` takes it, with the family.
+func (k ruleKey) text(protocol uint8) string {
 	family := "-4 "
-	if r.IPv6 {
+	if k.IPv6 {
 		family = "-6 "
 	}
-	return family + r.Batch(a.cfg.Protocol)
+	return family + planner.Rule(k).Batch(protocol)
 }
 
 // fromNetlinkRule converts a rule of the band into the planner's terms; ok
@@ -231,14 +249,14 @@ func describeForeign(r planner.Rule, protocol uint8, plain bool) string {
 	return text
 }
 
-// Layout is where the dispatch's rules sit in the kernel, for
-// planner.Input.Layout.
-func (s *State) Layout() map[string]int {
+// Layout is where the dispatch's rules of the band at base sit in the
+// kernel, for planner.Input.Layout.
+func (s *State) Layout(base int) planner.Layout {
 	var rules []planner.Rule
 	for _, rs := range s.Rules {
 		rules = append(rules, rs...)
 	}
-	return planner.LayoutOf(rules)
+	return planner.LayoutOf(rules, base)
 }
 
 // Route returns the agent's installed live (or throw) route for dst in

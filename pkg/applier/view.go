@@ -341,7 +341,7 @@ func (v *View) state(nhs *nexthopState) (*State, error) {
 
 // dumpRules reads the rules of the view's state again.
 func (v *View) dumpRules() error {
-	st := &State{Rules: map[string][]planner.Rule{}}
+	st := &State{Rules: map[ruleKey][]planner.Rule{}}
 	if err := v.a.readRules(st); err != nil {
 		return err
 	}

@@ -1,8 +1,9 @@
 package planner
 
 import (
-	"fmt"
+	"encoding/binary"
 	"math"
+	"math/bits"
 	"net/netip"
 	"slices"
 )
@@ -112,30 +113,39 @@ const collapseAt = 4
 // goes on). Elsewhere each destination keeps its own rule, so no rule
 // sends another Route's traffic through a table first.
 func byTable(items []dispatchItem) []dispatchItem {
-	var tables []uint32
-	of := map[uint32][]dispatchItem{}
-	for _, it := range items {
-		if of[it.table] == nil {
-			tables = append(tables, it.table)
-		}
-		of[it.table] = append(of[it.table], it)
-	}
+	// A block is small (a leaf of the trie): a table's items are found by
+	// a scan, not a map.
 	out := make([]dispatchItem, 0, len(items))
-	for _, t := range tables {
-		cp := commonPrefix(of[t])
-		alone := len(of[t]) >= collapseAt
-		for _, it := range items {
-			alone = alone && (it.table == t || !cp.Overlaps(it.dst))
+	mine := make([]dispatchItem, 0, len(items))
+	collapsed := false
+	for i, it := range items {
+		if slices.ContainsFunc(items[:i], func(o dispatchItem) bool { return o.table == it.table }) {
+			continue // its table is done
+		}
+		mine = mine[:0]
+		for _, o := range items[i:] {
+			if o.table == it.table {
+				mine = append(mine, o)
+			}
+		}
+		cp := commonPrefix(mine)
+		alone := len(mine) >= collapseAt
+		for _, o := range items {
+			alone = alone && (o.table == it.table || !cp.Overlaps(o.dst))
 		}
 		if alone {
-			out = append(out, dispatchItem{cp, t})
+			out, collapsed = append(out, dispatchItem{cp, it.table}), true
 		} else {
-			out = append(out, of[t]...)
+			out = append(out, mine...)
 		}
 	}
-	slices.SortFunc(out, func(a, b dispatchItem) int { return comparePrefix(a.dst, b.dst) })
+	if collapsed || !slices.IsSortedFunc(out, compareItems) {
+		slices.SortFunc(out, compareItems)
+	}
 	return out
 }
+
+func compareItems(a, b dispatchItem) int { return comparePrefix(a.dst, b.dst) }
 
 // split divides sorted items at their common prefix cp: own are the items
 // that are cp itself (an older Route owns a prefix alone, so at most one),
@@ -156,7 +166,7 @@ func split(items []dispatchItem) (cp netip.Prefix, own, lo, hi []dispatchItem) {
 type dispatchSlot struct {
 	// keys identify the slot across plans (LayoutOf): a skip's prefix, or
 	// each of its lookups; the slot stays where any of them was.
-	keys  []string
+	keys  []SlotKey
 	rules []Rule
 	skip  bool
 	end   int // for a skip: the index of the first slot after its block
@@ -169,7 +179,7 @@ func (n *dispatchNode) slots(ipv6 bool, out []dispatchSlot) []dispatchSlot {
 	skip := -1
 	if n.rules > 1 && n.prefix.Bits() > 0 { // everything is inside a /0
 		skip = len(out)
-		out = append(out, dispatchSlot{keys: []string{"skip " + n.prefix.String()}, skip: true,
+		out = append(out, dispatchSlot{keys: []SlotKey{{Skip: true, Dst: n.prefix}}, skip: true,
 			rules: []Rule{{IPv6: ipv6, Dst: n.prefix, Invert: true, SuppressPrefixlen: -1}}})
 	}
 	for _, c := range n.children {
@@ -186,8 +196,9 @@ func (n *dispatchNode) slots(ipv6 bool, out []dispatchSlot) []dispatchSlot {
 				s.rules = append(s.rules, Rule{IPv6: ipv6, Dst: dst, Table: it.table, SuppressPrefixlen: -1})
 			}
 		}
-		for _, r := range s.rules {
-			s.keys = append(s.keys, fmt.Sprintf("lookup %s %d", r.Dst, r.Table))
+		s.keys = make([]SlotKey, len(s.rules))
+		for i, r := range s.rules {
+			s.keys[i] = SlotKey{Dst: r.Dst, Table: r.Table}
 		}
 		out = append(out, s)
 	}
@@ -204,9 +215,9 @@ const dispatchGate = 4
 // dispatchRules lays out the per-Route rules of one family of the band at
 // base: the gate, and the trie from OffsetDispatch to the nop at
 // DispatchEnd; previous gives the priorities the trie's slots have now.
-func dispatchRules(items []dispatchItem, ipv6 bool, base int, previous map[string]int) (gate, trie []Rule) {
+func dispatchRules(items []dispatchItem, ipv6 bool, base int, previous Layout) (gate, trie []Rule) {
 	first, end := base+OffsetDispatch, base+DispatchEnd
-	slices.SortFunc(items, func(a, b dispatchItem) int { return comparePrefix(a.dst, b.dst) })
+	slices.SortFunc(items, compareItems)
 	var slots []dispatchSlot
 	for leaf := dispatchLeaf; ; leaf *= 2 {
 		slots = buildDispatch(items, leaf).slots(ipv6, nil)
@@ -310,7 +321,7 @@ func coverWith(items []dispatchItem, k int) gateCover {
 // neighbours' (with room for the new slots between them); new slots are
 // spread evenly over the gap they fall in, which leaves room for later
 // ones.
-func slotPriorities(slots []dispatchSlot, first, end int, previous map[string]int) []int {
+func slotPriorities(slots []dispatchSlot, first, end int, previous Layout) []int {
 	n := len(slots)
 	prio := make([]int, n)
 	kept := make([]bool, n)
@@ -373,43 +384,39 @@ func selectors(dst netip.Prefix) []netip.Prefix {
 	return []netip.Prefix{lo, netip.PrefixFrom(h, 1)}
 }
 
+// SlotKey identifies a slot of the dispatch across plans: a skip by its
+// prefix, a lookup by its destination and table (the family is the
+// prefix's).
+type SlotKey struct {
+	Skip  bool
+	Dst   netip.Prefix
+	Table uint32
+}
+
+// Layout is where the dispatch's slots sit: the priority of each.
+type Layout map[SlotKey]int
+
 // LayoutOf reads the dispatch's slot identities back from rules (the
-// kernel's, or a previous plan's): what Input.Layout takes.
-func LayoutOf(rules []Rule) map[string]int {
-	out := map[string]int{}
+// kernel's, or a previous plan's) of the band at base: what Input.Layout
+// takes. Only the trie's range counts; the gate's rules sit at fixed
+// priorities (its exit looks like a skip).
+func LayoutOf(rules []Rule, base int) Layout {
+	out := Layout{}
 	for _, r := range rules {
-		var key string
-		switch {
-		case r.IsSkip() && !r.Invert: // the gate, at fixed priorities
+		if r.Priority < base+OffsetDispatch || r.Priority >= base+DispatchEnd {
 			continue
+		}
+		var key SlotKey
+		switch {
 		case r.IsSkip():
-			key = "skip " + r.Dst.String()
+			key = SlotKey{Skip: true, Dst: r.Dst}
 		case r.Dst.IsValid() && r.Table != MainTable && r.Table != 0:
-			key = fmt.Sprintf("lookup %s %d", r.Dst, r.Table)
+			key = SlotKey{Dst: r.Dst, Table: r.Table}
 		default:
 			continue
 		}
-		family := "4 "
-		if r.IPv6 {
-			family = "6 "
-		}
-		if p, ok := out[family+key]; !ok || r.Priority < p {
-			out[family+key] = r.Priority
-		}
-	}
-	return out
-}
-
-// layoutFor is the part of a Layout of one family, keyed as slots are.
-func layoutFor(layout map[string]int, ipv6 bool) map[string]int {
-	family := "4 "
-	if ipv6 {
-		family = "6 "
-	}
-	out := map[string]int{}
-	for k, p := range layout {
-		if len(k) > 2 && k[:2] == family {
-			out[k[2:]] = p
+		if p, ok := out[key]; !ok || r.Priority < p {
+			out[key] = r.Priority
 		}
 	}
 	return out
@@ -424,12 +431,13 @@ func sameTable(items []dispatchItem) bool {
 	return true
 }
 
-// commonPrefix is the longest prefix that holds every item.
+// commonPrefix is the longest prefix that holds every item. Items are
+// sorted by address, so the first and the last part soonest.
 func commonPrefix(items []dispatchItem) netip.Prefix {
-	bits := items[0].dst.Bits()
 	first := items[0].dst.Addr()
-	for _, it := range items[1:] {
-		bits = min(bits, it.dst.Bits(), commonBits(first, it.dst.Addr()))
+	bits := commonBits(first, items[len(items)-1].dst.Addr())
+	for _, it := range items {
+		bits = min(bits, it.dst.Bits())
 	}
 	p, _ := first.Prefix(bits)
 	return p
@@ -438,21 +446,16 @@ func commonPrefix(items []dispatchItem) netip.Prefix {
 // commonBits is how many leading bits a and b share.
 func commonBits(a, b netip.Addr) int {
 	x, y := a.As16(), b.As16()
-	offset := 0
+	hi := binary.BigEndian.Uint64(x[:8]) ^ binary.BigEndian.Uint64(y[:8])
+	lo := binary.BigEndian.Uint64(x[8:]) ^ binary.BigEndian.Uint64(y[8:])
+	n := bits.LeadingZeros64(hi)
+	if hi == 0 {
+		n = 64 + bits.LeadingZeros64(lo)
+	}
 	if a.Is4() {
-		offset = 96
+		return max(n-96, 0)
 	}
-	for i := range 16 {
-		if d := x[i] ^ y[i]; d != 0 {
-			n := i * 8
-			for d&0x80 == 0 {
-				d <<= 1
-				n++
-			}
-			return max(n-offset, 0)
-		}
-	}
-	return a.BitLen()
+	return n
 }
 
 // bitAt is bit i (0 the most significant) of a.

@@ -115,7 +115,7 @@ type routeT struct {
 	dsts []string
 }
 
-func computeT(routes []*routeT, layout map[string]int) Plan {
+func computeT(routes []*routeT, layout Layout) Plan {
 	in := Input{Config: DefaultConfig(), Node: testNode(), Layout: layout}
 	for _, r := range routes {
 		in.Routes = append(in.Routes, route(r.name, r.age, r.dsts, list("10.114.0.3", "10.114.0.4")))
@@ -214,7 +214,7 @@ func TestDispatchStable(t *testing.T) {
 	rng := rand.New(rand.NewPCG(3, 4))
 	routes := randomRoutes(rng, 1000, "r")
 	before := computeT(routes, nil)
-	if again := computeT(routes, LayoutOf(before.Rules)); !slices.Equal(again.Rules, before.Rules) {
+	if again := computeT(routes, LayoutOf(before.Rules, DefaultConfig().PriorityBase)); !slices.Equal(again.Rules, before.Rules) {
 		t.Fatalf("the same Routes over their own layout moved rules: %d rules differ", len(ruleDiff(before.Rules, again.Rules)))
 	}
 	changes := []struct {
@@ -233,7 +233,7 @@ func TestDispatchStable(t *testing.T) {
 	}
 	for _, c := range changes {
 		t.Run(c.name, func(t *testing.T) {
-			after := computeT(c.edit(routes), LayoutOf(before.Rules))
+			after := computeT(c.edit(routes), LayoutOf(before.Rules, DefaultConfig().PriorityBase))
 			diff := ruleDiff(before.Rules, after.Rules)
 			t.Logf("%d of %d rules written or removed", len(diff), len(after.Rules))
 			if len(diff) > 12 {
@@ -291,7 +291,7 @@ func TestDispatchTransitions(t *testing.T) {
 			}
 		}
 		p1 := computeT(old, nil)
-		layout := LayoutOf(p1.Rules)
+		layout := LayoutOf(p1.Rules, DefaultConfig().PriorityBase)
 		if round%2 == 1 {
 			layout = nil // a layout from nothing: every slot may move
 		}

@@ -27,7 +27,10 @@ type Input struct {
 	// Layout is where the dispatch's rules sit now (LayoutOf the kernel's
 	// rules or the previous plan's): they stay there when the order allows,
 	// so a change rewrites only the rules around it.
-	Layout map[string]int
+	Layout Layout
+	// Memo, when set, lets Compute reuse what the previous Compute with the
+	// same Memo worked out from the same inputs; the plan is the same.
+	Memo *Memo
 }
 
 // candidate is a Route on its way through the planner.
@@ -50,6 +53,9 @@ type candidate struct {
 // those an older Route owns. Shadowed ones stay: they do nothing while the
 // main-table route is there, and fail closed the moment it goes.
 func (c *candidate) installed() []netip.Prefix {
+	if len(c.conflicts) == 0 {
+		return c.destinations // read-only, like every part of a plan
+	}
 	out := make([]netip.Prefix, 0, len(c.destinations))
 	for _, d := range c.destinations {
 		if _, lost := c.conflicts[d]; !lost {
@@ -98,6 +104,7 @@ func Compute(in Input) Plan {
 	plan.Bypass = bypass(in, plan.Gateways)
 	plan.Rules = rules(in, applied, plan.Bypass, plan.Gateways)
 	plan.ConnMark = connMark(in, plan.Rules, plan.Gateways)
+	in.Memo.keepLayout(plan.Rules, in.Config.PriorityBase)
 	for _, c := range cands {
 		plan.Results = append(plan.Results, c.result)
 	}
@@ -247,7 +254,11 @@ func connectedLink(node Node, gw netip.Addr) (link Link, network netip.Prefix, l
 // resolveConflicts gives each prefix claimed by several applicable Routes
 // to the oldest; the others lose that destination alone.
 func resolveConflicts(byAge []*candidate) {
-	owner := map[netip.Prefix]string{}
+	n := 0
+	for _, c := range byAge {
+		n += len(c.destinations)
+	}
+	owner := make(map[netip.Prefix]string, n)
 	for _, c := range byAge {
 		if c.result.Phase != Applied {
 			continue
@@ -306,11 +317,15 @@ func tableRoutes(applied []*candidate, down map[netip.Addr]bool) []Route {
 	// the number of destinations.
 	// Only the lengths some destination has can hold a supernet: most
 	// nodes' destinations have a few lengths, and most walks are short.
-	owner := map[netip.Prefix]*candidate{}
 	installed := make(map[*candidate][]netip.Prefix, len(applied))
-	var lengths [2][129]bool // by family (IPv6 second), prefix length
+	n := 0
 	for _, c := range applied {
 		installed[c] = c.installed()
+		n += len(installed[c])
+	}
+	owner := make(map[netip.Prefix]*candidate, n)
+	var lengths [2][129]bool // by family (IPv6 second), prefix length
+	for _, c := range applied {
 		for _, d := range installed[c] {
 			owner[d] = c
 			lengths[boolIndex(d.Addr().Is6())][d.Bits()] = true
@@ -340,7 +355,7 @@ func tableRoutes(applied []*candidate, down map[netip.Addr]bool) []Route {
 	// tables, then finds them in order and costs little.
 	byTable := slices.Clone(applied)
 	slices.SortStableFunc(byTable, func(a, b *candidate) int { return cmp.Compare(a.result.Table, b.result.Table) })
-	n := 0
+	n = 0
 	for _, c := range applied {
 		n += 2*len(installed[c]) + len(throws[c])
 	}
@@ -499,7 +514,14 @@ func rules(in Input, applied []*candidate, bypass []Bypass, gws []Gateway) []Rul
 		if len(items) == 0 {
 			continue // nothing of this family to protect
 		}
-		gate, dispatch := dispatchRules(items, ipv6, base, layoutFor(in.Layout, ipv6))
+		slices.SortFunc(items, compareItems)
+		var gate, dispatch []Rule
+		if m := in.Memo.dispatchFor(ipv6, base, items, in.Layout); m != nil {
+			gate, dispatch = m.gate, m.trie
+		} else {
+			gate, dispatch = dispatchRules(items, ipv6, base, in.Layout)
+			in.Memo.keepDispatch(ipv6, base, items, gate, dispatch)
+		}
 		out = append(out, gate...)
 		for _, b := range bypass {
 			if b.Prefix.Addr().Is6() == ipv6 {
