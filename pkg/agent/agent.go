@@ -172,9 +172,9 @@ type Agent struct {
 	// memo carries from one plan to the next where the last plan put the
 	// dispatch's rules, which the next keeps them at, and the dispatch
 	// itself while the Routes' destinations stay as they are.
-	memo planner.Memo
-	tables     map[string]uint32
-	status     statusState
+	memo   planner.Memo
+	tables map[string]uint32
+	status statusState
 
 	// marking remembers a connection-marking table the kernel refused
 	// (no nf_tables): the agent plans without marking until retryAt.
