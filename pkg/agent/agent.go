@@ -415,15 +415,15 @@ func (a *Agent) processNext() bool {
 	return true
 }
 
-// watchKernel turns netlink notifications about routes, rules, links and
-// addresses into reconciles, so a route or rule deleted by hand or a link
+// watchKernel turns netlink notifications about routes, rules, links,
+// addresses and nexthop objects into reconciles, so a route or rule deleted by hand or a link
 // going down is dealt with in moments rather than at the next resync.
 // Notifications missed while a subscription was down (the kernel drops one
 // that overflows on a busy node, and kernelwatch resubscribes) reconcile
 // at once. With a kernel view, they also mark what the next reconcile
 // dumps again, and a stream that is down makes reconciles read everything.
 func (a *Agent) watchKernel(ctx context.Context) {
-	const kinds = kernelwatch.Routes | kernelwatch.Rules | kernelwatch.Links | kernelwatch.Addrs
+	const kinds = kernelwatch.Routes | kernelwatch.Rules | kernelwatch.Links | kernelwatch.Addrs | kernelwatch.Nexthops
 	view := a.view
 	ev := kernelwatch.Watch(ctx, a.log.WithName("kernelwatch"), kernelwatch.Options{
 		Kinds:     kinds,
@@ -485,6 +485,17 @@ func (a *Agent) watchKernel(ctx context.Context) {
 				view.LinkChanged(u.LinkIndex)
 			}
 			a.queue.AddAfter(key, settle)
+		case u := <-ev.Nexthops:
+			// An object of the agent's deleted by someone else takes the
+			// IPv4 routes through it with it, silently: only this tells.
+			switch {
+			case view != nil:
+				if view.NexthopChanged(u) {
+					a.queue.AddAfter(key, settle)
+				}
+			case u.Protocol == a.opts.Planner.Protocol || planner.OwnsNexthopID(a.opts.Planner.Protocol, u.ID):
+				a.queue.AddAfter(key, settle)
+			}
 		}
 	}
 }

@@ -210,6 +210,7 @@ func (ba *benchAgent) benchChanges(b *testing.B) (ms, cpuMS float64) {
 		after := ba.view.Stats()
 		b.ReportMetric(float64(after.Full-stats.Full)/float64(b.N), "full-reads/op")
 		b.ReportMetric(float64(after.Tables-stats.Tables)/float64(b.N), "table-dumps/op")
+		b.ReportMetric(float64(after.KeptNexthops-stats.KeptNexthops)/float64(b.N), "kept-nexthops/op")
 	}
 	return ms, cpuMS
 }

@@ -185,6 +185,9 @@ func (a *Applier) Apply(plan planner.Plan) (Report, error) {
 			v.nexthopsWritten(nhs, synced)
 		}
 	}
+	if v != nil && nhs != nil {
+		v.wroteNexthops(nhs.all)
+	}
 	return rep, errors.Join(append(preErrs, err)...)
 }
 

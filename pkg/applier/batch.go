@@ -287,6 +287,28 @@ func (a *Applier) readNexthops() (map[uint32]nlbatch.NexthopObject, error) {
 	return out, nil
 }
 
+// nexthopObjects lists the kernel's nexthop objects, or takes them from the
+// view when it has them current.
+func (a *Applier) nexthopObjects() ([]nlbatch.NexthopObject, error) {
+	v := a.view
+	if v == nil {
+		return a.conn.Nexthops()
+	}
+	if objs, ok := v.keptNexthops(); ok {
+		return objs, nil
+	}
+	objs, err := a.conn.Nexthops()
+	v.listedNexthops(objs, err != nil)
+	return objs, err
+}
+
+// expect tells the view, if any, of a nexthop write about to be sent.
+func (a *Applier) expect(obj nlbatch.NexthopObject, gone bool) {
+	if a.view != nil {
+		a.view.expectNexthop(obj, gone)
+	}
+}
+
 // nexthopState is what the first phase of Apply found and made of the
 // agent's nexthop objects.
 type nexthopState struct {
@@ -319,7 +341,7 @@ func (a *Applier) syncNexthops(plan planner.Plan, w *writer) *nexthopState {
 	if a.conn == nil || a.nexthopsOff.Load() {
 		return nil
 	}
-	objs, err := a.conn.Nexthops()
+	objs, err := a.nexthopObjects()
 	if err != nil {
 		if nlbatch.Unsupported(err) {
 			a.nexthopsOff.Store(true)
@@ -377,6 +399,7 @@ func (a *Applier) syncNexthops(plan planner.Plan, w *writer) *nexthopState {
 			obj.Family = unix.AF_INET6
 		}
 		o.ID = id
+		a.expect(obj, false)
 		w.add(write{what: func() string { return o.Batch(a.cfg.Protocol) }, counter: &a.Writes.NexthopReplace, msg: nlbatch.ReplaceNexthop(obj),
 			failed: func(err error) {
 				failed[layoutID] = true
@@ -416,6 +439,7 @@ func (a *Applier) syncNexthops(plan planner.Plan, w *writer) *nexthopState {
 		g.ID, g.Group = gid, members
 		obj := nlbatch.NexthopObject{ID: gid, Protocol: a.cfg.Protocol, Group: members}
 		st.groups[tf] = gid
+		a.expect(obj, false)
 		w.add(write{what: func() string { return g.Batch(a.cfg.Protocol) }, counter: &a.Writes.NexthopReplace, msg: nlbatch.ReplaceNexthop(obj),
 			failed: func(err error) {
 				delete(st.groups, tf)
@@ -473,6 +497,7 @@ func (a *Applier) collectNexthops(st *nexthopState, w *writer, spare func(table 
 	slices.Sort(groups)
 	slices.Sort(gateways)
 	for _, id := range append(groups, gateways...) {
+		a.expect(nlbatch.NexthopObject{ID: id}, true)
 		w.add(write{what: func() string { return fmt.Sprintf("nexthop del id %d", id) }, counter: &a.Writes.NexthopDelete, msg: nlbatch.DeleteNexthop(id),
 			ok: func() {
 				delete(st.own, id)

@@ -37,9 +37,12 @@ import (
 // before the view is updated, and lost. A dump after the writes has
 // neither problem, and costs what the change costs.
 //
-// Nexthop objects are not part of the view: Apply's nexthop phase lists
-// them all anyway, before the view is read, and routes the view reads
-// resolve their nexthop ids through that listing; every dump of routes
+// Nexthop objects are kept by the view only while the Nexthops stream is
+// watched as well (NexthopChanged): then Apply's nexthop phase lists them
+// again only after a notification that is not the echo of the agent's own
+// write, and otherwise takes the listing kept with its own writes since.
+// Routes the view reads resolve their nexthop ids through the phase's
+// objects; every dump of routes
 // carries each route's nexthop id (RTA_NH_ID), without which an unchanged
 // plan would rewrite every route through a group. The phase's own writes
 // mark the tables of the groups written dirty before the view is read: a
@@ -93,6 +96,16 @@ type View struct {
 	sorted  bool
 	desired map[routeKey]planner.Route
 
+	// Nexthop objects, once the Nexthops stream is watched too: the
+	// kernel's as of the last listing with the agent's own writes since
+	// (nexthops), whether they must be listed again (nexthopsStale), and
+	// the current apply's writes, whose notifications are their echoes
+	// (expected; nil for a delete).
+	nexthopsWatched bool
+	nexthops        map[uint32]nlbatch.NexthopObject
+	nexthopsStale   bool
+	expected        map[uint32]*nlbatch.NexthopObject
+
 	stats ViewStats
 }
 
@@ -105,8 +118,9 @@ const maxTableDumps = 256
 type ViewStats struct {
 	// Full are reads of everything; Tables are dumps of one table (both
 	// families); Rules are dumps of the rules alone; Routes are dumps of
-	// every route without the rules.
-	Full, Tables, Rules, Routes int
+	// every route without the rules; KeptNexthops are applies that took
+	// the nexthop objects the view kept instead of listing them.
+	Full, Tables, Rules, Routes, KeptNexthops int
 }
 
 // UseView makes a's applies read through a View, from now on. dumps is a
@@ -136,6 +150,7 @@ func (v *View) Watching(kinds kernelwatch.Kind) error {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	v.watching, v.all = true, true
+	v.nexthopsWatched = kinds&kernelwatch.Nexthops != 0
 	return nil
 }
 
@@ -248,14 +263,102 @@ func (v *View) RuleChanged(u kernelwatch.RuleUpdate) bool {
 // The kernel removes IPv4 routes through an interface that goes down or
 // loses its addresses without a notification for each: when a route of the
 // view goes through it, every route is dirty. It reports whether they are.
+// The nexthop objects are listed again whatever the interface.
 func (v *View) LinkChanged(index int) bool {
 	v.mu.Lock()
 	defer v.mu.Unlock()
+	// The kernel also removes the nexthop objects of an interface that
+	// goes down, without notifying it.
+	v.nexthopsStale = true
 	if !v.links[index] {
 		return false
 	}
 	v.routes = true
 	return true
+}
+
+// NexthopChanged takes a nexthop object notification. The echo of a write
+// of the current apply changes nothing; anything else makes the next apply
+// list the objects again, and an object of the agent's deleted makes every
+// route dirty too (the kernel deletes the IPv4 routes through it without a
+// notification). It reports whether the notification calls for an apply:
+// it is not an echo, and of an object of the agent's protocol or id range.
+func (v *View) NexthopChanged(u kernelwatch.NexthopUpdate) bool {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if e, ok := v.expected[u.ID]; ok && (u.Type == unix.RTM_DELNEXTHOP && e == nil || u.Type == unix.RTM_NEWNEXTHOP && e != nil && sameObject(*e, u.NexthopObject)) {
+		delete(v.expected, u.ID)
+		return false
+	}
+	v.nexthopsStale = true
+	ours := u.Protocol == v.a.cfg.Protocol || planner.OwnsNexthopID(v.a.cfg.Protocol, u.ID)
+	if ours && u.Type == unix.RTM_DELNEXTHOP {
+		v.routes = true
+	}
+	return ours
+}
+
+// sameObject says whether a notified object is what the agent wrote.
+func sameObject(want, got nlbatch.NexthopObject) bool {
+	return want.ID == got.ID && want.Protocol == got.Protocol && want.Gateway == got.Gateway && want.LinkIndex == got.LinkIndex &&
+		want.Blackhole == got.Blackhole && sameMembers(want.Group, got.Group)
+}
+
+// keptNexthops are the objects as the view keeps them, when they are
+// current: no notification since the last listing but the echoes of the
+// agent's own writes. Otherwise the caller lists them (and gives the
+// listing to listedNexthops): a notification from here on makes that
+// listing stale in turn. Either way the echoes expected start anew.
+func (v *View) keptNexthops() ([]nlbatch.NexthopObject, bool) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.expected = map[uint32]*nlbatch.NexthopObject{}
+	if !v.nexthopsWatched || !v.watching || v.down != 0 || v.all || v.nexthopsStale || v.nexthops == nil {
+		v.nexthopsStale = false
+		return nil, false
+	}
+	v.stats.KeptNexthops++
+	return slices.Collect(maps.Values(v.nexthops)), true
+}
+
+// listedNexthops keeps a listing of the objects; failed says the listing
+// failed, and the next apply lists them again.
+func (v *View) listedNexthops(objs []nlbatch.NexthopObject, failed bool) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if failed {
+		v.nexthops, v.nexthopsStale = nil, true
+		return
+	}
+	v.nexthops = make(map[uint32]nlbatch.NexthopObject, len(objs))
+	for _, o := range objs {
+		v.nexthops[o.ID] = o
+	}
+}
+
+// expectNexthop says the apply is about to write obj (or, with gone, to
+// delete its id): the notification that follows is its echo.
+func (v *View) expectNexthop(obj nlbatch.NexthopObject, gone bool) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.expected == nil {
+		v.expected = map[uint32]*nlbatch.NexthopObject{}
+	}
+	if gone {
+		v.expected[obj.ID] = nil
+	} else {
+		v.expected[obj.ID] = &obj
+	}
+}
+
+// wroteNexthops keeps the objects an apply ended with: its listing and its
+// own writes (nexthopState.all).
+func (v *View) wroteNexthops(all map[uint32]nlbatch.NexthopObject) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.nexthops != nil {
+		v.nexthops = maps.Clone(all)
+	}
 }
 
 // state returns the State an apply diffs against: read in full, or the

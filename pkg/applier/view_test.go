@@ -21,7 +21,7 @@ import (
 	"github.com/routing-agent/routing-agent/pkg/planner"
 )
 
-const viewKinds = kernelwatch.Routes | kernelwatch.Rules | kernelwatch.Links | kernelwatch.Addrs
+const viewKinds = kernelwatch.Routes | kernelwatch.Rules | kernelwatch.Links | kernelwatch.Addrs | kernelwatch.Nexthops
 
 // memberOf is one member of the nexthop group id, for a group of one.
 func (e *env) memberOf(id uint32) string {
@@ -99,6 +99,10 @@ func (e *env) feedWith(v *applier.View, opts kernelwatch.Options) <-chan string 
 				v.LinkChanged(int(u.Index))
 			case u := <-ev.Addrs:
 				v.LinkChanged(u.LinkIndex)
+			case u := <-ev.Nexthops:
+				if v.NexthopChanged(u) {
+					changed <- fmt.Sprintf("nexthop %d", u.ID)
+				}
 			}
 		}
 	}()
@@ -447,5 +451,58 @@ func TestViewFailover(t *testing.T) {
 				t.Fatal(err)
 			}
 		})
+	}
+}
+
+// TestViewKeepsNexthops: with the Nexthops stream watched, applies take the
+// nexthop objects the view kept instead of listing them, the echoes of the
+// agent's own writes (a failover's group replace) change nothing, and a
+// group someone else deletes, which silently takes the IPv4 routes through
+// it, calls for an apply that puts both back.
+func TestViewKeepsNexthops(t *testing.T) {
+	e := newEnv(t, "vnh")
+	v := e.useView()
+	changed := e.feed(v)
+	r := route("nh", 0, []string{"198.51.100.0/24", "192.0.2.0/25"}, "10.114.0.3", "10.114.0.4")
+	plan, _ := e.apply(r)
+	want := e.owned()
+	drain(changed)
+	kept := func() int { return v.Stats().KeptNexthops }
+
+	before := kept()
+	if _, rep := e.apply(r); rep.Changes != 0 || kept() != before+1 {
+		t.Errorf("an apply at rest: %d writes, nexthops kept %d times; want 0 writes and kept once", rep.Changes, kept()-before)
+	}
+	// A gateway down and back: one group replace each way, whose echoes
+	// call for nothing, and the next apply still keeps the objects.
+	for _, down := range [][]string{{"10.114.0.4"}, nil} {
+		rep, err := e.ap.Apply(e.planDown(down, r))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if rep.Changes != 1 {
+			t.Errorf("gateways down %v: %d writes, want 1 (the group)", down, rep.Changes)
+		}
+		time.Sleep(300 * time.Millisecond)
+		select {
+		case what := <-changed:
+			t.Errorf("the echo of the agent's own group replace called for an apply: %s", what)
+		default:
+		}
+		before = kept()
+		if rep, err := e.ap.Apply(e.planDown(down, r)); err != nil || rep.Changes != 0 || kept() != before+1 {
+			t.Errorf("after the replace: %d writes (%v), nexthops kept %d times; want 0 and once", rep.Changes, err, kept()-before)
+		}
+	}
+
+	group, _ := planner.GroupID(e.cfg.Protocol, tableOf(t, plan, "nh"), false)
+	e.ip("nexthop", "del", "id", fmt.Sprint(group))
+	await(t, changed, 1)
+	before = kept()
+	if _, rep := e.apply(r); rep.Changes != 3 || kept() != before {
+		t.Errorf("repairing a deleted group: %d writes, nexthops kept %d times; want 3 (the group, two routes) and a listing", rep.Changes, kept()-before)
+	}
+	if got := e.owned(); got != want {
+		t.Errorf("after the repair:\n%s\nwant\n%s", got, want)
 	}
 }

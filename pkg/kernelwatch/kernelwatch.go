@@ -5,7 +5,8 @@
 // node — and leaves its reader with a closed channel and nothing more to
 // come. Watch subscribes again, with backoff, and tells the caller, who must
 // then resync whatever it derives from the stream: notifications were lost.
-// It also watches ip rules, for which the library has no subscription.
+// It also watches ip rules and nexthop objects, for which the library has
+// no subscription.
 package kernelwatch
 
 import (
@@ -27,7 +28,8 @@ const (
 	Links
 	Addrs // IPv4 and IPv6 addresses
 	Neighs
-	Rules // IPv4 and IPv6 ip rules
+	Rules    // IPv4 and IPv6 ip rules
+	Nexthops // nexthop objects (Linux 5.3 or later)
 )
 
 func (k Kind) String() string {
@@ -42,6 +44,8 @@ func (k Kind) String() string {
 		return "neighbours"
 	case Rules:
 		return "rules"
+	case Nexthops:
+		return "nexthops"
 	}
 	return fmt.Sprintf("Kind(%#x)", uint8(k))
 }
@@ -94,11 +98,12 @@ type Options struct {
 // over all of them needs no special case. The channels are never closed:
 // read them until the watch's context is done.
 type Events struct {
-	Routes <-chan netlink.RouteUpdate
-	Links  <-chan netlink.LinkUpdate
-	Addrs  <-chan netlink.AddrUpdate
-	Neighs <-chan netlink.NeighUpdate
-	Rules  <-chan RuleUpdate
+	Routes   <-chan netlink.RouteUpdate
+	Links    <-chan netlink.LinkUpdate
+	Addrs    <-chan netlink.AddrUpdate
+	Neighs   <-chan netlink.NeighUpdate
+	Rules    <-chan RuleUpdate
+	Nexthops <-chan NexthopUpdate
 }
 
 // Watch subscribes to the streams opts.Kinds names and keeps them
@@ -153,6 +158,11 @@ func Watch(ctx context.Context, log logr.Logger, opts Options) *Events {
 	if opts.Kinds&Rules != 0 {
 		ev.Rules = start(w, Rules, func(ch chan<- RuleUpdate, done <-chan struct{}, onErr func(error)) error {
 			return subscribeRules(ns, rcvbuf, ch, done, onErr)
+		})
+	}
+	if opts.Kinds&Nexthops != 0 {
+		ev.Nexthops = start(w, Nexthops, func(ch chan<- NexthopUpdate, done <-chan struct{}, onErr func(error)) error {
+			return subscribeNexthops(ns, rcvbuf, ch, done, onErr)
 		})
 	}
 	return ev

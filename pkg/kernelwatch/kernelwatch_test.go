@@ -152,7 +152,7 @@ func next[T any](t *testing.T, ch <-chan T, within time.Duration, what string, m
 
 func TestWatchInNamespace(t *testing.T) {
 	n := newNamespace(t, "kwatch")
-	ev := n.watch(t, Options{Kinds: Routes | Links | Addrs | Neighs | Rules})
+	ev := n.watch(t, Options{Kinds: Routes | Links | Addrs | Neighs | Rules | Nexthops})
 	const within = time.Second
 
 	n.ip(t, "link", "set", "kw1", "down")
@@ -170,6 +170,19 @@ func TestWatchInNamespace(t *testing.T) {
 	n.ip(t, "route", "add", "198.51.100.0/24", "via", "192.0.2.2", "table", "10061", "proto", "245")
 	next(t, ev.Routes, within, "route update for 198.51.100.0/24 in table 10061", func(u netlink.RouteUpdate) bool {
 		return u.Type == unix.RTM_NEWROUTE && u.Table == 10061 && u.Dst != nil && u.Dst.String() == "198.51.100.0/24"
+	})
+
+	n.ip(t, "nexthop", "add", "id", "4110417921", "blackhole", "protocol", "245")
+	next(t, ev.Nexthops, within, "nexthop object 4110417921 added", func(u NexthopUpdate) bool {
+		return u.Type == unix.RTM_NEWNEXTHOP && u.ID == 4110417921 && u.Protocol == 245 && u.Blackhole
+	})
+	n.ip(t, "nexthop", "add", "id", "4110483457", "group", "4110417921", "protocol", "245")
+	next(t, ev.Nexthops, within, "nexthop group 4110483457 added", func(u NexthopUpdate) bool {
+		return u.Type == unix.RTM_NEWNEXTHOP && u.ID == 4110483457 && len(u.Group) == 1 && u.Group[0] == 4110417921
+	})
+	n.ip(t, "nexthop", "del", "id", "4110483457")
+	next(t, ev.Nexthops, within, "nexthop group 4110483457 deleted", func(u NexthopUpdate) bool {
+		return u.Type == unix.RTM_DELNEXTHOP && u.ID == 4110483457
 	})
 
 	n.ip(t, "rule", "add", "priority", "30300", "lookup", "10061", "protocol", "245")

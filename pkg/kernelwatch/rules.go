@@ -28,9 +28,25 @@ type RuleUpdate struct {
 
 // subscribeRules is a subscribeFunc, with a receive buffer of rcvbuf, for
 // RTNLGRP_IPV4_RULE and RTNLGRP_IPV6_RULE in ns: the library has none.
+// A kernel refusing the IPv6 group cannot cost the IPv4 rules.
 func subscribeRules(ns netns.NsHandle, rcvbuf int, ch chan<- RuleUpdate, done <-chan struct{}, onErr func(error)) error {
-	// Bound to no group: they are joined one by one below, so that a
-	// kernel refusing the IPv6 group cannot cost the IPv4 rules.
+	return subscribeGroups(ns, rcvbuf, []group{{unix.RTNLGRP_IPV4_RULE, "RTNLGRP_IPV4_RULE", false}, {unix.RTNLGRP_IPV6_RULE, "RTNLGRP_IPV6_RULE", true}},
+		parseRule, ch, done, onErr)
+}
+
+// group is a netlink multicast group to join; an optional one that the
+// kernel refuses is reported to onErr, not failed on.
+type group struct {
+	id       int
+	name     string
+	optional bool
+}
+
+// subscribeGroups is a subscribeFunc for raw netlink groups, whose
+// messages parse decodes.
+func subscribeGroups[T any](ns netns.NsHandle, rcvbuf int, groups []group, parse func(syscall.NetlinkMessage) (T, error), ch chan<- T, done <-chan struct{}, onErr func(error)) error {
+	// Bound to no group: they are joined one by one below (setsockopt also
+	// reaches groups above 31, which a bind cannot).
 	s, err := nl.SubscribeAt(ns, netns.None(), unix.NETLINK_ROUTE)
 	if err != nil {
 		return err
@@ -39,12 +55,15 @@ func subscribeRules(ns netns.NsHandle, rcvbuf int, ch chan<- RuleUpdate, done <-
 		s.Close()
 		return fmt.Errorf("setting SO_RCVBUFFORCE: %w", err)
 	}
-	if err := unix.SetsockoptInt(s.GetFd(), unix.SOL_NETLINK, unix.NETLINK_ADD_MEMBERSHIP, unix.RTNLGRP_IPV4_RULE); err != nil {
-		s.Close()
-		return fmt.Errorf("joining RTNLGRP_IPV4_RULE: %w", err)
-	}
-	if err := unix.SetsockoptInt(s.GetFd(), unix.SOL_NETLINK, unix.NETLINK_ADD_MEMBERSHIP, unix.RTNLGRP_IPV6_RULE); err != nil {
-		onErr(fmt.Errorf("not watching IPv6 rules: joining RTNLGRP_IPV6_RULE: %w", err))
+	for _, g := range groups {
+		err := unix.SetsockoptInt(s.GetFd(), unix.SOL_NETLINK, unix.NETLINK_ADD_MEMBERSHIP, g.id)
+		switch {
+		case err != nil && g.optional:
+			onErr(fmt.Errorf("not watching %s: %w", g.name, err))
+		case err != nil:
+			s.Close()
+			return fmt.Errorf("joining %s: %w", g.name, err)
+		}
 	}
 	go func() {
 		<-done
@@ -55,14 +74,14 @@ func subscribeRules(ns netns.NsHandle, rcvbuf int, ch chan<- RuleUpdate, done <-
 		for {
 			msgs, from, err := s.Receive()
 			if err != nil {
-				onErr(fmt.Errorf("receiving rule notifications: %w", err))
+				onErr(fmt.Errorf("receiving notifications: %w", err))
 				return
 			}
 			if from.Pid != nl.PidKernel { // not a notification: CAP_NET_ADMIN may send to the group too
 				continue
 			}
 			for _, m := range msgs {
-				u, err := parseRule(m)
+				u, err := parse(m)
 				if err != nil {
 					onErr(err)
 					continue

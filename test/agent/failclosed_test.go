@@ -341,6 +341,47 @@ func TestFailClosed(t *testing.T) {
 		leaked() // the window while the rule was gone is the deleter's doing
 	})
 
+	// Deleting a nexthop group deletes the IPv4 routes through it without
+	// a route notification: only the nexthop one tells the agent.
+	t.Run("a hand-deleted nexthop group is back within a second, nothing leaks meanwhile", func(t *testing.T) {
+		e.t = t
+		leaked()
+		tr := startTraffic(t, e.lab, e.ns(0), 16, 10*time.Millisecond)
+		time.Sleep(300 * time.Millisecond)
+		var worst time.Duration
+		for range 5 {
+			line := strings.SplitN(e.routesOn(0), "\n", 2)[0]
+			f := strings.Fields(line)
+			if len(f) < 3 || f[0] != "default" || f[1] != "nhid" {
+				t.Fatalf("the default Route's route does not use a nexthop group: %q", line)
+			}
+			if out, err := e.lab.Exec(e.ns(0), "ip", "nexthop", "del", "id", f[2]); err != nil {
+				t.Fatalf("%v: %s", err, out)
+			}
+			deleted := time.Now()
+			if strings.Contains(e.routesOn(0), "nhid "+f[2]) {
+				t.Fatal("the group's deletion left its route: the test proves nothing")
+			}
+			for !strings.Contains(e.routesOn(0), "default nhid "+f[2]) {
+				if time.Since(deleted) > 5*time.Second {
+					t.Fatalf("group %s and its route not restored within 5 s (resync is 30 s)\n%s\n%s", f[2], e.routesOn(0), tail(e.logs(0), 20))
+				}
+				time.Sleep(2 * time.Millisecond)
+			}
+			worst = max(worst, time.Since(deleted))
+		}
+		t.Logf("hand-deleted nexthop group and its route restored after at most %s (5 trials)", worst.Round(time.Millisecond))
+		if worst > time.Second {
+			t.Errorf("a hand-deleted nexthop group took %s to come back, want within a second", worst)
+		}
+		time.Sleep(300 * time.Millisecond)
+		if sent, lost := tr.Finish(); sumPorts(lost) == sumPorts(sent) {
+			t.Fatal("no datagram arrived at all; the test proves nothing")
+		}
+		// Meanwhile the backstop held the destination: nothing took main.
+		noLeak("a nexthop group deleted by hand")
+	})
+
 	t.Run("a deleted NodeRouting is recreated with its tables", func(t *testing.T) {
 		e.t = t
 		before := table("default")
@@ -383,4 +424,12 @@ func TestFailClosed(t *testing.T) {
 		}
 		noLeak("band moved")
 	})
+}
+
+func sumPorts(m map[int]int64) int64 {
+	var n int64
+	for _, v := range m {
+		n += v
+	}
+	return n
 }
