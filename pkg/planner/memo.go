@@ -3,12 +3,16 @@ package planner
 import (
 	"maps"
 	"slices"
+
+	v1alpha1 "github.com/routing-agent/routing-agent/apis/networking/v1alpha1"
 )
 
 // Memo carries, from one Compute to the next, the dispatch of each family
-// (dispatch.go): laying out the trie is most of the work of planning many
+// (dispatch.go) and each Route's parsed spec: laying out the trie and
+// validating a thousand specs are most of the work of planning many
 // Routes, and most changes (a gateway edited, a gateway down, a node
-// label) leave the Routes' destinations and tables as they were. A
+// label) leave the Routes' destinations and tables, and all but one
+// Route, as they were. A
 // dispatch is reused only when its destinations, its band and the layout
 // it starts from are the ones it was computed from: the plan is the same
 // with a Memo as without (TestMemoChangesNothing). Not safe for concurrent
@@ -18,6 +22,47 @@ type Memo struct {
 	// layout is LayoutOf the last plan's rules: what the next Compute's
 	// Input.Layout is when it starts from that plan.
 	layout Layout
+	// parsed are the specs of the last Compute's Routes, parsed and
+	// validated, by object: an informer hands out the same object until
+	// the Route changes.
+	parsed map[*v1alpha1.Route]parsedEntry
+}
+
+type parsedEntry struct {
+	resourceVersion string
+	generation      int64
+	spec            parsedSpec
+}
+
+// specCache parses the specs of one Compute, reusing a Memo's.
+type specCache struct {
+	previous, next map[*v1alpha1.Route]parsedEntry
+}
+
+func (m *Memo) specs() *specCache {
+	c := &specCache{next: map[*v1alpha1.Route]parsedEntry{}}
+	if m != nil {
+		c.previous = m.parsed
+	}
+	return c
+}
+
+// of is r's parsed spec: the kept one while the object is the same one at
+// the same version, else parsed now.
+func (c *specCache) of(r *v1alpha1.Route) parsedSpec {
+	e, ok := c.previous[r]
+	if !ok || e.resourceVersion != r.ResourceVersion || e.generation != r.Generation {
+		e = parsedEntry{resourceVersion: r.ResourceVersion, generation: r.Generation, spec: parseSpec(r)}
+	}
+	c.next[r] = e
+	return e.spec
+}
+
+// keepSpecs keeps the specs of this Compute's Routes, and only those.
+func (m *Memo) keepSpecs(c *specCache) {
+	if m != nil {
+		m.parsed = c.next
+	}
 }
 
 type dispatchMemo struct {

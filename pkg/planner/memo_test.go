@@ -7,6 +7,8 @@ import (
 	"reflect"
 	"slices"
 	"testing"
+
+	v1alpha1 "github.com/routing-agent/routing-agent/apis/networking/v1alpha1"
 )
 
 // TestMemoChangesNothing plans a random sequence of changes twice, with a
@@ -25,6 +27,8 @@ func TestMemoChangesNothing(t *testing.T) {
 	var memo Memo
 	var plain Plan
 	reused := 0
+	objects := map[string]*v1alpha1.Route{}
+	version := 0
 	for step := range 60 {
 		sameDestinations := step > 0 && step%2 == 0
 		switch {
@@ -47,12 +51,22 @@ func TestMemoChangesNothing(t *testing.T) {
 				routes[i] = &edited
 			}
 		}
-		input := func(layout Layout, memo *Memo) Input {
-			in := Input{Config: DefaultConfig(), Node: testNode(), Down: down, Layout: layout, Memo: memo}
-			for _, r := range routes {
-				in.Routes = append(in.Routes, route(r.name, r.age, r.dsts, gateways(gw[r.name])))
+		// As an informer hands them out: the same object while a Route
+		// stays as it is, a new one at a new version when it changes.
+		var objs []*v1alpha1.Route
+		for _, r := range routes {
+			o := route(r.name, r.age, r.dsts, gateways(gw[r.name]))
+			if have, ok := objects[r.name]; ok && reflect.DeepEqual(have.Spec, o.Spec) {
+				o = have
+			} else {
+				version++
+				o.ResourceVersion = fmt.Sprint(version)
+				objects[r.name] = o
 			}
-			return in
+			objs = append(objs, o)
+		}
+		input := func(layout Layout, memo *Memo) Input {
+			return Input{Config: DefaultConfig(), Node: testNode(), Down: down, Layout: layout, Memo: memo, Routes: objs}
 		}
 		before := memo.dispatch[0]
 		withMemo := Compute(input(memo.Layout(), &memo))
@@ -65,6 +79,9 @@ func TestMemoChangesNothing(t *testing.T) {
 				t.Errorf("step %d: the destinations did not change, but the dispatch was laid out again", step)
 			}
 			reused++
+		}
+		if len(memo.parsed) != len(objs) {
+			t.Errorf("step %d: the Memo keeps %d specs for %d Routes", step, len(memo.parsed), len(objs))
 		}
 	}
 	if reused == 0 {

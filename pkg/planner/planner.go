@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"fmt"
 	"hash/fnv"
+	"k8s.io/apimachinery/pkg/util/validation/field"
 	"maps"
 	"net/netip"
 	"slices"
@@ -82,10 +83,16 @@ func Compute(in Input) Plan {
 		return strings.Compare(a.route.Name, b.route.Name)
 	})
 
+	links := make(map[int]Link, len(in.Node.Links))
+	for _, l := range in.Node.Links {
+		links[l.Index] = l
+	}
+	specs := in.Memo.specs()
 	for _, c := range byAge {
 		_, applied := in.Tables[c.route.Name]
-		checkOnNode(c, in.Node, applied)
+		checkOnNode(c, specs.of(c.route), in.Node, links, applied)
 	}
+	in.Memo.keepSpecs(specs)
 	resolveConflicts(byAge)
 	for _, c := range byAge {
 		c.judgeDestinations()
@@ -118,26 +125,18 @@ func Compute(in Input) Plan {
 // since (the interface re-created without its addresses yet, a lost lease)
 // then strands the Route instead of withdrawing it, so its destinations
 // fail closed behind their backstops rather than leave through main.
-func checkOnNode(c *candidate, node Node, wasApplied bool) {
+func checkOnNode(c *candidate, spec parsedSpec, node Node, links map[int]Link, wasApplied bool) {
 	invalid := func(reason, format string, args ...any) {
 		c.result.Phase, c.result.Reason, c.result.Message = Invalid, reason, fmt.Sprintf(format, args...)
 	}
-	if errs := routespec.Validate(c.route); len(errs) > 0 {
-		invalid(ReasonInvalidSpec, "%v", errs.ToAggregate())
+	if len(spec.errs) > 0 {
+		invalid(ReasonInvalidSpec, "%v", spec.errs.ToAggregate())
 		return
 	}
-	c.destinations = make([]netip.Prefix, 0, len(c.route.Spec.Destinations))
-	for _, d := range c.route.Spec.Destinations {
-		p, _ := routespec.ParseDestination(d) // validated above
-		c.destinations = append(c.destinations, p)
-	}
-	// Sorted, and once each (1.2.3.4/5 and 0.0.0.0/5 are one).
-	slices.SortFunc(c.destinations, comparePrefix)
-	c.destinations = slices.Compact(c.destinations)
+	c.destinations = spec.destinations
 
-	for _, g := range c.route.Spec.Gateways {
-		gw, _ := routespec.ParseGateway(g)
-		link, network, local, ok := connectedLink(node, gw)
+	for _, gw := range spec.gateways {
+		link, network, local, ok := connectedLink(node, links, gw)
 		switch {
 		case local:
 			invalid(ReasonGatewayIsLocal, "gateway %s is an address of this node", gw)
@@ -175,6 +174,34 @@ func checkOnNode(c *candidate, node Node, wasApplied bool) {
 		c.result.Reason = ReasonGatewayNotConnected
 		c.result.Message = fmt.Sprintf("gateway %s is no longer on a directly connected network of this node; the Route stays, and destinations with no other gateway fail closed (unreachable) until it is back", c.stranded[0])
 	}
+}
+
+// parsedSpec is what checkOnNode takes from a Route's spec, which depends
+// on the object alone: its validation errors, else its destinations
+// (sorted, once each: 1.2.3.4/5 and 0.0.0.0/5 are one) and gateways.
+type parsedSpec struct {
+	errs         field.ErrorList
+	destinations []netip.Prefix
+	gateways     []netip.Addr
+}
+
+func parseSpec(r *v1alpha1.Route) parsedSpec {
+	if errs := routespec.Validate(r); len(errs) > 0 {
+		return parsedSpec{errs: errs}
+	}
+	var s parsedSpec
+	s.destinations = make([]netip.Prefix, 0, len(r.Spec.Destinations))
+	for _, d := range r.Spec.Destinations {
+		p, _ := routespec.ParseDestination(d) // validated above
+		s.destinations = append(s.destinations, p)
+	}
+	slices.SortFunc(s.destinations, comparePrefix)
+	s.destinations = slices.Compact(s.destinations)
+	for _, g := range r.Spec.Gateways {
+		gw, _ := routespec.ParseGateway(g)
+		s.gateways = append(s.gateways, gw)
+	}
+	return s
 }
 
 // isNetworkOrBroadcast: an IPv4 network's own address and its broadcast
@@ -226,13 +253,10 @@ func (c *candidate) judgeDestinations() {
 	}
 }
 
-// connectedLink finds the link whose network holds gw, preferring the
-// longest prefix, as the kernel would, and that network.
-func connectedLink(node Node, gw netip.Addr) (link Link, network netip.Prefix, local, ok bool) {
-	links := map[int]Link{}
-	for _, l := range node.Links {
-		links[l.Index] = l
-	}
+// connectedLink finds the link (of links, node's by index) whose network
+// holds gw, preferring the longest prefix, as the kernel would, and that
+// network.
+func connectedLink(node Node, links map[int]Link, gw netip.Addr) (link Link, network netip.Prefix, local, ok bool) {
 	best := -1
 	for _, a := range node.Addresses {
 		if a.Prefix.Addr() == gw {
