@@ -10,6 +10,7 @@ import (
 	"cmp"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"net/netip"
 	"slices"
@@ -38,8 +39,10 @@ type Applier struct {
 	nexthopsOff atomic.Bool
 	// Writes counts every netlink write since the Applier was made.
 	Writes Counters
-	// view, when set (UseView), is what Apply diffs against.
-	view *View
+	// view, when set (UseView), is what Apply diffs against; settled is
+	// the last apply through it that wrote all it had to (scope.go).
+	view    *View
+	settled *settled
 }
 
 // Counters count netlink writes by kind.
@@ -147,6 +150,7 @@ func (a *Applier) Apply(plan planner.Plan) (Report, error) {
 		pre.NexthopsIn = time.Since(begin)
 	}
 	var actual *State
+	var sc *scope
 	var err error
 	if v != nil {
 		// The tables of the groups just written are read again: their
@@ -154,20 +158,23 @@ func (a *Applier) Apply(plan planner.Plan) (Report, error) {
 		// notification (the kernel sends those only in
 		// net.ipv4.nexthop_compat_mode).
 		v.nexthopsWritten(nhs, 0)
-		actual, err = v.state(nhs)
+		var read reread
+		actual, read, err = v.state(nhs)
+		sc = diffScope(a.settled, plan, nhs, read)
 	} else {
 		actual, err = a.Read()
 	}
+	a.settled = nil // until this apply has written all it had to
 	if err != nil {
 		return pre, errors.Join(append(preErrs, err)...)
 	}
 	w := &a.Writes
 	routeWrites, ruleWrites := w.RouteReplace.Load()+w.RouteDelete.Load(), w.RuleAdd.Load()+w.RuleDelete.Load()
-	rep, err := a.applyTo(plan, actual, nhs)
+	rep, err := a.applyTo(plan, actual, nhs, sc)
 	if v != nil {
 		// A write that failed changed nothing: only successful ones (which
 		// the counters count) make the view stale.
-		v.wrote(plan, actual, nhs, w.RouteReplace.Load()+w.RouteDelete.Load() != routeWrites, w.RuleAdd.Load()+w.RuleDelete.Load() != ruleWrites)
+		v.wrote(plan, actual, nhs, sc, w.RouteReplace.Load()+w.RouteDelete.Load() != routeWrites, w.RuleAdd.Load()+w.RuleDelete.Load() != ruleWrites)
 	}
 	rep.Changes += pre.Changes
 	rep.NexthopsIn = pre.NexthopsIn
@@ -188,10 +195,18 @@ func (a *Applier) Apply(plan planner.Plan) (Report, error) {
 	if v != nil && nhs != nil {
 		v.wroteNexthops(nhs.all)
 	}
+	if v != nil && err == nil && len(rep.Rejected) == 0 && len(preErrs) == 0 {
+		var groups map[planner.TableFamily]uint32
+		if nhs != nil {
+			groups = maps.Clone(nhs.groups)
+		}
+		a.settled = &settled{routes: plan.Routes, rules: plan.Rules, groups: groups}
+	}
 	return rep, errors.Join(append(preErrs, err)...)
 }
 
-func (a *Applier) applyTo(plan planner.Plan, actual *State, nhs *nexthopState) (Report, error) {
+// applyTo writes what it takes to make actual plan, within sc (nil: all).
+func (a *Applier) applyTo(plan planner.Plan, actual *State, nhs *nexthopState, sc *scope) (Report, error) {
 	rep := Report{Foreign: actual.Foreign, MarkCollisions: actual.MarkUsers}
 	// The marks first: the fwmark rule added below is of use at once. A
 	// table that cannot be written leaves replies to the source rules and
@@ -229,24 +244,37 @@ func (a *Applier) applyTo(plan planner.Plan, actual *State, nhs *nexthopState) (
 		w.add(a.routeRemoval(actual.Routes[key], actual.metrics[key]))
 	}
 
-	wanted := make(map[routeKey]bool, len(plan.Routes))
-	for _, r := range plan.Routes {
+	// Only the routes of the tables in scope are compared.
+	routes := plan.Routes
+	if sc != nil {
+		routes = make([]planner.Route, 0, 16)
+		for _, r := range plan.Routes {
+			if sc.table(r.Table) {
+				routes = append(routes, r)
+			}
+		}
+	}
+	wanted := make(map[routeKey]bool, len(routes))
+	for _, r := range routes {
 		wanted[keyOf(r)] = true
 	}
-	wantedRules := make(map[ruleKey]bool, len(plan.Rules))
-	for _, r := range plan.Rules {
-		wantedRules[keyOfRule(r)] = true
-	}
+	var wantedRules map[ruleKey]bool
 	// The rules to remove, in a stable order: those the plan does not
 	// want, and duplicates. Only they are sorted, so a diff with little to
 	// remove costs little.
 	var stale []ruleKey
-	for key, have := range actual.Rules {
-		if !wantedRules[key] || len(have) > 1 {
-			stale = append(stale, key)
+	if sc.hasRules() {
+		wantedRules = make(map[ruleKey]bool, len(plan.Rules))
+		for _, r := range plan.Rules {
+			wantedRules[keyOfRule(r)] = true
 		}
+		for key, have := range actual.Rules {
+			if !wantedRules[key] || len(have) > 1 {
+				stale = append(stale, key)
+			}
+		}
+		slices.SortFunc(stale, compareRuleKeys)
 	}
-	slices.SortFunc(stale, compareRuleKeys)
 	// Rules come in three kinds for the order they are written in: jumps
 	// that take packets past rules (the dispatch's skips, the gate's exit)
 	// go first and come last; the gate's entries, which let packets in,
@@ -277,6 +305,9 @@ func (a *Applier) applyTo(plan planner.Plan, actual *State, nhs *nexthopState) (
 		w.flush()
 	}
 	addRules := func(k int) {
+		if !sc.hasRules() {
+			return
+		}
 		for _, r := range plan.Rules {
 			if kind(r) != k || len(actual.Rules[keyOfRule(r)]) > 0 {
 				continue
@@ -292,7 +323,7 @@ func (a *Applier) applyTo(plan planner.Plan, actual *State, nhs *nexthopState) (
 	removeAll(narrowing)
 	addRules(widening)
 	// 1. Fill and repair tables.
-	for _, r := range plan.Routes {
+	for _, r := range routes {
 		if !r.Throw {
 			replace(r)
 		}
@@ -301,7 +332,7 @@ func (a *Applier) applyTo(plan planner.Plan, actual *State, nhs *nexthopState) (
 	// 2. Add missing rules, jumps aside.
 	addRules(plain)
 	// 3. Throws, now that the tables they hand over to are reachable.
-	for _, r := range plan.Routes {
+	for _, r := range routes {
 		if r.Throw {
 			replace(r)
 		}
@@ -313,16 +344,22 @@ func (a *Applier) applyTo(plan planner.Plan, actual *State, nhs *nexthopState) (
 	// stale throw goes with the stale routes (step 6), after the supernet
 	// it carves out of (sortedRouteKeys puts a supernet first) or after
 	// its own table's rule, so longest-prefix match holds throughout.
-	held := map[netip.Prefix]bool{}
-	for _, r := range plan.Routes {
-		if !r.Throw && !r.Backstop {
-			held[r.Dst] = true
+	var held map[netip.Prefix]bool // built when a stale throw needs it
+	heldBy := func(p netip.Prefix) bool {
+		if held == nil {
+			held = map[netip.Prefix]bool{}
+			for _, r := range plan.Routes {
+				if !r.Throw && !r.Backstop {
+					held[r.Dst] = true
+				}
+			}
 		}
+		return held[p]
 	}
 	var early, late []routeKey
-	for _, key := range sortedRouteKeys(actual.Routes, wanted) {
+	for _, key := range sortedRouteKeys(actual.Routes, wanted, sc) {
 		switch {
-		case actual.Routes[key].Throw && !held[key.Dst]:
+		case actual.Routes[key].Throw && !heldBy(key.Dst):
 			early = append(early, key)
 		default:
 			late = append(late, key)
@@ -387,7 +424,7 @@ func (a *Applier) RemoveLayout(old planner.Config) (Report, error) {
 			delete(st.Routes, key)
 		}
 	}
-	rep, err := prev.applyTo(planner.Plan{}, st, nil)
+	rep, err := prev.applyTo(planner.Plan{}, st, nil, nil)
 	if err == nil {
 		var errs []error
 		prev.collectNexthops(nhs, &writer{a: prev, rep: &rep, errs: &errs}, spare, ours)
@@ -521,12 +558,13 @@ func sortedKeys[V any](m map[string]V) []string {
 	return keys
 }
 
-// sortedRouteKeys are the keys of m less those of skip, sorted: only
-// those are sorted, so a diff with little to remove costs little.
-func sortedRouteKeys(m map[routeKey]planner.Route, skip map[routeKey]bool) []routeKey {
+// sortedRouteKeys are the keys of m in sc's tables less those of skip,
+// sorted: only those are sorted, so a diff with little to remove costs
+// little.
+func sortedRouteKeys(m map[routeKey]planner.Route, skip map[routeKey]bool, sc *scope) []routeKey {
 	var keys []routeKey
 	for k := range m {
-		if !skip[k] {
+		if sc.table(k.Table) && !skip[k] {
 			keys = append(keys, k)
 		}
 	}

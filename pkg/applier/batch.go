@@ -3,6 +3,7 @@ package applier
 import (
 	"errors"
 	"fmt"
+	"net/netip"
 	"slices"
 	"strings"
 	"sync/atomic"
@@ -287,19 +288,23 @@ func (a *Applier) readNexthops() (map[uint32]nlbatch.NexthopObject, error) {
 	return out, nil
 }
 
-// nexthopObjects lists the kernel's nexthop objects, or takes them from the
-// view when it has them current.
-func (a *Applier) nexthopObjects() ([]nlbatch.NexthopObject, error) {
-	v := a.view
-	if v == nil {
-		return a.conn.Nexthops()
+// nexthopObjects lists the kernel's nexthop objects by id, or takes them
+// from the view when it has them current; the caller may change the map.
+func (a *Applier) nexthopObjects() (map[uint32]nlbatch.NexthopObject, error) {
+	if a.view != nil {
+		if objs, ok := a.view.keptNexthops(); ok {
+			return objs, nil
+		}
 	}
-	if objs, ok := v.keptNexthops(); ok {
-		return objs, nil
+	list, err := a.conn.Nexthops()
+	if err != nil {
+		return nil, err
 	}
-	objs, err := a.conn.Nexthops()
-	v.listedNexthops(objs, err != nil)
-	return objs, err
+	objs := make(map[uint32]nlbatch.NexthopObject, len(list))
+	for _, o := range list {
+		objs[o.ID] = o
+	}
+	return objs, nil
 }
 
 // expect tells the view, if any, of a nexthop write about to be sent.
@@ -351,23 +356,22 @@ func (a *Applier) syncNexthops(plan planner.Plan, w *writer) *nexthopState {
 		}
 		return nil
 	}
-	st := &nexthopState{own: map[uint32]nlbatch.NexthopObject{}, groups: map[planner.TableFamily]uint32{}, keep: map[uint32]bool{},
-		all: make(map[uint32]nlbatch.NexthopObject, len(objs))}
+	st := &nexthopState{own: make(map[uint32]nlbatch.NexthopObject, len(objs)), groups: map[planner.TableFamily]uint32{}, keep: map[uint32]bool{}, all: objs}
 	type gwKey struct {
-		gw   string
+		gw   netip.Addr
 		link int
 	}
 	existing := map[gwKey]uint32{}
-	used := map[uint32]bool{}
+	// used: ids taken, in the kernel or by this apply's new objects.
+	taken := map[uint32]bool{}
+	used := func(id uint32) bool { _, ok := objs[id]; return ok || taken[id] }
 	for _, o := range objs {
-		used[o.ID] = true
-		st.all[o.ID] = o
 		if o.Protocol != a.cfg.Protocol || !planner.OwnsNexthopID(a.cfg.Protocol, o.ID) {
 			continue
 		}
 		st.own[o.ID] = o
 		if len(o.Group) == 0 && o.Gateway.IsValid() && !planner.IsGroupID(a.cfg.Protocol, o.ID) {
-			existing[gwKey{o.Gateway.String(), o.LinkIndex}] = o.ID
+			existing[gwKey{o.Gateway, o.LinkIndex}] = o.ID
 		}
 	}
 	layout := plan.Nexthops(a.cfg.Protocol)
@@ -378,12 +382,12 @@ func (a *Applier) syncNexthops(plan planner.Plan, w *writer) *nexthopState {
 		if len(o.Group) > 0 {
 			continue
 		}
-		if id, ok := existing[gwKey{o.Gateway.String(), o.LinkIndex}]; ok {
+		if id, ok := existing[gwKey{o.Gateway, o.LinkIndex}]; ok {
 			ids[o.ID] = id
 			st.keep[id] = true
 			continue
 		}
-		for next < end && used[next] {
+		for next < end && used(next) {
 			next++
 		}
 		if next >= end {
@@ -391,7 +395,7 @@ func (a *Applier) syncNexthops(plan planner.Plan, w *writer) *nexthopState {
 			continue
 		}
 		id, layoutID := next, o.ID
-		used[id] = true
+		taken[id] = true
 		ids[layoutID] = id
 		st.keep[id] = true
 		obj := nlbatch.NexthopObject{ID: id, Protocol: a.cfg.Protocol, Family: unix.AF_INET, Gateway: o.Gateway, LinkIndex: o.LinkIndex}
@@ -433,7 +437,7 @@ func (a *Applier) syncNexthops(plan planner.Plan, w *writer) *nexthopState {
 			st.groups[tf] = gid
 			continue
 		}
-		if used[gid] && !exists {
+		if used(gid) && !exists {
 			continue // someone else's object holds the id: leave it alone
 		}
 		g.ID, g.Group = gid, members
@@ -458,6 +462,12 @@ func (st *nexthopState) written(obj nlbatch.NexthopObject) {
 }
 
 func sameMembers(a, b []uint32) bool {
+	if slices.Equal(a, b) {
+		return true
+	}
+	if len(a) != len(b) {
+		return false
+	}
 	a, b = slices.Clone(a), slices.Clone(b)
 	slices.Sort(a)
 	slices.Sort(b)

@@ -309,31 +309,22 @@ func sameObject(want, got nlbatch.NexthopObject) bool {
 // agent's own writes. Otherwise the caller lists them (and gives the
 // listing to listedNexthops): a notification from here on makes that
 // listing stale in turn. Either way the echoes expected start anew.
-func (v *View) keptNexthops() ([]nlbatch.NexthopObject, bool) {
+//
+// The objects are handed over, not copied: the apply changes them as it
+// writes and gives them back at its end (wroteNexthops); an apply that
+// ends before leaves the next one to list them.
+func (v *View) keptNexthops() (map[uint32]nlbatch.NexthopObject, bool) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	v.expected = map[uint32]*nlbatch.NexthopObject{}
-	if !v.nexthopsWatched || !v.watching || v.down != 0 || v.all || v.nexthopsStale || v.nexthops == nil {
+	kept := v.nexthops
+	v.nexthops = nil
+	if !v.nexthopsWatched || !v.watching || v.down != 0 || v.all || v.nexthopsStale || kept == nil {
 		v.nexthopsStale = false
 		return nil, false
 	}
 	v.stats.KeptNexthops++
-	return slices.Collect(maps.Values(v.nexthops)), true
-}
-
-// listedNexthops keeps a listing of the objects; failed says the listing
-// failed, and the next apply lists them again.
-func (v *View) listedNexthops(objs []nlbatch.NexthopObject, failed bool) {
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	if failed {
-		v.nexthops, v.nexthopsStale = nil, true
-		return
-	}
-	v.nexthops = make(map[uint32]nlbatch.NexthopObject, len(objs))
-	for _, o := range objs {
-		v.nexthops[o.ID] = o
-	}
+	return kept, true
 }
 
 // expectNexthop says the apply is about to write obj (or, with gone, to
@@ -351,21 +342,20 @@ func (v *View) expectNexthop(obj nlbatch.NexthopObject, gone bool) {
 	}
 }
 
-// wroteNexthops keeps the objects an apply ended with: its listing and its
-// own writes (nexthopState.all).
+// wroteNexthops keeps the objects an apply ended with: its listing, or
+// what the view handed it, and its own writes (nexthopState.all), which
+// the view owns from now on.
 func (v *View) wroteNexthops(all map[uint32]nlbatch.NexthopObject) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	if v.nexthops != nil {
-		v.nexthops = maps.Clone(all)
-	}
+	v.nexthops = all
 }
 
 // state returns the State an apply diffs against: read in full, or the
 // view's with its dirty parts dumped again. nhs is what the apply's
 // nexthop phase found (nil without nexthop objects): routes resolve their
 // nexthop objects through it.
-func (v *View) state(nhs *nexthopState) (*State, error) {
+func (v *View) state(nhs *nexthopState) (*State, reread, error) {
 	v.mu.Lock()
 	all := v.all || v.st == nil || !v.watching || v.down != 0
 	routes, rules, tables := v.routes, v.rules, v.tables
@@ -374,6 +364,7 @@ func (v *View) state(nhs *nexthopState) (*State, error) {
 	// Many tables (a failover rewrites every table using the gateway) are
 	// cheaper in one dump of every route.
 	routes = routes || len(tables) > maxTableDumps
+	read := reread{all: all || routes, tables: tables, rules: all || rules}
 	// Whatever is marked from here on is dumped by the next apply: a
 	// change the dumps below miss is notified after they began.
 	var err error
@@ -419,7 +410,7 @@ func (v *View) state(nhs *nexthopState) (*State, error) {
 	v.stats.Tables += stats.Tables
 	if err != nil {
 		v.all = true
-		return nil, err
+		return nil, read, err
 	}
 	if all || routes {
 		v.byTable = map[uint32][]routeKey{}
@@ -439,7 +430,7 @@ func (v *View) state(nhs *nexthopState) (*State, error) {
 			}
 		}
 	}
-	return v.st, nil
+	return v.st, read, nil
 }
 
 // dumpRules reads the rules of the view's state again.
@@ -517,20 +508,24 @@ func (v *View) planned(plan planner.Plan) {
 // wrote: when routes were written, the tables whose routes differ (the
 // diff applyTo makes, with the nexthop groups of nhs, without its order);
 // when rules were, the rules.
-func (v *View) wrote(plan planner.Plan, actual *State, nhs *nexthopState, routes, rules bool) {
+func (v *View) wrote(plan planner.Plan, actual *State, nhs *nexthopState, sc *scope, routes, rules bool) {
 	tables := map[uint32]bool{}
 	if routes {
 		// A table all of whose planned routes are installed as planned,
-		// and which holds as many as planned, holds nothing else.
+		// and which holds as many as planned, holds nothing else. Only
+		// tables in the apply's scope were written.
 		planned := map[uint32]int{}
 		for _, r := range plan.Routes {
+			if !sc.table(r.Table) {
+				continue
+			}
 			planned[r.Table]++
 			if !actual.installed(r, nhs.groupOf(r)) {
 				tables[r.Table] = true
 			}
 		}
 		for t, keys := range v.byTable {
-			if len(keys) != planned[t] {
+			if sc.table(t) && len(keys) != planned[t] {
 				tables[t] = true
 			}
 		}

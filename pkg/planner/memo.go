@@ -2,6 +2,7 @@ package planner
 
 import (
 	"maps"
+	"reflect"
 	"slices"
 
 	v1alpha1 "github.com/routing-agent/routing-agent/apis/networking/v1alpha1"
@@ -20,8 +21,10 @@ import (
 type Memo struct {
 	dispatch [2]*dispatchMemo // IPv4, IPv6
 	// layout is LayoutOf the last plan's rules: what the next Compute's
-	// Input.Layout is when it starts from that plan.
+	// Input.Layout is when it starts from that plan. reused says which
+	// families' dispatch the current Compute took from the Memo.
 	layout Layout
+	reused [2]bool
 	// parsed are the specs of the last Compute's Routes, parsed and
 	// validated, by object: an informer hands out the same object until
 	// the Route changes.
@@ -88,10 +91,20 @@ func (m *Memo) dispatchFor(ipv6 bool, base int, items []dispatchItem, layout Lay
 		return nil
 	}
 	d := m.dispatch[boolIndex(ipv6)]
-	if d == nil || d.base != base || !slices.Equal(d.items, items) || !maps.Equal(layout, m.layout) {
+	if d == nil || d.base != base || !slices.Equal(d.items, items) || !sameLayout(layout, m.layout) {
 		return nil
 	}
+	m.reused[boolIndex(ipv6)] = true
 	return d
+}
+
+// sameLayout says whether a and b hold the same slots: at once when they
+// are one map, as when the agent passes the Memo's own.
+func sameLayout(a, b Layout) bool {
+	if reflect.ValueOf(a).UnsafePointer() == reflect.ValueOf(b).UnsafePointer() {
+		return true
+	}
+	return maps.Equal(a, b)
 }
 
 func (m *Memo) keepDispatch(ipv6 bool, base int, items []dispatchItem, gate, trie []Rule) {
@@ -101,20 +114,34 @@ func (m *Memo) keepDispatch(ipv6 bool, base int, items []dispatchItem, gate, tri
 	m.dispatch[boolIndex(ipv6)] = &dispatchMemo{base: base, items: slices.Clone(items), gate: gate, trie: trie}
 }
 
+// startCompute forgets which dispatches the previous Compute reused.
+func (m *Memo) startCompute() {
+	if m != nil {
+		m.reused = [2]bool{}
+	}
+}
+
 // keepLayout records the layout of a plan's rules; a family the plan has
 // no dispatch for forgets its kept one.
 func (m *Memo) keepLayout(rules []Rule, base int) {
 	if m == nil {
 		return
 	}
-	m.layout = LayoutOf(rules, base)
 	var has [2]bool
 	for _, r := range rules {
 		has[boolIndex(r.IPv6)] = true
 	}
+	// The layout is the trie's alone: when every family's trie is the
+	// one the kept layout was read from, it is that layout still.
+	same := m.layout != nil
 	for f := range m.dispatch {
 		if !has[f] {
+			same = same && m.dispatch[f] == nil
 			m.dispatch[f] = nil
 		}
+		same = same && (m.reused[f] || !has[f])
+	}
+	if !same {
+		m.layout = LayoutOf(rules, base)
 	}
 }

@@ -87,6 +87,7 @@ func Compute(in Input) Plan {
 	for _, l := range in.Node.Links {
 		links[l.Index] = l
 	}
+	in.Memo.startCompute()
 	specs := in.Memo.specs()
 	for _, c := range byAge {
 		_, applied := in.Tables[c.route.Name]
