@@ -123,12 +123,19 @@ func newBenchAgent(b testing.TB, purpose string, n, per int, view bool) *benchAg
 	return &benchAgent{Agent: a, ns: name, h: h, client: client, objs: routes}
 }
 
-// change flips the gateways of Route i between one and two and waits until
-// the informer's cache has the new version: what a reconcile then finds.
-func (ba *benchAgent) change(b *testing.B, i, round int) {
+// change flips the gateways of Route i between one and two (or, with
+// destination, its last destination between its own and a /24 no Route
+// has, among theirs) and waits until the informer's cache has the new version: what a
+// reconcile then finds.
+func (ba *benchAgent) change(b *testing.B, i, round int, destination bool) {
 	b.Helper()
 	gateways := [][]string{{"10.114.0.3"}, {"10.114.0.3", "10.114.0.4"}}[round%2]
 	r := ba.objs[i].DeepCopy()
+	if destination {
+		gateways = r.Spec.Gateways
+		last := len(r.Spec.Destinations) - 1
+		r.Spec.Destinations[last] = []string{vpcnode.Routes(i+1, len(r.Spec.Destinations))[i].Spec.Destinations[last], "172.23.250.0/24"}[round%2]
+	}
 	r.Spec.Gateways = gateways
 	r.Generation++
 	updated, err := ba.client.NetworkingV1alpha1().Routes().Update(context.Background(), r, metav1.UpdateOptions{})
@@ -138,7 +145,7 @@ func (ba *benchAgent) change(b *testing.B, i, round int) {
 	ba.objs[i] = updated
 	for deadline := time.Now().Add(5 * time.Second); ; {
 		got, err := ba.Agent.routes.Get(r.Name)
-		if err == nil && len(got.Spec.Gateways) == len(gateways) {
+		if err == nil && got.Generation == r.Generation {
 			return
 		}
 		if time.Now().After(deadline) {
@@ -154,18 +161,23 @@ func (ba *benchAgent) change(b *testing.B, i, round int) {
 // table's group is replaced (its 2 routes stay on the group). It runs
 // the agent with its kernel view and, as the baseline, without (every
 // reconcile reads every owned route and rule), and reports the ratios;
-// both report what the parts of a reconcile cost on their own.
+// both report what the parts of a reconcile cost on their own. The
+// "view-destination" run changes a destination instead (a route and its
+// backstop replaced, one removed, the dispatch laid out again).
 //
 //	go test -run '^$' -bench ReconcileOneOf1000 -benchtime 20x ./pkg/agent
 func BenchmarkReconcileOneOf1000(b *testing.B) {
 	var full, fullCPU float64
 	for _, mode := range []struct {
-		name string
-		view bool
-	}{{"full-read", false}, {"view", true}} {
+		name              string
+		view, destination bool
+	}{{"full-read", false, false}, {"view", true, false}, {"view-destination", true, true}} {
 		b.Run(mode.name, func(b *testing.B) {
 			ba := newBenchAgent(b, "bench-rec", 1000, 2, mode.view)
-			ms, cpu := ba.benchChanges(b)
+			ms, cpu := ba.benchChanges(b, mode.destination)
+			if mode.destination {
+				return
+			}
 			ba.reportParts(b)
 			if !mode.view {
 				full, fullCPU = ms, cpu
@@ -179,7 +191,7 @@ func BenchmarkReconcileOneOf1000(b *testing.B) {
 
 // benchChanges changes one Route b.N times, reconciling after each, and
 // returns the mean reconcile time and CPU time in milliseconds.
-func (ba *benchAgent) benchChanges(b *testing.B) (ms, cpuMS float64) {
+func (ba *benchAgent) benchChanges(b *testing.B, destination bool) (ms, cpuMS float64) {
 	before := ba.applier.Writes.Total()
 	var stats applier.ViewStats
 	if ba.view != nil {
@@ -189,7 +201,7 @@ func (ba *benchAgent) benchChanges(b *testing.B) (ms, cpuMS float64) {
 	b.ResetTimer()
 	for i := range b.N {
 		b.StopTimer()
-		ba.change(b, 500, i)
+		ba.change(b, 500, i, destination)
 		b.StartTimer()
 		began, cpuBegan := time.Now(), processCPU(b)
 		if err := ba.reconcile(); err != nil {

@@ -29,43 +29,55 @@ type Memo struct {
 	// validated, by object: an informer hands out the same object until
 	// the Route changes.
 	parsed map[*v1alpha1.Route]parsedEntry
+	epoch  uint64
+	// rules is how many rules the last plan had.
+	rules int
 }
 
 type parsedEntry struct {
 	resourceVersion string
 	generation      int64
 	spec            parsedSpec
+	epoch           uint64 // the Compute that last used it
 }
 
-// specCache parses the specs of one Compute, reusing a Memo's.
+// specCache parses the specs of one Compute, reusing a Memo's: its map is
+// the Memo's, updated in place, and swept of the Routes this Compute did
+// not have at its end.
 type specCache struct {
-	previous, next map[*v1alpha1.Route]parsedEntry
+	entries map[*v1alpha1.Route]parsedEntry
+	epoch   uint64
 }
 
 func (m *Memo) specs() *specCache {
-	c := &specCache{next: map[*v1alpha1.Route]parsedEntry{}}
-	if m != nil {
-		c.previous = m.parsed
+	if m == nil {
+		return &specCache{entries: map[*v1alpha1.Route]parsedEntry{}}
 	}
-	return c
+	if m.parsed == nil {
+		m.parsed = map[*v1alpha1.Route]parsedEntry{}
+	}
+	m.epoch++
+	return &specCache{entries: m.parsed, epoch: m.epoch}
 }
 
 // of is r's parsed spec: the kept one while the object is the same one at
 // the same version, else parsed now.
 func (c *specCache) of(r *v1alpha1.Route) parsedSpec {
-	e, ok := c.previous[r]
+	e, ok := c.entries[r]
 	if !ok || e.resourceVersion != r.ResourceVersion || e.generation != r.Generation {
 		e = parsedEntry{resourceVersion: r.ResourceVersion, generation: r.Generation, spec: parseSpec(r)}
 	}
-	c.next[r] = e
+	e.epoch = c.epoch
+	c.entries[r] = e
 	return e.spec
 }
 
 // keepSpecs keeps the specs of this Compute's Routes, and only those.
 func (m *Memo) keepSpecs(c *specCache) {
-	if m != nil {
-		m.parsed = c.next
+	if m == nil {
+		return
 	}
+	maps.DeleteFunc(m.parsed, func(_ *v1alpha1.Route, e parsedEntry) bool { return e.epoch != c.epoch })
 }
 
 type dispatchMemo struct {

@@ -422,6 +422,11 @@ func tableRoutes(applied []*candidate, down map[netip.Addr]bool) []Route {
 // liveNexthops are the Route's gateways of one family that are not down; if
 // all of them are down, all of them (fail closed).
 func liveNexthops(c *candidate, ipv6 bool, down map[netip.Addr]bool) []Nexthop {
+	// Most Routes: one family, nothing down; the candidate's own slice,
+	// read-only like every part of a plan.
+	if !slices.ContainsFunc(c.nexthops, func(nh Nexthop) bool { return nh.Gateway.Is6() != ipv6 || down[nh.Gateway] }) {
+		return c.nexthops
+	}
 	var all, live []Nexthop
 	for _, nh := range c.nexthops {
 		if nh.Gateway.Is6() != ipv6 {
@@ -527,6 +532,11 @@ func BypassPrefix(a netip.Addr) (netip.Prefix, bool) {
 func rules(in Input, applied []*candidate, bypass []Bypass, gws []Gateway) []Rule {
 	base := in.Config.PriorityBase
 	var out []Rule
+	if m := in.Memo; m != nil {
+		// The size of the last plan's, which this one is most likely.
+		out = make([]Rule, 0, m.rules)
+		defer func() { m.rules = len(out) }()
+	}
 	for _, ipv6 := range []bool{false, true} {
 		var items []dispatchItem
 		for _, c := range applied {
