@@ -43,6 +43,8 @@ type Applier struct {
 	// the last apply through it that wrote all it had to (scope.go).
 	view    *View
 	settled *settled
+	// gateways interns the gateway lists of the routes read.
+	gateways gatewaySets
 }
 
 // Counters count netlink writes by kind.
@@ -241,7 +243,7 @@ func (a *Applier) applyTo(plan planner.Plan, actual *State, nhs *nexthopState, s
 		w.add(x)
 	}
 	remove := func(key routeKey) {
-		w.add(a.routeRemoval(actual.Routes[key], actual.metrics[key]))
+		w.add(a.routeRemoval(actual.Routes[key], actual.attrs[key].metric))
 	}
 
 	// Only the routes of the tables in scope are compared.
@@ -452,7 +454,7 @@ func (st *nexthopState) groupOf(r planner.Route) uint32 {
 // nhid (0: naming its gateways).
 func (s *State) installed(r planner.Route, nhid uint32) bool {
 	have, ok := s.Routes[keyOf(r)]
-	return ok && s.nhid[keyOf(r)] == nhid && (nhid != 0 || sameRoute(have, r)) && have.Throw == r.Throw && have.Backstop == r.Backstop
+	return ok && s.attrs[keyOf(r)].nhid == nhid && (nhid != 0 || sameRoute(have, r)) && have.Throw == r.Throw && have.Backstop == r.Backstop
 }
 
 func sameRoute(have, want planner.Route) bool {

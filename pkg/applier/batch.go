@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 
 	"github.com/vishvananda/netlink"
@@ -246,9 +247,43 @@ func (a *Applier) listRoutes(h *netlink.Handle, family int, table uint32, nhs ma
 			pr.Nexthops = append(pr.Nexthops, planner.Nexthop{Gateway: nh.Gateway, LinkIndex: nh.LinkIndex})
 		}
 		slices.SortFunc(pr.Nexthops, func(a, b planner.Nexthop) int { return a.Gateway.Compare(b.Gateway) })
+		pr.Nexthops = a.gateways.intern(pr.Nexthops)
 		out = append(out, ownRoute{route: pr, metric: int(r.Priority), nhid: r.NHID})
 	}
 	return out, nil
+}
+
+// gatewaySets hands out one slice for every route read with the same
+// few gateways (the routes of a thousand Routes through the same two NAT
+// gateways), which the State then holds once instead of per route. They
+// are read-only, like a plan's. The sets a node has are few: it is
+// emptied when it grows past a bound all the same.
+type gatewaySets struct {
+	mu   sync.Mutex
+	sets map[gatewaySetKey][]planner.Nexthop
+}
+
+type gatewaySetKey struct {
+	n  int
+	nh [4]planner.Nexthop
+}
+
+func (g *gatewaySets) intern(nhs []planner.Nexthop) []planner.Nexthop {
+	if len(nhs) == 0 || len(nhs) > len(gatewaySetKey{}.nh) {
+		return nhs
+	}
+	k := gatewaySetKey{n: len(nhs)}
+	copy(k.nh[:], nhs)
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if have, ok := g.sets[k]; ok {
+		return have
+	}
+	if g.sets == nil || len(g.sets) >= 1024 {
+		g.sets = map[gatewaySetKey][]planner.Nexthop{}
+	}
+	g.sets[k] = nhs
+	return nhs
 }
 
 // resolve is the gateways a nexthop object stands for.

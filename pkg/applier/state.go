@@ -23,12 +23,11 @@ type State struct {
 	Rules map[ruleKey][]planner.Rule
 	// Routes are the agent's routes, by table, destination and kind.
 	Routes map[routeKey]planner.Route
-	// metrics are the installed routes' metrics, which deleting one names
-	// so that it removes that route and not its backstop (or the reverse).
-	metrics map[routeKey]int
-	// nhid are the nexthop objects installed routes use (none: they name
-	// their gateways).
-	nhid map[routeKey]uint32
+	// attrs are what else the kernel says of each route: its metric, which
+	// deleting one names so that it removes that route and not its
+	// backstop (or the reverse), and the nexthop object it uses (0: it
+	// names its gateways). One map for both: it is per route.
+	attrs map[routeKey]routeAttrs
 	// Foreign rules in the band, as `ip rule` would show them.
 	Foreign []string
 	// MarkUsers are rules of others, anywhere, that match a fwmark bit of
@@ -45,6 +44,11 @@ type routeKey struct {
 }
 
 func keyOf(r planner.Route) routeKey { return routeKey{r.Table, r.Dst, r.Backstop} }
+
+type routeAttrs struct {
+	metric int
+	nhid   uint32
+}
 
 // Read lists the kernel's rules and routes and keeps what the agent owns:
 // its protocol number, inside its rule band or table range.
@@ -72,7 +76,7 @@ func (a *Applier) read(nhs map[uint32]nlbatch.NexthopObject) (*State, error) {
 }
 
 func newState() *State {
-	return &State{Rules: map[ruleKey][]planner.Rule{}, Routes: map[routeKey]planner.Route{}, metrics: map[routeKey]int{}, nhid: map[routeKey]uint32{}}
+	return &State{Rules: map[ruleKey][]planner.Rule{}, Routes: map[routeKey]planner.Route{}, attrs: map[routeKey]routeAttrs{}}
 }
 
 // readRules fills st's rules, foreign rules and mark users from a dump of
@@ -127,16 +131,18 @@ func (a *Applier) readRoutes(h *netlink.Handle, st *State, family int, table uin
 	if err != nil {
 		return fmt.Errorf("listing routes: %w", err)
 	}
+	if len(st.Routes) == 0 && len(routes) > 0 {
+		// Sized at once: a map grown route by route ends up to twice as
+		// large as it needs, and the view keeps this one.
+		st.Routes, st.attrs = make(map[routeKey]planner.Route, len(routes)), make(map[routeKey]routeAttrs, len(routes))
+	}
 	for _, r := range routes {
 		if r.route.Table < a.cfg.TableMin || r.route.Table > a.cfg.TableMax || table != 0 && r.route.Table != table {
 			continue
 		}
 		key := keyOf(r.route)
 		st.Routes[key] = r.route
-		st.metrics[key] = r.metric
-		if r.nhid != 0 {
-			st.nhid[key] = r.nhid
-		}
+		st.attrs[key] = routeAttrs{metric: r.metric, nhid: r.nhid}
 	}
 	return nil
 }

@@ -466,20 +466,16 @@ func (v *View) dumpRoutes(table uint32, objs map[uint32]nlbatch.NexthopObject) e
 		}
 	}
 	if table == 0 {
-		v.st.Routes, v.st.metrics, v.st.nhid = st.Routes, st.metrics, st.nhid
+		v.st.Routes, v.st.attrs = st.Routes, st.attrs
 		return nil
 	}
 	for _, k := range v.byTable[table] {
 		delete(v.st.Routes, k)
-		delete(v.st.metrics, k)
-		delete(v.st.nhid, k)
+		delete(v.st.attrs, k)
 	}
 	keys := make([]routeKey, 0, len(st.Routes))
 	for k, r := range st.Routes {
-		v.st.Routes[k], v.st.metrics[k] = r, st.metrics[k]
-		if id, ok := st.nhid[k]; ok {
-			v.st.nhid[k] = id
-		}
+		v.st.Routes[k], v.st.attrs[k] = r, st.attrs[k]
 		keys = append(keys, k)
 	}
 	if len(keys) == 0 {
@@ -570,8 +566,8 @@ func (v *View) nexthopsWritten(nhs *nexthopState, from int) {
 		}
 	}
 	if v.st != nil {
-		for k, id := range v.st.nhid {
-			if ids[id] {
+		for k, at := range v.st.attrs {
+			if at.nhid != 0 && ids[at.nhid] {
 				tables[k.Table] = true
 			}
 		}
