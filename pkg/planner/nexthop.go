@@ -1,6 +1,7 @@
 package planner
 
 import (
+	"cmp"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -124,23 +125,46 @@ func (p Plan) Nexthops(protocol uint8) NexthopLayout {
 		link int
 	}
 	gws := map[gwKey]Nexthop{}
-	members := map[TableFamily][]Nexthop{}
-	mixed := map[TableFamily]bool{}
+	// The live routes of one table and family are adjacent in p.Routes
+	// (sorted by table, then destination: IPv4 before IPv6), and the
+	// tables come in order: one pass finds each table family's gateways,
+	// in order, with no map.
+	type family struct {
+		tf      TableFamily
+		members []Nexthop
+		mixed   bool
+	}
+	var families []family
 	for _, r := range p.Routes {
 		if r.Throw || r.Backstop || len(r.Nexthops) == 0 {
 			continue
 		}
 		tf := TableFamily{r.Table, r.Dst.Addr().Is6()}
-		if have, ok := members[tf]; ok {
-			if !SameNexthops(have, r.Nexthops) {
-				mixed[tf] = true
+		if n := len(families); n > 0 && families[n-1].tf == tf {
+			if !SameNexthops(families[n-1].members, r.Nexthops) {
+				families[n-1].mixed = true
 			}
 			continue
 		}
-		members[tf] = r.Nexthops
+		families = append(families, family{tf: tf, members: r.Nexthops})
 		for _, nh := range r.Nexthops {
 			gws[gwKey{nh.Gateway, nh.LinkIndex}] = nh
 		}
+	}
+	if !slices.IsSortedFunc(families, func(a, b family) int { return compareTableFamily(a.tf, b.tf) }) {
+		// Not a plan's routes (sorted by CompareRoutes): sort them, and
+		// make each table family's runs one.
+		slices.SortStableFunc(families, func(a, b family) int { return compareTableFamily(a.tf, b.tf) })
+		merged := families[:1]
+		for _, f := range families[1:] {
+			last := &merged[len(merged)-1]
+			if f.tf != last.tf {
+				merged = append(merged, f)
+				continue
+			}
+			last.mixed = last.mixed || f.mixed || !SameNexthops(last.members, f.members)
+		}
+		families = merged
 	}
 	// Every gateway of the applied Routes has its object, down or not: a
 	// gateway coming back is then one write, its group's.
@@ -160,7 +184,6 @@ func (p Plan) Nexthops(protocol uint8) NexthopLayout {
 		return a.link - b.link
 	})
 	var out NexthopLayout
-	out.Groups = map[TableFamily]uint32{}
 	ids := map[gwKey]uint32{}
 	next, _ := GatewayIDs(protocol)
 	for _, k := range keys {
@@ -168,29 +191,27 @@ func (p Plan) Nexthops(protocol uint8) NexthopLayout {
 		out.Objects = append(out.Objects, NexthopObject{ID: next, Gateway: k.addr, LinkIndex: k.link, LinkName: gws[k].LinkName})
 		next++
 	}
-	tfs := make([]TableFamily, 0, len(members))
-	for tf := range members {
-		tfs = append(tfs, tf)
-	}
-	slices.SortFunc(tfs, func(a, b TableFamily) int {
-		if a.Table != b.Table {
-			return int(a.Table) - int(b.Table)
-		}
-		return compareBool(a.IPv6, b.IPv6)
-	})
-	for _, tf := range tfs {
-		gid, ok := GroupID(protocol, tf.Table, tf.IPv6)
-		if !ok || mixed[tf] {
+	out.Groups = make(map[TableFamily]uint32, len(families))
+	for _, f := range families {
+		gid, ok := GroupID(protocol, f.tf.Table, f.tf.IPv6)
+		if !ok || f.mixed {
 			continue
 		}
-		g := NexthopObject{ID: gid}
-		for _, nh := range members[tf] {
+		g := NexthopObject{ID: gid, Group: make([]uint32, 0, len(f.members))}
+		for _, nh := range f.members {
 			g.Group = append(g.Group, ids[gwKey{nh.Gateway, nh.LinkIndex}])
 		}
 		out.Objects = append(out.Objects, g)
-		out.Groups[tf] = gid
+		out.Groups[f.tf] = gid
 	}
 	return out
+}
+
+func compareTableFamily(a, b TableFamily) int {
+	if a.Table != b.Table {
+		return cmp.Compare(a.Table, b.Table)
+	}
+	return compareBool(a.IPv6, b.IPv6)
 }
 
 // SameNexthops says whether a and b name the same gateways on the same

@@ -1,7 +1,9 @@
 package planner
 
 import (
+	"math/rand/v2"
 	"net/netip"
+	"reflect"
 	"slices"
 	"strings"
 	"testing"
@@ -87,5 +89,32 @@ func TestNexthopLayout(t *testing.T) {
 		if !strings.Contains(cmds, line+"\n") {
 			t.Errorf("commands lack %q:\n%s", line, cmds)
 		}
+	}
+}
+
+// TestNexthopLayoutAnyOrder: the layout of a plan's routes does not depend
+// on their order (Nexthops takes one pass over a plan's sorted routes, and
+// sorts what is not), mixed gateways in one table family included.
+func TestNexthopLayoutAnyOrder(t *testing.T) {
+	rng := rand.New(rand.NewPCG(11, 12))
+	plan := computeT(randomRoutes(rng, 200, "r"), nil)
+	// One table family with two gateway sets: no group for it.
+	for i, r := range plan.Routes {
+		if !r.Throw && !r.Backstop && len(r.Nexthops) == 2 {
+			plan.Routes[i].Nexthops = r.Nexthops[:1]
+			break
+		}
+	}
+	want := plan.Nexthops(245)
+	for range 5 {
+		shuffled := plan
+		shuffled.Routes = slices.Clone(plan.Routes)
+		rng.Shuffle(len(shuffled.Routes), func(i, j int) { shuffled.Routes[i], shuffled.Routes[j] = shuffled.Routes[j], shuffled.Routes[i] })
+		if got := shuffled.Nexthops(245); !reflect.DeepEqual(got, want) {
+			t.Fatalf("the layout of shuffled routes differs: %d objects and %d groups, want %d and %d", len(got.Objects), len(got.Groups), len(want.Objects), len(want.Groups))
+		}
+	}
+	if len(want.Groups) == 0 {
+		t.Fatal("no groups: the test proves nothing")
 	}
 }
