@@ -13,11 +13,11 @@ import (
 // validating a thousand specs are most of the work of planning many
 // Routes, and most changes (a gateway edited, a gateway down, a node
 // label) leave the Routes' destinations and tables, and all but one
-// Route, as they were. A
-// dispatch is reused only when its destinations, its band and the layout
-// it starts from are the ones it was computed from: the plan is the same
-// with a Memo as without (TestMemoChangesNothing). Not safe for concurrent
-// use; the agent's single reconcile loop keeps one.
+// Route, as they were. A dispatch is reused only when its destinations,
+// its band and the layout it starts from are the ones it was computed
+// from: the plan is the same with a Memo as without
+// (TestMemoChangesNothing). Not safe for concurrent use; the agent's
+// single reconcile loop keeps one.
 type Memo struct {
 	dispatch [2]*dispatchMemo // IPv4, IPv6
 	// layout is LayoutOf the last plan's rules: what the next Compute's
@@ -51,7 +51,7 @@ type specCache struct {
 
 func (m *Memo) specs() *specCache {
 	if m == nil {
-		return &specCache{entries: map[*v1alpha1.Route]parsedEntry{}}
+		return nil // every spec parsed, nothing kept
 	}
 	if m.parsed == nil {
 		m.parsed = map[*v1alpha1.Route]parsedEntry{}
@@ -63,6 +63,9 @@ func (m *Memo) specs() *specCache {
 // of is r's parsed spec: the kept one while the object is the same one at
 // the same version, else parsed now.
 func (c *specCache) of(r *v1alpha1.Route) parsedSpec {
+	if c == nil {
+		return parseSpec(r)
+	}
 	e, ok := c.entries[r]
 	if !ok || e.resourceVersion != r.ResourceVersion || e.generation != r.Generation {
 		e = parsedEntry{resourceVersion: r.ResourceVersion, generation: r.Generation, spec: parseSpec(r)}
