@@ -208,22 +208,7 @@ func ackError(h unix.NlMsghdr, payload []byte) error {
 	if off > len(payload) {
 		return err
 	}
-	attrs, perr := nl.ParseRouteAttr(payload[rtaAlign(off):])
-	if perr != nil {
-		return err
-	}
-	for _, a := range attrs {
-		if a.Attr.Type == unix.NLMSGERR_ATTR_MSG {
-			text := string(a.Value)
-			for len(text) > 0 && text[len(text)-1] == 0 {
-				text = text[:len(text)-1]
-			}
-			if text != "" {
-				return fmt.Errorf("%w (%s)", err, text)
-			}
-		}
-	}
-	return err
+	return withExtack(err, payload[rtaAlign(off):])
 }
 
 // doneError is the error an NLMSG_DONE message carries (its int, then
@@ -240,7 +225,13 @@ func doneError(h unix.NlMsghdr, payload []byte) error {
 	if h.Flags&unix.NLM_F_ACK_TLVS == 0 {
 		return err
 	}
-	attrs, perr := nl.ParseRouteAttr(payload[4:])
+	return withExtack(err, payload[4:])
+}
+
+// withExtack is err with the kernel's extended-ack message, when the
+// attributes in tlvs hold one.
+func withExtack(err error, tlvs []byte) error {
+	attrs, perr := nl.ParseRouteAttr(tlvs)
 	if perr != nil {
 		return err
 	}
