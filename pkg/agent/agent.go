@@ -468,11 +468,10 @@ func (a *Agent) watchKernel(ctx context.Context) {
 				a.queue.AddAfter(key, settle)
 			}
 		case u := <-ev.Rules:
-			if view != nil {
-				view.RuleChanged(u)
-			}
-			// Only the band: a rule outside it is not the agent's to judge.
-			if u.Priority >= band && u.Priority < band+planner.BandWidth {
+			differs := view == nil || view.RuleChanged(u)
+			// Only the band: a rule outside it is not the agent's to
+			// judge. The echo of its own write asks for nothing.
+			if p := int(u.Priority); differs && p >= band && p < band+planner.BandWidth {
 				a.queue.AddAfter(key, settle)
 			}
 		case u := <-ev.Links:

@@ -171,12 +171,12 @@ func (a *Applier) Apply(plan planner.Plan) (Report, error) {
 		return pre, errors.Join(append(preErrs, err)...)
 	}
 	w := &a.Writes
-	routeWrites, ruleWrites := w.RouteReplace.Load()+w.RouteDelete.Load(), w.RuleAdd.Load()+w.RuleDelete.Load()
+	routeWrites := w.RouteReplace.Load() + w.RouteDelete.Load()
 	rep, err := a.applyTo(plan, actual, nhs, sc)
 	if v != nil {
 		// A write that failed changed nothing: only successful ones (which
 		// the counters count) make the view stale.
-		v.wrote(plan, actual, nhs, sc, w.RouteReplace.Load()+w.RouteDelete.Load() != routeWrites, w.RuleAdd.Load()+w.RuleDelete.Load() != ruleWrites)
+		v.wrote(plan, actual, nhs, sc, w.RouteReplace.Load()+w.RouteDelete.Load() != routeWrites)
 	}
 	rep.Changes += pre.Changes
 	rep.NexthopsIn = pre.NexthopsIn
@@ -293,7 +293,9 @@ func (a *Applier) applyTo(plan planner.Plan, actual *State, nhs *nexthopState, s
 	removeAll := func(k int) {
 		for _, key := range stale {
 			have := actual.Rules[key]
-			if kind(have[0]) != k {
+			// Through a view, actual takes each write as it is done: a key
+			// removed in an earlier step has nothing left.
+			if len(have) == 0 || kind(have[0]) != k {
 				continue
 			}
 			extra := have

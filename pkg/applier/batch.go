@@ -57,8 +57,9 @@ type write struct {
 	direct  func() error
 	// failed takes the error; without it the error is Apply's.
 	failed func(error)
-	// ok runs once the kernel applied the request.
-	ok func()
+	// settled runs once the kernel answered, with its error (nil: the
+	// request was applied).
+	settled func(error)
 }
 
 // writer queues an Apply step's requests and sends them together at the
@@ -96,6 +97,9 @@ func (w *writer) flush() {
 }
 
 func (w *writer) done(x write, err error) {
+	if x.settled != nil {
+		x.settled(err)
+	}
 	if err != nil {
 		err = fmt.Errorf("%s: %w", x.what(), err)
 		if x.failed != nil {
@@ -109,9 +113,6 @@ func (w *writer) done(x write, err error) {
 	w.rep.Changes++
 	if w.a.log.Enabled() {
 		w.a.log.Info("kernel change", "op", x.what())
-	}
-	if x.ok != nil {
-		x.ok()
 	}
 }
 
@@ -168,7 +169,23 @@ func (a *Applier) ruleWrite(r planner.Rule, add bool) write {
 	if !add {
 		x.msg = nlbatch.DeleteRule(a.toBatchRule(r))
 	}
+	if v := a.view; v != nil {
+		// Announced now, before it is sent: the echo may be read before
+		// the answer.
+		e := v.expectRule(r, add)
+		x.settled = func(err error) { v.ruleWritten(e, r, err) }
+	}
 	return x
+}
+
+// fromBatchRule is toBatchRule's inverse, for a rule of the agent's.
+func fromBatchRule(r nlbatch.Rule) planner.Rule {
+	out := planner.Rule{Priority: int(r.Priority), IPv6: r.Family == unix.AF_INET6, Table: r.Table, Src: r.Src, Dst: r.Dst,
+		Mark: r.Mark, Mask: r.Mask, SuppressPrefixlen: r.SuppressPrefixlen, Invert: r.Invert, Goto: int(r.Goto), Nop: r.Nop}
+	if out.Goto > 0 || out.Nop {
+		out.Table = 0
+	}
+	return out
 }
 
 func (a *Applier) toBatchRoute(r planner.Route, nhid, metric uint32) nlbatch.Route {
@@ -448,7 +465,11 @@ func (a *Applier) syncNexthops(plan planner.Plan, w *writer) *nexthopState {
 					a.nexthopsOff.Store(true)
 				}
 			},
-			ok: func() { st.written(obj) }})
+			settled: func(err error) {
+				if err == nil {
+					st.written(obj)
+				}
+			}})
 	}
 	w.flush()
 	byID := make(map[uint32]planner.NexthopObject, len(layout.Objects))
@@ -484,7 +505,11 @@ func (a *Applier) syncNexthops(plan planner.Plan, w *writer) *nexthopState {
 				delete(st.groups, tf)
 				a.log.Info("kernel refused a nexthop group; the table's routes name their gateways", "table", tf.Table, "error", err.Error())
 			},
-			ok: func() { st.written(obj) }})
+			settled: func(err error) {
+				if err == nil {
+					st.written(obj)
+				}
+			}})
 	}
 	w.flush()
 	return st
@@ -544,10 +569,12 @@ func (a *Applier) collectNexthops(st *nexthopState, w *writer, spare func(table 
 	for _, id := range append(groups, gateways...) {
 		a.expect(nlbatch.NexthopObject{ID: id}, true)
 		w.add(write{what: func() string { return fmt.Sprintf("nexthop del id %d", id) }, counter: &a.Writes.NexthopDelete, msg: nlbatch.DeleteNexthop(id),
-			ok: func() {
-				delete(st.own, id)
-				delete(st.all, id)
-				st.changed = append(st.changed, id)
+			settled: func(err error) {
+				if err == nil {
+					delete(st.own, id)
+					delete(st.all, id)
+					st.changed = append(st.changed, id)
+				}
 			}})
 	}
 	w.flush()

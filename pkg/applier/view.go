@@ -26,16 +26,24 @@ import (
 // itself on a socket with strict checking) and the rules (one dump of both
 // families: the kernel cannot filter rules by priority).
 //
-// Its own writes are dealt with the same way: after an apply, every table
-// it wrote a route to is dirty, and the rules are when it added or removed
-// one (a write that failed changed nothing). Taking the content of the notifications instead would race:
+// Its own route writes are dealt with the same way: after an apply, every
+// table it wrote a route to is dirty (a write that failed changed
+// nothing). Taking the content of the notifications instead would race:
 // an apply that starts before the notifications of the previous apply's
 // writes have been read would see the kernel as it was before them (and
 // write again, or fail to add what exists); applying its own writes to the
 // view when they succeed would race too, with a change by someone else
 // made to the same object right after the write whose notification is read
 // before the view is updated, and lost. A dump after the writes has
-// neither problem, and costs what the change costs.
+// neither problem, and costs what the change costs: one table.
+//
+// Rules cannot be dumped by part, and a dump of every rule costs several
+// milliseconds with a thousand Routes, for a change that wrote a dozen. So
+// the view counts the echoes its rule writes are to bring (expectRule,
+// before each write) and applies each write that succeeded to its state
+// (ruleWritten); an echo makes nothing dirty, any other notification does.
+// The race above cannot lose a change: someone else's comes after the
+// echo of the write it follows, is no echo, and has the rules dumped.
 //
 // Nexthop objects are kept by the view only while the Nexthops stream is
 // watched as well (NexthopChanged): then Apply's nexthop phase lists them
@@ -106,6 +114,13 @@ type View struct {
 	nexthopsStale   bool
 	expected        map[uint32]*nlbatch.NexthopObject
 
+	// ruleEchoes count the notifications the agent's own rule writes are
+	// still to bring (expectRule), so that they do not make the rules
+	// dirty: the writes themselves are applied to st (ruleWritten).
+	// Forgotten when notifications may have been lost: an echo that never
+	// comes must not pass a later change by someone else off as one.
+	ruleEchoes map[ruleEcho]int
+
 	stats ViewStats
 }
 
@@ -151,6 +166,7 @@ func (v *View) Watching(kinds kernelwatch.Kind) error {
 	defer v.mu.Unlock()
 	v.watching, v.all = true, true
 	v.nexthopsWatched = kinds&kernelwatch.Nexthops != 0
+	v.ruleEchoes = nil
 	return nil
 }
 
@@ -161,6 +177,7 @@ func (v *View) Lost(kind kernelwatch.Kind) {
 	defer v.mu.Unlock()
 	v.down |= kind
 	v.all = true
+	v.ruleEchoes = nil // their notifications may be among those lost
 }
 
 // Resubscribed says the stream of kind is up again (kernelwatch's
@@ -171,6 +188,7 @@ func (v *View) Resubscribed(kind kernelwatch.Kind) {
 	defer v.mu.Unlock()
 	v.down &^= kind
 	v.all = true
+	v.ruleEchoes = nil
 }
 
 // Invalidate makes the next apply read everything: the periodic resync,
@@ -241,11 +259,13 @@ func (v *View) RouteChanged(u netlink.RouteUpdate) (differs bool) {
 }
 
 // RuleChanged takes a rule notification: a rule in the band, or one that
-// matches a bit of the connection mark, makes the rules dirty. It reports
+// matches a bit of the connection mark, makes the rules dirty, unless it
+// is the echo of one of the agent's own writes (expectRule). It reports
 // whether it did.
 func (v *View) RuleChanged(u kernelwatch.RuleUpdate) bool {
 	cfg := &v.a.cfg
-	inBand := u.Priority >= cfg.PriorityBase && u.Priority < cfg.PriorityBase+planner.BandWidth
+	priority := int(u.Priority)
+	inBand := priority >= cfg.PriorityBase && priority < cfg.PriorityBase+planner.BandWidth
 	mask := u.Mask
 	if mask == 0 && u.Mark != 0 {
 		mask = 0xffffffff
@@ -255,8 +275,75 @@ func (v *View) RuleChanged(u kernelwatch.RuleUpdate) bool {
 	}
 	v.mu.Lock()
 	defer v.mu.Unlock()
+	if e, ok := v.echoOf(u); ok && v.ruleEchoes[e] > 0 {
+		v.forgetEcho(e)
+		return false
+	}
 	v.rules = true
 	return true
+}
+
+// ruleEcho is a rule write of the agent's whose notification is to come.
+type ruleEcho struct {
+	key ruleKey
+	add bool
+}
+
+// echoOf is the write u would be the echo of, if it could be one: a rule
+// of the agent's protocol with nothing the agent never writes.
+func (v *View) echoOf(u kernelwatch.RuleUpdate) (ruleEcho, bool) {
+	if u.Other || u.Protocol != v.a.cfg.Protocol || u.Type != unix.RTM_NEWRULE && u.Type != unix.RTM_DELRULE {
+		return ruleEcho{}, false
+	}
+	return ruleEcho{key: keyOfRule(fromBatchRule(u.Rule)), add: u.Type == unix.RTM_NEWRULE}, true
+}
+
+// expectRule says the apply is about to write rule r (add, or delete):
+// its notification is an echo, and the write, once done (ruleWritten),
+// is applied to the view's state instead of the rules being dumped again.
+func (v *View) expectRule(r planner.Rule, add bool) ruleEcho {
+	e := ruleEcho{key: keyOfRule(r), add: add}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.ruleEchoes == nil {
+		v.ruleEchoes = map[ruleEcho]int{}
+	}
+	v.ruleEchoes[e]++
+	return e
+}
+
+// forgetEcho counts one echo of e fewer. Call with v.mu held.
+func (v *View) forgetEcho(e ruleEcho) {
+	if n := v.ruleEchoes[e]; n > 1 {
+		v.ruleEchoes[e] = n - 1
+	} else {
+		delete(v.ruleEchoes, e)
+	}
+}
+
+// ruleWritten settles a write expectRule announced. Done, the view's state
+// has it (the kernel compares rules by what their key holds: any one of a
+// key's rules is the one deleted). Failed, it changed nothing and no echo
+// comes; the rules are dumped again all the same, the write's error being
+// the kind of surprise a dump is for.
+func (v *View) ruleWritten(e ruleEcho, r planner.Rule, err error) {
+	if err != nil {
+		v.mu.Lock()
+		defer v.mu.Unlock()
+		v.forgetEcho(e)
+		v.rules = true
+		return
+	}
+	// st is the apply's alone (state); only the lock's fields are shared.
+	have := v.st.Rules[e.key]
+	switch {
+	case e.add:
+		v.st.Rules[e.key] = append(have, r)
+	case len(have) > 1:
+		v.st.Rules[e.key] = have[:len(have)-1]
+	default:
+		delete(v.st.Rules, e.key)
+	}
 }
 
 // LinkChanged takes a link or address notification of interface index.
@@ -502,9 +589,9 @@ func (v *View) planned(plan planner.Plan) {
 
 // wrote marks dirty what an apply of plan onto actual (the view's state)
 // wrote: when routes were written, the tables whose routes differ (the
-// diff applyTo makes, with the nexthop groups of nhs, without its order);
-// when rules were, the rules.
-func (v *View) wrote(plan planner.Plan, actual *State, nhs *nexthopState, sc *scope, routes, rules bool) {
+// diff applyTo makes, with the nexthop groups of nhs, without its order).
+// Its rule writes are in the view's state already (ruleWritten).
+func (v *View) wrote(plan planner.Plan, actual *State, nhs *nexthopState, sc *scope, routes bool) {
 	tables := map[uint32]bool{}
 	if routes {
 		// A table all of whose planned routes are installed as planned,
@@ -529,7 +616,6 @@ func (v *View) wrote(plan planner.Plan, actual *State, nhs *nexthopState, sc *sc
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	maps.Copy(v.tables, tables)
-	v.rules = v.rules || rules
 	// The links of what was written count from now on: the kernel may drop
 	// those routes before the next apply reads them.
 	if len(tables) > 0 {

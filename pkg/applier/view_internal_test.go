@@ -10,6 +10,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/routing-agent/routing-agent/pkg/kernelwatch"
+	"github.com/routing-agent/routing-agent/pkg/nlbatch"
 	"github.com/routing-agent/routing-agent/pkg/nlutil"
 	"github.com/routing-agent/routing-agent/pkg/planner"
 )
@@ -72,20 +73,60 @@ func sortsRoutes(t *testing.T, v *View, cfg planner.Config, dst netip.Prefix) {
 
 func sortsRules(t *testing.T, v *View, cfg planner.Config) {
 	t.Helper()
+	rule := func(typ uint16, r nlbatch.Rule) kernelwatch.RuleUpdate {
+		if r.Family == 0 {
+			r.Family = unix.AF_INET
+		}
+		return kernelwatch.RuleUpdate{Type: typ, Rule: r}
+	}
+	ours := planner.Rule{Priority: cfg.PriorityBase + planner.OffsetBypass, Dst: netip.MustParsePrefix("10.96.0.1/32"), Table: planner.MainTable, SuppressPrefixlen: -1}
+	oursAsNotified := v.a.toBatchRule(ours)
+	other := oursAsNotified
+	other.Other = true
 	for _, tc := range []struct {
-		name string
-		u    kernelwatch.RuleUpdate
-		want bool
+		name   string
+		expect []bool // rule writes announced first: adds (true) or deletes
+		u      kernelwatch.RuleUpdate
+		want   bool
 	}{
-		{"outside the band", kernelwatch.RuleUpdate{Priority: cfg.PriorityBase - 1, Table: 100}, false},
-		{"in the band", kernelwatch.RuleUpdate{Priority: cfg.PriorityBase + planner.OffsetBypass, Table: 254}, true},
-		{"outside the band, another fwmark", kernelwatch.RuleUpdate{Priority: 100, Mark: 0x1, Mask: 0x1}, false},
-		{"outside the band, the connection mark's bit", kernelwatch.RuleUpdate{Priority: 100, Mark: cfg.ConnMark, Mask: cfg.ConnMark}, true},
+		{"outside the band", nil, rule(unix.RTM_NEWRULE, nlbatch.Rule{Priority: uint32(cfg.PriorityBase - 1), Table: 100}), false},
+		{"in the band", nil, rule(unix.RTM_NEWRULE, nlbatch.Rule{Priority: uint32(cfg.PriorityBase + planner.OffsetBypass), Table: 254}), true},
+		{"outside the band, another fwmark", nil, rule(unix.RTM_NEWRULE, nlbatch.Rule{Priority: 100, Mark: 0x1, Mask: 0x1}), false},
+		{"outside the band, the connection mark's bit", nil, rule(unix.RTM_NEWRULE, nlbatch.Rule{Priority: 100, Mark: cfg.ConnMark, Mask: cfg.ConnMark}), true},
+		{"the echo of an add", []bool{true}, rule(unix.RTM_NEWRULE, oursAsNotified), false},
+		{"the echo of a delete", []bool{false}, rule(unix.RTM_DELRULE, oursAsNotified), false},
+		{"a delete where an add was written", []bool{true}, rule(unix.RTM_DELRULE, oursAsNotified), true},
+		{"an add no write announced", nil, rule(unix.RTM_NEWRULE, oursAsNotified), true},
+		{"the written rule with more than the agent writes", []bool{true}, rule(unix.RTM_NEWRULE, other), true},
 	} {
-		v.rules = false
+		v.rules, v.ruleEchoes = false, nil
+		for _, add := range tc.expect {
+			v.expectRule(ours, add)
+		}
 		if got := v.RuleChanged(tc.u); got != tc.want || v.rules != tc.want {
 			t.Errorf("%s: %v (rules dirty %v), want %v", tc.name, got, v.rules, tc.want)
 		}
+	}
+	// One echo each: the second of two identical adds, one written, is
+	// someone else's.
+	v.rules, v.ruleEchoes = false, nil
+	v.expectRule(ours, true)
+	if v.RuleChanged(rule(unix.RTM_NEWRULE, oursAsNotified)) || !v.RuleChanged(rule(unix.RTM_NEWRULE, oursAsNotified)) {
+		t.Error("one write excused two notifications")
+	}
+	// A write that failed brings no echo: its count goes, and the rules
+	// are dumped again.
+	v.rules, v.ruleEchoes = false, nil
+	v.ruleWritten(v.expectRule(ours, true), ours, unix.EEXIST)
+	if !v.rules || len(v.ruleEchoes) != 0 {
+		t.Errorf("after a failed write: rules dirty %v, echoes %v", v.rules, v.ruleEchoes)
+	}
+	// Lost notifications may have held the echoes: none is waited for.
+	v.expectRule(ours, true)
+	v.Lost(kernelwatch.Rules)
+	v.rules = false
+	if !v.RuleChanged(rule(unix.RTM_NEWRULE, oursAsNotified)) {
+		t.Error("an echo was still expected after notifications were lost")
 	}
 
 	v.links = map[int]bool{2: true}

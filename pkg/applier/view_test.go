@@ -225,6 +225,33 @@ func TestViewRepairsDrift(t *testing.T) {
 	if rep, err := fresh.Apply(e.plan(keep)); err != nil || rep.Changes != 0 {
 		t.Errorf("a full read after the view's apply: %d writes, %v; want none", rep.Changes, err)
 	}
+	// The echoes of its rule writes call for nothing, and the view holds
+	// the rules as written: the next apply dumps none and writes nothing.
+	time.Sleep(300 * time.Millisecond)
+	select {
+	case what := <-changed:
+		t.Errorf("the echo of the agent's own writes called for an apply: %s", what)
+	default:
+	}
+	rules := v.Stats().Rules
+	if _, rep = e.apply(keep); rep.Changes != 0 {
+		t.Errorf("apply after deleting a Route made %d writes, want 0", rep.Changes)
+	}
+	if got := v.Stats().Rules; got != rules {
+		t.Errorf("the rules were dumped %d times after the agent's own rule writes, want 0", got-rules)
+	}
+	// Someone else deleting one of them is no echo.
+	var lookup planner.Rule
+	for _, r := range e.plan(keep).Rules {
+		if r.Table == keepTable && !r.IPv6 {
+			lookup = r
+		}
+	}
+	e.ip("rule", "del", "priority", fmt.Sprint(lookup.Priority), "table", table)
+	await(t, changed, 1)
+	if _, rep = e.apply(keep); rep.Changes != 1 || v.Stats().Rules != rules+1 {
+		t.Errorf("a rule deleted by hand: %d writes and %d rule dumps, want 1 and 1", rep.Changes, v.Stats().Rules-rules)
+	}
 }
 
 // TestViewOwnWritesBeforeTheirNotifications applies plan after plan

@@ -19,6 +19,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	labnetns "github.com/routing-agent/routing-agent/pkg/lab/netns"
+	"github.com/routing-agent/routing-agent/pkg/nlbatch"
 )
 
 func TestBackoff(t *testing.T) {
@@ -186,11 +187,14 @@ func TestWatchInNamespace(t *testing.T) {
 	})
 
 	n.ip(t, "rule", "add", "priority", "30300", "lookup", "10061", "protocol", "245")
-	want := RuleUpdate{Type: unix.RTM_NEWRULE, Family: unix.AF_INET, Priority: 30300, Table: 10061, Protocol: 245}
+	want := RuleUpdate{Type: unix.RTM_NEWRULE, Rule: nlbatch.Rule{Family: unix.AF_INET, Priority: 30300, Table: 10061, Protocol: 245, SuppressPrefixlen: -1}}
 	next(t, ev.Rules, within, fmt.Sprintf("rule update %+v", want), func(u RuleUpdate) bool { return u == want })
 	n.ip(t, "-6", "rule", "add", "priority", "30300", "lookup", "10061", "protocol", "245")
 	want.Family = unix.AF_INET6
 	next(t, ev.Rules, within, fmt.Sprintf("rule update %+v", want), func(u RuleUpdate) bool { return u == want })
+	// One the agent could never have written: an echo of none of its own.
+	n.ip(t, "rule", "add", "priority", "30300", "iif", "lo", "lookup", "10061", "protocol", "245")
+	next(t, ev.Rules, within, "the iif rule, Other", func(u RuleUpdate) bool { return u.Priority == 30300 && u.Other })
 
 	// Latency from starting `ip rule del` to its notification in hand.
 	const trials = 20

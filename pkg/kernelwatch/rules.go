@@ -7,23 +7,16 @@ import (
 	"github.com/vishvananda/netlink/nl"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/routing-agent/routing-agent/pkg/nlbatch"
 )
 
-// RuleUpdate is one ip rule notification.
+// RuleUpdate is one ip rule notification: its type and the rule, as
+// nlbatch reads it (Other set for a rule with more than nlbatch.Rule holds).
 type RuleUpdate struct {
 	// Type is unix.RTM_NEWRULE or unix.RTM_DELRULE.
 	Type uint16
-	// Family is unix.AF_INET or unix.AF_INET6.
-	Family int
-	// Priority is the rule's preference; 0 when it has none.
-	Priority int
-	// Table is the table the rule looks up; 0 for rules without one.
-	Table int
-	// Protocol is the rule's originator (`protocol` in ip rule).
-	Protocol uint8
-	// Mark and Mask are the rule's fwmark and its mask; 0 when it has
-	// none (the kernel reports the mask of every fwmark rule).
-	Mark, Mask uint32
+	nlbatch.Rule
 }
 
 // subscribeRules is a subscribeFunc, with a receive buffer of rcvbuf, for
@@ -93,40 +86,14 @@ func subscribeGroups[T any](ns netns.NsHandle, rcvbuf int, groups []group, parse
 	return nil
 }
 
-// fibRuleHdrLen is the size of struct fib_rule_hdr
-// (include/uapi/linux/fib_rules.h), which leads every rule message: family,
-// dst_len, src_len, tos, table, res1, res2, action (one byte each), flags
-// (four).
-const fibRuleHdrLen = 12
-
 // parseRule decodes an RTM_NEWRULE or RTM_DELRULE message.
 func parseRule(m syscall.NetlinkMessage) (RuleUpdate, error) {
 	if m.Header.Type != unix.RTM_NEWRULE && m.Header.Type != unix.RTM_DELRULE {
 		return RuleUpdate{}, fmt.Errorf("unexpected message type %d on the rule groups", m.Header.Type)
 	}
-	if len(m.Data) < fibRuleHdrLen {
-		return RuleUpdate{}, fmt.Errorf("rule message of %d bytes, shorter than its header", len(m.Data))
-	}
-	u := RuleUpdate{Type: m.Header.Type, Family: int(m.Data[0]), Table: int(m.Data[4])}
-	attrs, err := nl.ParseRouteAttr(m.Data[fibRuleHdrLen:])
+	r, err := nlbatch.ParseRule(m.Data)
 	if err != nil {
-		return RuleUpdate{}, fmt.Errorf("rule message attributes: %w", err)
+		return RuleUpdate{}, fmt.Errorf("rule message: %w", err)
 	}
-	native := nl.NativeEndian()
-	for _, a := range attrs {
-		switch {
-		case a.Attr.Type == unix.FRA_PRIORITY && len(a.Value) == 4:
-			u.Priority = int(native.Uint32(a.Value))
-		case a.Attr.Type == unix.FRA_TABLE && len(a.Value) == 4:
-			// The header's byte holds only tables below 256.
-			u.Table = int(native.Uint32(a.Value))
-		case a.Attr.Type == unix.FRA_PROTOCOL && len(a.Value) == 1:
-			u.Protocol = a.Value[0]
-		case a.Attr.Type == unix.FRA_FWMARK && len(a.Value) == 4:
-			u.Mark = native.Uint32(a.Value)
-		case a.Attr.Type == unix.FRA_FWMASK && len(a.Value) == 4:
-			u.Mask = native.Uint32(a.Value)
-		}
-	}
-	return u, nil
+	return RuleUpdate{Type: m.Header.Type, Rule: r}, nil
 }

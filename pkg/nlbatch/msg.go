@@ -37,10 +37,11 @@ const (
 
 	nexthopGrpTypeMpath = 0 // NEXTHOP_GRP_TYPE_MPATH
 
-	fibRuleInvert = 0x2 // FIB_RULE_INVERT
-	frActToTbl    = 1   // FR_ACT_TO_TBL
-	frActGoto     = 2   // FR_ACT_GOTO
-	frActNop      = 3   // FR_ACT_NOP
+	fibRuleUnresolved = 0x4 // FIB_RULE_UNRESOLVED
+	fibRuleInvert     = 0x2 // FIB_RULE_INVERT
+	frActToTbl        = 1   // FR_ACT_TO_TBL
+	frActGoto         = 2   // FR_ACT_GOTO
+	frActNop          = 3   // FR_ACT_NOP
 
 	sizeofNhmsg = 8
 )
@@ -202,6 +203,10 @@ type Rule struct {
 	Invert bool
 	// Nop makes the rule do nothing (`nop`): a place for gotos to land.
 	Nop bool
+	// Other, in a parsed rule, says it has what Rule does not hold: a
+	// selector (iif, oif, tos, ports, uid range, ...), another action
+	// (blackhole, ...), or a flag but invert. Never one the agent wrote.
+	Other bool
 }
 
 func (r Rule) msg() []byte {
@@ -382,46 +387,79 @@ func parseMultipath(b []byte) ([]Nexthop, error) {
 
 func rtaAlign(l int) int { return (l + unix.RTA_ALIGNTO - 1) &^ (unix.RTA_ALIGNTO - 1) }
 
-// ParseRule reads an RTM_NEWRULE message (without its netlink header).
+// ParseRule reads an RTM_NEWRULE or RTM_DELRULE message (without its
+// netlink header): struct fib_rule_hdr, which has struct rtmsg's layout,
+// then attributes.
 func ParseRule(b []byte) (Rule, error) {
 	if len(b) < unix.SizeofRtMsg {
 		return Rule{}, fmt.Errorf("rule message of %d bytes", len(b))
 	}
 	m := nl.DeserializeRtMsg(b)
 	r := Rule{Family: m.Family, Table: uint32(m.Table), Invert: m.Flags&fibRuleInvert != 0, SuppressPrefixlen: -1}
+	// FIB_RULE_UNRESOLVED is the kernel's note on a goto whose target is
+	// missing, not part of the rule.
+	r.Other = m.Tos != 0 || m.Flags&^(fibRuleInvert|fibRuleUnresolved) != 0
 	attrs, err := nl.ParseRouteAttr(b[unix.SizeofRtMsg:])
 	if err != nil {
 		return Rule{}, err
 	}
+	u32 := func(v []byte) (uint32, error) {
+		if len(v) != 4 {
+			return 0, fmt.Errorf("rule attribute of %d bytes, want 4", len(v))
+		}
+		return native.Uint32(v), nil
+	}
 	for _, a := range attrs {
+		var v uint32
 		switch a.Attr.Type {
-		case nl.FRA_DST:
-			addr, _ := netip.AddrFromSlice(a.Value)
-			r.Dst = netip.PrefixFrom(addr, int(m.Dst_len))
-		case nl.FRA_SRC:
-			addr, _ := netip.AddrFromSlice(a.Value)
-			r.Src = netip.PrefixFrom(addr, int(m.Src_len))
-		case nl.FRA_PRIORITY:
-			r.Priority = native.Uint32(a.Value)
-		case nl.FRA_TABLE:
-			r.Table = native.Uint32(a.Value)
-		case nl.FRA_FWMARK:
-			r.Mark = native.Uint32(a.Value)
-		case nl.FRA_FWMASK:
-			r.Mask = native.Uint32(a.Value)
-		case nl.FRA_SUPPRESS_PREFIXLEN:
-			r.SuppressPrefixlen = int(int32(native.Uint32(a.Value)))
-		case nl.FRA_GOTO:
-			r.Goto = native.Uint32(a.Value)
+		case nl.FRA_DST, nl.FRA_SRC:
+			addr, ok := netip.AddrFromSlice(a.Value)
+			if !ok {
+				return Rule{}, fmt.Errorf("rule address of %d bytes", len(a.Value))
+			}
+			if a.Attr.Type == nl.FRA_DST {
+				r.Dst = netip.PrefixFrom(addr, int(m.Dst_len))
+			} else {
+				r.Src = netip.PrefixFrom(addr, int(m.Src_len))
+			}
 		case nl.FRA_PROTOCOL:
+			if len(a.Value) != 1 {
+				return Rule{}, fmt.Errorf("rule protocol of %d bytes", len(a.Value))
+			}
 			r.Protocol = a.Value[0]
+		case nl.FRA_PRIORITY, nl.FRA_TABLE, nl.FRA_FWMARK, nl.FRA_FWMASK, nl.FRA_SUPPRESS_PREFIXLEN, nl.FRA_GOTO, nl.FRA_SUPPRESS_IFGROUP:
+			if v, err = u32(a.Value); err != nil {
+				return Rule{}, err
+			}
+			switch a.Attr.Type {
+			case nl.FRA_PRIORITY:
+				r.Priority = v
+			case nl.FRA_TABLE:
+				r.Table = v
+			case nl.FRA_FWMARK:
+				r.Mark = v
+			case nl.FRA_FWMASK:
+				r.Mask = v
+			case nl.FRA_SUPPRESS_PREFIXLEN:
+				r.SuppressPrefixlen = int(int32(v))
+			case nl.FRA_GOTO:
+				r.Goto = v
+			case nl.FRA_SUPPRESS_IFGROUP:
+				// The kernel sends it only when set (not -1).
+				r.Other = r.Other || int32(v) != -1
+			}
+		default:
+			r.Other = true
 		}
 	}
 	switch m.Type {
+	case frActToTbl:
 	case frActGoto:
 		r.Table = 0
 	case frActNop:
 		r.Table, r.Nop = 0, true
+	default:
+		r.Other = true
 	}
 	return r, nil
 }
