@@ -2,6 +2,7 @@ package planner
 
 import (
 	"maps"
+	"net/netip"
 	"reflect"
 	"slices"
 
@@ -30,8 +31,64 @@ type Memo struct {
 	// the Route changes.
 	parsed map[*v1alpha1.Route]parsedEntry
 	epoch  uint64
+	// node is what checkOnNode reads of the last Compute's node, and
+	// nodeEpoch counts its changes: a Route's check is kept with the
+	// nodeEpoch it was made in.
+	node      nodeFacts
+	nodeEpoch uint64
 	// rules is how many rules the last plan had.
 	rules int
+	sc    scratch
+}
+
+// scratch are a Compute's maps and buffers that the next one clears and
+// fills again, kept only to spare allocating them at each reconcile. The
+// zero scratch, and a nil one, allocate.
+type scratch struct {
+	// owner maps a prefix to the index of a candidate; empty between uses.
+	owner map[netip.Prefix]int
+	items [2][]dispatchItem
+}
+
+// scratch is m's, or nil without a Memo.
+func (m *Memo) scratch() *scratch {
+	if m == nil {
+		return nil
+	}
+	return &m.sc
+}
+
+// owners is an empty map sized for the destinations of cands, which the
+// caller clears after use.
+func (s *scratch) owners(cands []*candidate) map[netip.Prefix]int {
+	if s != nil && s.owner != nil {
+		return s.owner
+	}
+	n := 0
+	for _, c := range cands {
+		n += len(c.destinations)
+	}
+	owner := make(map[netip.Prefix]int, n)
+	if s != nil {
+		s.owner = owner
+	}
+	return owner
+}
+
+// itemsOf is an empty buffer for a family's dispatch items; keepItems
+// takes it back, grown. Its items are the caller's until the next
+// itemsOf: what a Memo keeps of them it clones.
+func (s *scratch) itemsOf(ipv6 bool) []dispatchItem {
+	if s == nil {
+		return nil
+	}
+	return s.items[boolIndex(ipv6)][:0]
+}
+
+func (s *scratch) keepItems(ipv6 bool, items []dispatchItem) {
+	if s != nil {
+		s.items[boolIndex(ipv6)] = items
+	}
 }
 
 type parsedEntry struct {
@@ -39,17 +96,46 @@ type parsedEntry struct {
 	generation      int64
 	spec            parsedSpec
 	epoch           uint64 // the Compute that last used it
+	// check is checkOnNode's outcome for the spec, made on the node of
+	// nodeEpoch with wasApplied as it says; valid while both hold.
+	check *nodeCheck
+}
+
+// nodeCheck is what checkOnNode sets on a candidate: read-only once kept.
+type nodeCheck struct {
+	nodeEpoch    uint64
+	wasApplied   bool
+	destinations []netip.Prefix
+	nexthops     []Nexthop
+	shadowedBy   map[netip.Prefix]netip.Prefix
+	stranded     []netip.Addr
+	phase        Phase
+	reason       string
+	message      string
+}
+
+// nodeFacts are the parts of a Node checkOnNode reads.
+type nodeFacts struct {
+	links      []Link
+	addresses  []Address
+	mainRoutes []MainRoute
+}
+
+func (f nodeFacts) equal(n Node) bool {
+	return slices.Equal(f.links, n.Links) && slices.Equal(f.addresses, n.Addresses) && slices.Equal(f.mainRoutes, n.MainRoutes)
 }
 
 // specCache parses the specs of one Compute, reusing a Memo's: its map is
 // the Memo's, updated in place, and swept of the Routes this Compute did
 // not have at its end.
 type specCache struct {
-	entries map[*v1alpha1.Route]parsedEntry
-	epoch   uint64
+	entries   map[*v1alpha1.Route]parsedEntry
+	epoch     uint64
+	nodeEpoch uint64
 }
 
-func (m *Memo) specs() *specCache {
+// specs starts a Compute on node.
+func (m *Memo) specs(node Node) *specCache {
 	if m == nil {
 		return nil // every spec parsed, nothing kept
 	}
@@ -57,22 +143,43 @@ func (m *Memo) specs() *specCache {
 		m.parsed = map[*v1alpha1.Route]parsedEntry{}
 	}
 	m.epoch++
-	return &specCache{entries: m.parsed, epoch: m.epoch}
+	if m.nodeEpoch == 0 || !m.node.equal(node) {
+		m.nodeEpoch++
+		m.node = nodeFacts{slices.Clone(node.Links), slices.Clone(node.Addresses), slices.Clone(node.MainRoutes)}
+	}
+	return &specCache{entries: m.parsed, epoch: m.epoch, nodeEpoch: m.nodeEpoch}
 }
 
-// of is r's parsed spec: the kept one while the object is the same one at
-// the same version, else parsed now.
-func (c *specCache) of(r *v1alpha1.Route) parsedSpec {
+// check runs checkOnNode on c, or takes its kept outcome for the same
+// spec on the same node.
+func (c *specCache) check(cand *candidate, node Node, links map[int]Link, wasApplied bool) {
 	if c == nil {
-		return parseSpec(r)
+		checkOnNode(cand, parseSpec(cand.route), node, links, wasApplied)
+		return
 	}
+	e := c.entry(cand.route)
+	if k := e.check; k != nil && k.nodeEpoch == c.nodeEpoch && k.wasApplied == wasApplied {
+		cand.destinations, cand.nexthops, cand.shadowedBy, cand.stranded = k.destinations, k.nexthops, k.shadowedBy, k.stranded
+		cand.result.Phase, cand.result.Reason, cand.result.Message = k.phase, k.reason, k.message
+		return
+	}
+	checkOnNode(cand, e.spec, node, links, wasApplied)
+	e.check = &nodeCheck{nodeEpoch: c.nodeEpoch, wasApplied: wasApplied, destinations: cand.destinations, nexthops: cand.nexthops,
+		shadowedBy: cand.shadowedBy, stranded: cand.stranded, phase: cand.result.Phase, reason: cand.result.Reason, message: cand.result.Message}
+	c.entries[cand.route] = e
+}
+
+// entry is r's, marked used by this Compute: the kept one while the
+// object is the same one at the same version, else with its spec parsed
+// now.
+func (c *specCache) entry(r *v1alpha1.Route) parsedEntry {
 	e, ok := c.entries[r]
 	if !ok || e.resourceVersion != r.ResourceVersion || e.generation != r.Generation {
 		e = parsedEntry{resourceVersion: r.ResourceVersion, generation: r.Generation, spec: parseSpec(r)}
 	}
 	e.epoch = c.epoch
 	c.entries[r] = e
-	return e.spec
+	return e
 }
 
 // keepSpecs keeps the specs of this Compute's Routes, and only those.

@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	v1alpha1 "github.com/routing-agent/routing-agent/apis/networking/v1alpha1"
+	"github.com/routing-agent/routing-agent/pkg/lab/vpcnode"
 )
 
 // TestMemoChangesNothing plans a random sequence of changes twice, with a
@@ -26,7 +27,7 @@ func TestMemoChangesNothing(t *testing.T) {
 	var down map[netip.Addr]bool
 	var memo Memo
 	var plain Plan
-	reused := 0
+	reused, throws := 0, 0
 	objects := map[string]*v1alpha1.Route{}
 	version := 0
 	for step := range 60 {
@@ -65,16 +66,55 @@ func TestMemoChangesNothing(t *testing.T) {
 			}
 			objs = append(objs, o)
 		}
+		// Now and then the node changes under the Routes: a main route
+		// over some of their destinations, the gateways' network gone
+		// (the Routes with a table then stranded), and gone still with
+		// the tables forgotten (a restart: the Routes then refused).
+		node := testNode()
+		tables := map[string]uint32{}
+		for _, r := range plain.Results {
+			if r.Table != 0 {
+				tables[r.Name] = r.Table
+			}
+		}
+		switch step % 7 {
+		case 5:
+			node.MainRoutes = append(node.MainRoutes, MainRoute{Dst: netip.MustParsePrefix("172.20.0.0/14"), Gateway: netip.MustParseAddr("10.114.0.1"), LinkIndex: 3})
+		case 6, 0:
+			if step > 0 { // gone, below
+				node.Addresses = slices.DeleteFunc(node.Addresses, func(a Address) bool { return a.LinkIndex == 3 })
+			}
+			if step%7 == 0 {
+				clear(tables)
+			}
+		}
 		input := func(layout Layout, memo *Memo) Input {
-			return Input{Config: DefaultConfig(), Node: testNode(), Down: down, Layout: layout, Memo: memo, Routes: objs}
+			return Input{Config: DefaultConfig(), Node: node, Down: down, Layout: layout, Memo: memo, Routes: objs, Tables: tables}
 		}
 		before := memo.dispatch[0]
 		withMemo := Compute(input(memo.Layout(), &memo))
 		plain = Compute(input(LayoutOf(plain.Rules, DefaultConfig().PriorityBase), nil))
 		if !reflect.DeepEqual(withMemo, plain) {
+			for i := range min(len(withMemo.Results), len(plain.Results)) {
+				if !reflect.DeepEqual(withMemo.Results[i], plain.Results[i]) {
+					t.Errorf("step %d: result %d with a Memo %+v, without %+v", step, i, withMemo.Results[i], plain.Results[i])
+					break
+				}
+			}
 			t.Fatalf("step %d: the plan with a Memo differs from the plan without:\nrules %d vs %d, routes %d vs %d", step, len(withMemo.Rules), len(plain.Rules), len(withMemo.Routes), len(plain.Routes))
 		}
-		if sameDestinations {
+		// Sorted and without two routes of one key, as the applier and
+		// its view search them; throws among them.
+		for i := 1; i < len(plain.Routes); i++ {
+			if CompareRoutes(plain.Routes[i-1], plain.Routes[i]) >= 0 {
+				t.Fatalf("step %d: routes %d and %d out of order: %+v, %+v", step, i-1, i, plain.Routes[i-1], plain.Routes[i])
+			}
+		}
+		throws += len(slices.DeleteFunc(slices.Clone(plain.Routes), func(r Route) bool { return !r.Throw }))
+		// Unless the network was gone now or in the last plan, which
+		// then had no Route.
+		gone := func(step int) bool { return step > 0 && (step%7 == 6 || step%7 == 0) }
+		if sameDestinations && !gone(step) && !gone(step-1) {
 			if memo.dispatch[0] != before {
 				t.Errorf("step %d: the destinations did not change, but the dispatch was laid out again", step)
 			}
@@ -84,7 +124,45 @@ func TestMemoChangesNothing(t *testing.T) {
 			t.Errorf("step %d: the Memo keeps %d specs for %d Routes", step, len(memo.parsed), len(objs))
 		}
 	}
-	if reused == 0 {
-		t.Fatal("no step reused the dispatch: the test proves nothing")
+	if reused == 0 || throws == 0 {
+		t.Fatalf("%d steps reused the dispatch, %d throws were planned: the test proves nothing", reused, throws)
+	}
+}
+
+// BenchmarkComputeOneOf1000 is the agent's plan, with its Memo, after one
+// Route among 1,000 (2 destinations each) changed: its gateways, or one of
+// its destinations (the dispatch laid out again).
+//
+//	go test -run '^$' -bench ComputeOneOf1000 ./pkg/planner
+func BenchmarkComputeOneOf1000(b *testing.B) {
+	for _, destination := range []bool{false, true} {
+		name := map[bool]string{false: "gateways", true: "destination"}[destination]
+		b.Run(name, func(b *testing.B) {
+			routes := vpcnode.Routes(1000, 2)
+			var memo Memo
+			in := Input{Config: DefaultConfig(), Node: testNode(), Routes: routes, Memo: &memo, Tables: map[string]uint32{}}
+			plan := Compute(in)
+			for _, r := range plan.Results {
+				in.Tables[r.Name] = r.Table
+			}
+			own := routes[500].Spec.Destinations[1]
+			b.ReportAllocs()
+			i := 0
+			for b.Loop() {
+				r := routes[500].DeepCopy()
+				if destination {
+					r.Spec.Destinations[1] = []string{own, "172.23.250.0/24"}[i%2]
+				} else {
+					r.Spec.Gateways = [][]string{{"10.114.0.3"}, {"10.114.0.3", "10.114.0.4"}}[i%2]
+				}
+				r.Generation++
+				routes[500] = r
+				in.Layout = memo.Layout()
+				if plan = Compute(in); plan.Results[500].Phase != Applied {
+					b.Fatal(plan.Results[500].Message)
+				}
+				i++
+			}
+		})
 	}
 }

@@ -48,6 +48,10 @@ type candidate struct {
 	// applied here (see checkOnNode).
 	stranded []netip.Addr
 	result   Result
+	// inst caches installed(), once conflicts are resolved; throws are the
+	// more specific prefixes of other Routes its table hands on.
+	inst   []netip.Prefix
+	throws []netip.Prefix
 }
 
 // installed are the destinations that go into the Route's table: all but
@@ -69,9 +73,13 @@ func (c *candidate) installed() []netip.Prefix {
 // Compute returns the plan for in. It is deterministic: the same input gives
 // the same plan, whatever the order of in.Routes.
 func Compute(in Input) Plan {
+	// One allocation for them all: a thousand Routes are a thousand
+	// candidates at every reconcile.
+	slab := make([]candidate, len(in.Routes))
 	cands := make([]*candidate, len(in.Routes))
 	for i, r := range in.Routes {
-		cands[i] = &candidate{route: r, index: i, result: Result{Name: r.Name, Generation: r.Generation}}
+		slab[i] = candidate{route: r, index: i, result: Result{Name: r.Name, Generation: r.Generation}}
+		cands[i] = &slab[i]
 	}
 	// Oldest first: the older Route wins an equal prefix, and gets first
 	// pick of a colliding table id.
@@ -88,15 +96,16 @@ func Compute(in Input) Plan {
 		links[l.Index] = l
 	}
 	in.Memo.startCompute()
-	specs := in.Memo.specs()
+	specs := in.Memo.specs(in.Node)
 	for _, c := range byAge {
 		_, applied := in.Tables[c.route.Name]
-		checkOnNode(c, specs.of(c.route), in.Node, links, applied)
+		specs.check(c, in.Node, links, applied)
 	}
 	in.Memo.keepSpecs(specs)
-	resolveConflicts(byAge)
+	resolveConflicts(byAge, in.Memo.scratch())
 	for _, c := range byAge {
 		c.judgeDestinations()
+		c.inst = c.installed()
 	}
 	assignTables(byAge, in.Config, in.Tables)
 
@@ -107,12 +116,13 @@ func Compute(in Input) Plan {
 			applied = append(applied, c)
 		}
 	}
-	plan.Routes = tableRoutes(applied, in.Down)
+	plan.Routes = tableRoutes(applied, in.Down, in.Memo.scratch())
 	plan.Gateways = gateways(applied, in.Down)
 	plan.Bypass = bypass(in, plan.Gateways)
 	plan.Rules = rules(in, applied, plan.Bypass, plan.Gateways)
 	plan.ConnMark = connMark(in, plan.Rules, plan.Gateways)
 	in.Memo.keepLayout(plan.Rules, in.Config.PriorityBase)
+	plan.Results = make([]Result, 0, len(cands))
 	for _, c := range cands {
 		plan.Results = append(plan.Results, c.result)
 	}
@@ -278,13 +288,10 @@ func connectedLink(node Node, links map[int]Link, gw netip.Addr) (link Link, net
 
 // resolveConflicts gives each prefix claimed by several applicable Routes
 // to the oldest; the others lose that destination alone.
-func resolveConflicts(byAge []*candidate) {
-	n := 0
-	for _, c := range byAge {
-		n += len(c.destinations)
-	}
-	owner := make(map[netip.Prefix]string, n)
-	for _, c := range byAge {
+func resolveConflicts(byAge []*candidate, sc *scratch) {
+	owner := sc.owners(byAge)
+	defer clear(owner)
+	for i, c := range byAge {
 		if c.result.Phase != Applied {
 			continue
 		}
@@ -293,10 +300,10 @@ func resolveConflicts(byAge []*candidate) {
 				if c.conflicts == nil {
 					c.conflicts = map[netip.Prefix]string{}
 				}
-				c.conflicts[d] = winner
+				c.conflicts[d] = byAge[winner].route.Name
 				continue
 			}
-			owner[d] = c.route.Name
+			owner[d] = i
 		}
 	}
 }
@@ -335,54 +342,49 @@ func assignTables(byAge []*candidate, cfg Config, previous map[string]uint32) {
 // tableRoutes lays out each applied Route's table: its destinations through
 // its live gateways of the destination's family, and a throw route for every
 // more specific prefix of another Route inside one of its destinations.
-func tableRoutes(applied []*candidate, down map[netip.Addr]bool) []Route {
+func tableRoutes(applied []*candidate, down map[netip.Addr]bool, sc *scratch) []Route {
 	// After conflict resolution every prefix has one owner. A prefix needs a
 	// throw route in the table of each other Route that owns one of its
 	// supernets; walking up its at most 128 supernets keeps this linear in
 	// the number of destinations.
 	// Only the lengths some destination has can hold a supernet: most
 	// nodes' destinations have a few lengths, and most walks are short.
-	installed := make(map[*candidate][]netip.Prefix, len(applied))
-	n := 0
-	for _, c := range applied {
-		installed[c] = c.installed()
-		n += len(installed[c])
-	}
-	owner := make(map[netip.Prefix]*candidate, n)
+	owner := sc.owners(applied)
+	defer clear(owner)
 	var lengths [2][129]bool // by family (IPv6 second), prefix length
-	for _, c := range applied {
-		for _, d := range installed[c] {
-			owner[d] = c
+	for i, c := range applied {
+		for _, d := range c.inst {
+			owner[d] = i
 			lengths[boolIndex(d.Addr().Is6())][d.Bits()] = true
 		}
 	}
-	throws := map[*candidate]map[netip.Prefix]bool{}
-	for _, c := range applied {
-		for _, e := range installed[c] {
+	for i, c := range applied {
+		for _, e := range c.inst {
 			have := &lengths[boolIndex(e.Addr().Is6())]
 			for bits := e.Bits() - 1; bits >= 0; bits-- {
 				if !have[bits] {
 					continue
 				}
 				super, _ := e.Addr().Prefix(bits)
-				if o := owner[super]; o != nil && o != c {
-					if throws[o] == nil {
-						throws[o] = map[netip.Prefix]bool{}
+				// Two supernets of e may be one Route's: e is then that
+				// Route's last throw already (the walk adds e alone).
+				if o, ok := owner[super]; ok && o != i {
+					if t := applied[o].throws; len(t) == 0 || t[len(t)-1] != e {
+						applied[o].throws = append(t, e)
 					}
-					throws[o][e] = true
 				}
 			}
 		}
 	}
 
 	// Built in table order, each table's routes sorted on their own: the
-	// sort of the whole below, which keeps the order exact whatever the
-	// tables, then finds them in order and costs little.
+	// tables are distinct (assignTables), so the whole is sorted
+	// (CompareRoutes orders by table first).
 	byTable := slices.Clone(applied)
-	slices.SortStableFunc(byTable, func(a, b *candidate) int { return cmp.Compare(a.result.Table, b.result.Table) })
-	n = 0
+	slices.SortFunc(byTable, func(a, b *candidate) int { return cmp.Compare(a.result.Table, b.result.Table) })
+	n := 0
 	for _, c := range applied {
-		n += 2*len(installed[c]) + len(throws[c])
+		n += 2*len(c.inst) + len(c.throws)
 	}
 	var routes []Route
 	if n > 0 {
@@ -394,7 +396,7 @@ func tableRoutes(applied []*candidate, down map[netip.Addr]bool) []Route {
 		// that family (read-only, like every Route of a plan).
 		var live [2][]Nexthop
 		var known [2]bool
-		for _, d := range installed[c] {
+		for _, d := range c.inst {
 			f := boolIndex(d.Addr().Is6())
 			if !known[f] {
 				live[f], known[f] = liveNexthops(c, f == 1, down), true
@@ -406,16 +408,18 @@ func tableRoutes(applied []*candidate, down map[netip.Addr]bool) []Route {
 			}
 			routes = append(routes, Route{Table: c.result.Table, Dst: d, Backstop: true})
 		}
-		for e := range throws[c] {
+		for _, e := range c.throws {
 			routes = append(routes, Route{Table: c.result.Table, Dst: e, Throw: true})
 		}
-		slices.SortFunc(routes[first:], CompareRoutes)
+		// Destinations come sorted (parseSpec); throws are what may not be.
+		if len(c.throws) > 0 {
+			slices.SortFunc(routes[first:], CompareRoutes)
+		}
 		if len(c.nexthops) > 0 && c.allDown(down) {
 			c.result.Reason = ReasonAllGatewaysDown
 			c.result.Message = "every gateway is down; routes stay pointed at them so traffic fails closed instead of leaking through the node's default route"
 		}
 	}
-	slices.SortFunc(routes, CompareRoutes)
 	return routes
 }
 
@@ -424,7 +428,14 @@ func tableRoutes(applied []*candidate, down map[netip.Addr]bool) []Route {
 func liveNexthops(c *candidate, ipv6 bool, down map[netip.Addr]bool) []Nexthop {
 	// Most Routes: one family, nothing down; the candidate's own slice,
 	// read-only like every part of a plan.
-	if !slices.ContainsFunc(c.nexthops, func(nh Nexthop) bool { return nh.Gateway.Is6() != ipv6 || down[nh.Gateway] }) {
+	mixed := false
+	for _, nh := range c.nexthops {
+		if nh.Gateway.Is6() != ipv6 || len(down) > 0 && down[nh.Gateway] {
+			mixed = true
+			break
+		}
+	}
+	if !mixed {
 		return c.nexthops
 	}
 	var all, live []Nexthop
@@ -538,14 +549,15 @@ func rules(in Input, applied []*candidate, bypass []Bypass, gws []Gateway) []Rul
 		defer func() { m.rules = len(out) }()
 	}
 	for _, ipv6 := range []bool{false, true} {
-		var items []dispatchItem
+		items := in.Memo.scratch().itemsOf(ipv6)
 		for _, c := range applied {
-			for _, d := range c.installed() {
+			for _, d := range c.inst {
 				if d.Addr().Is6() == ipv6 {
 					items = append(items, dispatchItem{dst: d, table: c.result.Table})
 				}
 			}
 		}
+		in.Memo.scratch().keepItems(ipv6, items)
 		if len(items) == 0 {
 			continue // nothing of this family to protect
 		}
@@ -572,6 +584,9 @@ func rules(in Input, applied []*candidate, bypass []Bypass, gws []Gateway) []Rul
 		}
 		out = append(out, Rule{Priority: base + OffsetSuppress, IPv6: ipv6, Table: MainTable, SuppressPrefixlen: 0})
 		out = append(out, dispatch...)
+	}
+	if len(out) == 0 {
+		return nil // as without a Memo
 	}
 	return out
 }
