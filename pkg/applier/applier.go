@@ -162,7 +162,9 @@ func (a *Applier) Apply(plan planner.Plan) (Report, error) {
 		v.nexthopsWritten(nhs, 0)
 		var read reread
 		actual, read, err = v.state(nhs)
-		sc = diffScope(a.settled, plan, nhs, read)
+		if sc = diffScope(a.settled, plan, nhs, read); sc != nil {
+			sc.byTable = v.byTable
+		}
 	} else {
 		actual, err = a.Read()
 	}
@@ -567,9 +569,19 @@ func sortedKeys[V any](m map[string]V) []string {
 // little.
 func sortedRouteKeys(m map[routeKey]planner.Route, skip map[routeKey]bool, sc *scope) []routeKey {
 	var keys []routeKey
-	for k := range m {
-		if sc.table(k.Table) && !skip[k] {
-			keys = append(keys, k)
+	if sc != nil && sc.byTable != nil {
+		for t := range sc.tables {
+			for _, k := range sc.byTable[t] {
+				if !skip[k] {
+					keys = append(keys, k)
+				}
+			}
+		}
+	} else {
+		for k := range m {
+			if sc.table(k.Table) && !skip[k] {
+				keys = append(keys, k)
+			}
 		}
 	}
 	slices.SortFunc(keys, func(a, b routeKey) int {

@@ -19,6 +19,9 @@ import (
 type scope struct {
 	tables map[uint32]bool
 	rules  bool
+	// byTable indexes the keys of the state's routes by table (the view's):
+	// the stale routes of a few tables are found without a walk of all.
+	byTable map[uint32][]routeKey
 }
 
 func (s *scope) table(t uint32) bool { return s == nil || s.tables[t] }

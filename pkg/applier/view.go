@@ -645,13 +645,20 @@ func (v *View) nexthopsWritten(nhs *nexthopState, from int) {
 	cfg := &v.a.cfg
 	ids := map[uint32]bool{}
 	tables := map[uint32]bool{}
+	gatewaysToo := false
 	for _, id := range nhs.changed[from:] {
 		ids[id] = true
 		if t, _, ok := planner.GroupTable(cfg.Protocol, id); ok {
 			tables[t] = true
+		} else {
+			gatewaysToo = true
 		}
 	}
-	if v.st != nil {
+	// Only a table's own routes use its group: a route of the agent's in
+	// another table through it is not as planned, and was rewritten by the
+	// apply after the notification that showed it. A gateway object's
+	// routes are found by looking.
+	if v.st != nil && gatewaysToo {
 		for k, at := range v.st.attrs {
 			if at.nhid != 0 && ids[at.nhid] {
 				tables[k.Table] = true

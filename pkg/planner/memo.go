@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"reflect"
 	"slices"
+	"time"
 
 	v1alpha1 "github.com/routing-agent/routing-agent/apis/networking/v1alpha1"
 )
@@ -38,7 +39,45 @@ type Memo struct {
 	nodeEpoch uint64
 	// rules is how many rules the last plan had.
 	rules int
-	sc    scratch
+	// ages is where each Route of the last Compute came in its order by
+	// age, with the creation time it had: while the names and times are
+	// the same, so is the order.
+	ages map[string]ageRank
+	sc   scratch
+}
+
+type ageRank struct {
+	rank    int
+	created time.Time
+}
+
+// byAge is cands oldest first (sortByAge): the last Compute's order when
+// they are the same Routes, created when they were then, else sorted.
+func (m *Memo) byAge(cands []*candidate) []*candidate {
+	out := make([]*candidate, len(cands))
+	if m != nil && len(m.ages) == len(cands) {
+		same := true
+		for _, c := range cands {
+			a, ok := m.ages[c.route.Name]
+			if !ok || !a.created.Equal(c.route.CreationTimestamp.Time) || out[a.rank] != nil {
+				same = false
+				break
+			}
+			out[a.rank] = c
+		}
+		if same {
+			return out
+		}
+	}
+	copy(out, cands)
+	sortByAge(out)
+	if m != nil {
+		m.ages = make(map[string]ageRank, len(out))
+		for i, c := range out {
+			m.ages[c.route.Name] = ageRank{rank: i, created: c.route.CreationTimestamp.Time}
+		}
+	}
+	return out
 }
 
 // scratch are a Compute's maps and buffers that the next one clears and

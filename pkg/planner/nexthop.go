@@ -146,10 +146,13 @@ func (p Plan) Nexthops(protocol uint8) NexthopLayout {
 			}
 			continue
 		}
-		families = append(families, family{tf: tf, members: r.Nexthops})
-		for _, nh := range r.Nexthops {
-			gws[gwKey{nh.Gateway, nh.LinkIndex}] = nh
+		// Most tables have the gateways of the table before.
+		if n := len(families); n == 0 || !SameNexthops(families[n-1].members, r.Nexthops) {
+			for _, nh := range r.Nexthops {
+				gws[gwKey{nh.Gateway, nh.LinkIndex}] = nh
+			}
 		}
+		families = append(families, family{tf: tf, members: r.Nexthops})
 	}
 	if !slices.IsSortedFunc(families, func(a, b family) int { return compareTableFamily(a.tf, b.tf) }) {
 		// Not a plan's routes (sorted by CompareRoutes): sort them, and
@@ -183,8 +186,8 @@ func (p Plan) Nexthops(protocol uint8) NexthopLayout {
 		}
 		return a.link - b.link
 	})
-	var out NexthopLayout
-	ids := map[gwKey]uint32{}
+	out := NexthopLayout{Objects: make([]NexthopObject, 0, len(keys)+len(families))}
+	ids := make(map[gwKey]uint32, len(keys))
 	next, _ := GatewayIDs(protocol)
 	for _, k := range keys {
 		ids[k] = next
@@ -192,12 +195,19 @@ func (p Plan) Nexthops(protocol uint8) NexthopLayout {
 		next++
 	}
 	out.Groups = make(map[TableFamily]uint32, len(families))
+	// The groups' members, in one allocation.
+	n := 0
+	for _, f := range families {
+		n += len(f.members)
+	}
+	members := make([]uint32, 0, n)
 	for _, f := range families {
 		gid, ok := GroupID(protocol, f.tf.Table, f.tf.IPv6)
 		if !ok || f.mixed {
 			continue
 		}
-		g := NexthopObject{ID: gid, Group: make([]uint32, 0, len(f.members))}
+		g := NexthopObject{ID: gid, Group: members[len(members) : len(members) : len(members)+len(f.members)]}
+		members = members[:len(members)+len(f.members)]
 		for _, nh := range f.members {
 			g.Group = append(g.Group, ids[gwKey{nh.Gateway, nh.LinkIndex}])
 		}

@@ -83,13 +83,7 @@ func Compute(in Input) Plan {
 	}
 	// Oldest first: the older Route wins an equal prefix, and gets first
 	// pick of a colliding table id.
-	byAge := slices.Clone(cands)
-	slices.SortFunc(byAge, func(a, b *candidate) int {
-		if c := a.route.CreationTimestamp.Time.Compare(b.route.CreationTimestamp.Time); c != 0 {
-			return c
-		}
-		return strings.Compare(a.route.Name, b.route.Name)
-	})
+	byAge := in.Memo.byAge(cands)
 
 	links := make(map[int]Link, len(in.Node.Links))
 	for _, l := range in.Node.Links {
@@ -127,6 +121,16 @@ func Compute(in Input) Plan {
 		plan.Results = append(plan.Results, c.result)
 	}
 	return plan
+}
+
+// sortByAge orders cands oldest first, names breaking ties.
+func sortByAge(cands []*candidate) {
+	slices.SortFunc(cands, func(a, b *candidate) int {
+		if c := a.route.CreationTimestamp.Time.Compare(b.route.CreationTimestamp.Time); c != 0 {
+			return c
+		}
+		return strings.Compare(a.route.Name, b.route.Name)
+	})
 }
 
 // checkOnNode parses the Route and judges what only this node can judge:
