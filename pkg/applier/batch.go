@@ -408,7 +408,7 @@ func (a *Applier) syncNexthops(plan planner.Plan, w *writer) *nexthopState {
 		}
 		return nil
 	}
-	st := &nexthopState{own: make(map[uint32]nlbatch.NexthopObject, len(objs)), groups: map[planner.TableFamily]uint32{}, keep: map[uint32]bool{}, all: objs}
+	st := &nexthopState{own: make(map[uint32]nlbatch.NexthopObject, len(objs)), all: objs}
 	type gwKey struct {
 		gw   netip.Addr
 		link int
@@ -427,6 +427,8 @@ func (a *Applier) syncNexthops(plan planner.Plan, w *writer) *nexthopState {
 		}
 	}
 	layout := plan.Nexthops(a.cfg.Protocol)
+	st.groups = make(map[planner.TableFamily]uint32, len(layout.Groups))
+	st.keep = make(map[uint32]bool, len(layout.Objects))
 	next, end := planner.GatewayIDs(a.cfg.Protocol)
 	ids := map[uint32]uint32{} // the layout's gateway id -> the kernel's
 	failed := map[uint32]bool{}
@@ -472,13 +474,16 @@ func (a *Applier) syncNexthops(plan planner.Plan, w *writer) *nexthopState {
 			}})
 	}
 	w.flush()
-	byID := make(map[uint32]planner.NexthopObject, len(layout.Objects))
-	for _, o := range layout.Objects {
-		byID[o.ID] = o
-	}
-	for tf, gid := range layout.Groups {
-		g := byID[gid]
-		members := make([]uint32, 0, len(g.Group))
+	// The groups, in order: a group's id says its table and family.
+	var members []uint32 // the kernel's ids of a group's members; copied when written
+	for _, g := range layout.Objects {
+		if len(g.Group) == 0 {
+			continue
+		}
+		gid := g.ID
+		table, ipv6, _ := planner.GroupTable(a.cfg.Protocol, gid)
+		tf := planner.TableFamily{Table: table, IPv6: ipv6}
+		members = members[:0]
 		ok := true
 		for _, m := range g.Group {
 			ok = ok && !failed[m]
@@ -496,8 +501,8 @@ func (a *Applier) syncNexthops(plan planner.Plan, w *writer) *nexthopState {
 		if used(gid) && !exists {
 			continue // someone else's object holds the id: leave it alone
 		}
-		g.ID, g.Group = gid, members
-		obj := nlbatch.NexthopObject{ID: gid, Protocol: a.cfg.Protocol, Group: members}
+		g.Group = slices.Clone(members)
+		obj := nlbatch.NexthopObject{ID: gid, Protocol: a.cfg.Protocol, Group: g.Group}
 		st.groups[tf] = gid
 		a.expect(obj, false)
 		w.add(write{what: func() string { return g.Batch(a.cfg.Protocol) }, counter: &a.Writes.NexthopReplace, msg: nlbatch.ReplaceNexthop(obj),
