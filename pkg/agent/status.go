@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"strings"
@@ -36,6 +37,41 @@ type statusState struct {
 	dns          []planner.Endpoint
 	selectorErrs map[string]bool
 	writes       map[string]int64
+	// routeStates are the last status's RouteStates by Route, with the
+	// result each was built from: most results are the same at every
+	// reconcile, and a thousand RouteStates are some 5,000 allocations.
+	// Swept of the Routes a status no longer has by epoch.
+	routeStates map[string]keptRouteState
+	epoch       uint64
+}
+
+type keptRouteState struct {
+	result planner.Result
+	state  *apply.RouteStateApplyConfiguration
+	epoch  uint64
+}
+
+// routeState is a Route's RouteState for its result r.
+func routeState(r planner.Result) *apply.RouteStateApplyConfiguration {
+	state := apply.RouteState().WithName(r.Name).WithPhase(v1alpha1.RoutePhase(r.Phase)).WithObservedGeneration(r.Generation)
+	if r.Reason != "" && r.Reason != planner.ReasonApplied {
+		state.WithReason(r.Reason).WithMessage(bounded(r.Message))
+	}
+	if r.Table != 0 {
+		state.WithTable(int32(r.Table))
+	}
+	if n := len(r.NotApplied); n > 0 {
+		state.WithNotAppliedCount(int32(n))
+		for _, d := range r.NotApplied[:min(n, v1alpha1.MaxReportedDestinations)] {
+			state.WithNotAppliedDestinations(apply.DestinationState().WithDestination(d.Destination.String()).WithReason(d.Reason).WithMessage(boundedTo(d.Message, maxDestinationMessage)))
+		}
+	}
+	return state
+}
+
+func sameResult(a, b planner.Result) bool {
+	return a.Name == b.Name && a.Phase == b.Phase && a.Reason == b.Reason && a.Message == b.Message && a.Table == b.Table &&
+		a.Generation == b.Generation && slices.Equal(a.NotApplied, b.NotApplied)
 }
 
 // buildStatus says what this node's NodeRouting should hold after a
@@ -49,21 +85,20 @@ func (a *Agent) buildStatus(plan planner.Plan, gateways map[netip.Addr]prober.St
 
 	status := apply.NodeRoutingStatus()
 	summary := apply.NodeRoutingSummary().WithApplied(0).WithInvalid(int32(len(selectorErrs))).WithConflict(0).WithGatewaysUp(0).WithGatewaysDown(0)
-	var routes []*apply.RouteStateApplyConfiguration
+	routes := make([]*apply.RouteStateApplyConfiguration, 0, len(plan.Results)+len(selectorErrs))
+	if st.routeStates == nil {
+		st.routeStates = map[string]keptRouteState{}
+	}
+	st.epoch++
 	for _, r := range plan.Results {
-		state := apply.RouteState().WithName(r.Name).WithPhase(v1alpha1.RoutePhase(r.Phase)).WithObservedGeneration(r.Generation)
-		if r.Reason != "" && r.Reason != planner.ReasonApplied {
-			state.WithReason(r.Reason).WithMessage(bounded(r.Message))
+		// Kept RouteStates are shared, never changed: WithRoutes copies.
+		k, ok := st.routeStates[r.Name]
+		if !ok || !sameResult(k.result, r) {
+			k = keptRouteState{result: r, state: routeState(r)}
 		}
-		if r.Table != 0 {
-			state.WithTable(int32(r.Table))
-		}
-		if n := len(r.NotApplied); n > 0 {
-			state.WithNotAppliedCount(int32(n))
-			for _, d := range r.NotApplied[:min(n, v1alpha1.MaxReportedDestinations)] {
-				state.WithNotAppliedDestinations(apply.DestinationState().WithDestination(d.Destination.String()).WithReason(d.Reason).WithMessage(boundedTo(d.Message, maxDestinationMessage)))
-			}
-		}
+		k.epoch = st.epoch
+		st.routeStates[r.Name] = k
+		state := k.state
 		switch r.Phase {
 		case planner.Applied:
 			*summary.Applied++
@@ -77,6 +112,7 @@ func (a *Agent) buildStatus(plan planner.Plan, gateways map[netip.Addr]prober.St
 	for name, err := range selectorErrs {
 		routes = append(routes, apply.RouteState().WithName(name).WithPhase(v1alpha1.RouteInvalid).WithReason("InvalidNodeSelector").WithMessage(bounded(err.Error())))
 	}
+	maps.DeleteFunc(st.routeStates, func(_ string, k keptRouteState) bool { return k.epoch != st.epoch })
 	slices.SortFunc(routes, func(x, y *apply.RouteStateApplyConfiguration) int { return strings.Compare(*x.Name, *y.Name) })
 	status.WithRoutes(routes...)
 

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"encoding/json"
 	"errors"
 	"net/netip"
 	"strings"
@@ -8,6 +9,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/routing-agent/routing-agent/pkg/applier"
+	"github.com/routing-agent/routing-agent/pkg/bypass"
 	"github.com/routing-agent/routing-agent/pkg/planner"
 )
 
@@ -48,5 +50,37 @@ func TestWithRejections(t *testing.T) {
 	}
 	if got[1].Reason != planner.ReasonApplied || got[2].Phase != planner.Invalid || results[0].Reason != planner.ReasonApplied {
 		t.Errorf("other results changed, or the input was: %+v / %+v", got, results)
+	}
+}
+
+// TestStatusKeepsRouteStates: a status built by an agent that keeps its
+// RouteStates from one reconcile to the next is the one built from
+// nothing, whatever changed in between, and keeps none of a Route gone.
+func TestStatusKeepsRouteStates(t *testing.T) {
+	results := func(steps ...planner.Result) planner.Plan { return planner.Plan{Results: steps} }
+	applied := planner.Result{Name: "a", Phase: planner.Applied, Reason: planner.ReasonApplied, Table: 10001, Generation: 1}
+	edited := applied
+	edited.Generation = 2
+	shadowed := edited
+	shadowed.Reason, shadowed.Message = planner.ReasonDestinationsNotApplied, "1 of 2 destinations are not in effect here"
+	shadowed.NotApplied = []planner.DestinationIssue{{Destination: netip.MustParsePrefix("10.96.0.0/12"), Reason: planner.ReasonDestinationShadowed, Message: "inside main"}}
+	other := planner.Result{Name: "b", Phase: planner.Invalid, Reason: planner.ReasonInvalidSpec, Message: "bad", Generation: 3}
+	kept := &Agent{opts: Options{Planner: planner.DefaultConfig(), Learned: bypass.NewLearned(bypass.DefaultRetention)}}
+	for i, plan := range []planner.Plan{results(applied, other), results(edited, other), results(shadowed), results(other, shadowed)} {
+		fresh := &Agent{opts: kept.opts}
+		want, err := json.Marshal(fresh.buildStatus(plan, nil, applier.Report{}, nil, nil).Routes)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := json.Marshal(kept.buildStatus(plan, nil, applier.Report{}, nil, nil).Routes)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if string(got) != string(want) {
+			t.Errorf("step %d: with kept RouteStates\n%s\nwant\n%s", i, got, want)
+		}
+		if len(kept.status.routeStates) != len(plan.Results) {
+			t.Errorf("step %d: %d RouteStates kept for %d Routes", i, len(kept.status.routeStates), len(plan.Results))
+		}
 	}
 }
