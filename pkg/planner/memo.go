@@ -43,7 +43,52 @@ type Memo struct {
 	// age, with the creation time it had: while the names and times are
 	// the same, so is the order.
 	ages map[string]ageRank
-	sc   scratch
+	// claims are, in age order, what the last Compute's Routes claimed
+	// and what conflict resolution and the throw walk made of it.
+	claims []claim
+	sc     scratch
+}
+
+// claim is what one Route claims, its destinations if applicable here,
+// and what it came to: the prefixes it lost to older Routes and, if it
+// got a table, the ones it hands on. Read-only once kept.
+type claim struct {
+	name string
+	// applicable: it passed checkOnNode; applied: it got a table too.
+	applicable, applied bool
+	destinations        []netip.Prefix
+	conflicts           map[netip.Prefix]string
+	throws              []netip.Prefix
+}
+
+// sameClaims is the last Compute's claims when byAge (checked on this
+// node) claims the same: the same Routes in the same order, each
+// applicable or not as then, with the same destinations. Conflicts and
+// throws depend on nothing else. nil otherwise.
+func (m *Memo) sameClaims(byAge []*candidate) []claim {
+	if m == nil || len(m.claims) != len(byAge) {
+		return nil
+	}
+	for i, c := range byAge {
+		k := &m.claims[i]
+		if k.name != c.route.Name || k.applicable != c.applicable || !slices.Equal(k.destinations, c.destinations) {
+			return nil
+		}
+	}
+	return m.claims
+}
+
+// keepClaims keeps what byAge claimed and came to, once tableRoutes has
+// walked their throws.
+func (m *Memo) keepClaims(byAge []*candidate) {
+	if m == nil {
+		return
+	}
+	m.claims = make([]claim, len(byAge))
+	for i, c := range byAge {
+		m.claims[i] = claim{name: c.route.Name, applicable: c.applicable, applied: c.result.Phase == Applied,
+			destinations: c.destinations, conflicts: c.conflicts, throws: c.throws}
+	}
 }
 
 type ageRank struct {

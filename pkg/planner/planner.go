@@ -52,6 +52,8 @@ type candidate struct {
 	// more specific prefixes of other Routes its table hands on.
 	inst   []netip.Prefix
 	throws []netip.Prefix
+	// applicable: the Route passed checkOnNode, so claims its destinations.
+	applicable bool
 }
 
 // installed are the destinations that go into the Route's table: all but
@@ -94,10 +96,20 @@ func Compute(in Input) Plan {
 	for _, c := range byAge {
 		_, applied := in.Tables[c.route.Name]
 		specs.check(c, in.Node, links, applied)
+		c.applicable = c.result.Phase == Applied
 	}
 	in.Memo.keepSpecs(specs)
-	resolveConflicts(byAge, in.Memo.scratch())
-	for _, c := range byAge {
+	// What the Routes claim (their destinations, in age order) settles
+	// which prefixes each loses to an older Route and which it hands on
+	// (throws): the Memo keeps that while the claims are the same.
+	kept := in.Memo.sameClaims(byAge)
+	if kept == nil {
+		resolveConflicts(byAge, in.Memo.scratch())
+	}
+	for i, c := range byAge {
+		if kept != nil {
+			c.conflicts = kept[i].conflicts
+		}
 		c.judgeDestinations()
 		c.inst = c.installed()
 	}
@@ -110,7 +122,22 @@ func Compute(in Input) Plan {
 			applied = append(applied, c)
 		}
 	}
-	plan.Routes = tableRoutes(applied, in.Down, in.Memo.scratch())
+	// The throws also depend on which Routes got a table.
+	walk := kept == nil
+	for i, c := range byAge {
+		if walk = walk || (c.result.Phase == Applied) != kept[i].applied; walk {
+			break
+		}
+	}
+	if !walk {
+		for i, c := range byAge {
+			c.throws = kept[i].throws
+		}
+	}
+	plan.Routes = tableRoutes(applied, in.Down, in.Memo.scratch(), walk)
+	if walk {
+		in.Memo.keepClaims(byAge)
+	}
 	plan.Gateways = gateways(applied, in.Down)
 	plan.Bypass = bypass(in, plan.Gateways)
 	plan.Rules = rules(in, applied, plan.Bypass, plan.Gateways)
@@ -345,40 +372,11 @@ func assignTables(byAge []*candidate, cfg Config, previous map[string]uint32) {
 
 // tableRoutes lays out each applied Route's table: its destinations through
 // its live gateways of the destination's family, and a throw route for every
-// more specific prefix of another Route inside one of its destinations.
-func tableRoutes(applied []*candidate, down map[netip.Addr]bool, sc *scratch) []Route {
-	// After conflict resolution every prefix has one owner. A prefix needs a
-	// throw route in the table of each other Route that owns one of its
-	// supernets; walking up its at most 128 supernets keeps this linear in
-	// the number of destinations.
-	// Only the lengths some destination has can hold a supernet: most
-	// nodes' destinations have a few lengths, and most walks are short.
-	owner := sc.owners(applied)
-	defer clear(owner)
-	var lengths [2][129]bool // by family (IPv6 second), prefix length
-	for i, c := range applied {
-		for _, d := range c.inst {
-			owner[d] = i
-			lengths[boolIndex(d.Addr().Is6())][d.Bits()] = true
-		}
-	}
-	for i, c := range applied {
-		for _, e := range c.inst {
-			have := &lengths[boolIndex(e.Addr().Is6())]
-			for bits := e.Bits() - 1; bits >= 0; bits-- {
-				if !have[bits] {
-					continue
-				}
-				super, _ := e.Addr().Prefix(bits)
-				// Two supernets of e may be one Route's: e is then that
-				// Route's last throw already (the walk adds e alone).
-				if o, ok := owner[super]; ok && o != i {
-					if t := applied[o].throws; len(t) == 0 || t[len(t)-1] != e {
-						applied[o].throws = append(t, e)
-					}
-				}
-			}
-		}
+// more specific prefix of another Route inside one of its destinations
+// (walkThrows; without walk, the candidates have theirs already).
+func tableRoutes(applied []*candidate, down map[netip.Addr]bool, sc *scratch, walk bool) []Route {
+	if walk {
+		walkThrows(applied, sc)
 	}
 
 	// Built in table order, each table's routes sorted on their own: the
@@ -425,6 +423,43 @@ func tableRoutes(applied []*candidate, down map[netip.Addr]bool, sc *scratch) []
 		}
 	}
 	return routes
+}
+
+// walkThrows gives each applied candidate its throws. After conflict
+// resolution every prefix has one owner. A prefix needs a throw route in
+// the table of each other Route that owns one of its supernets; walking up
+// its at most 128 supernets keeps this linear in the number of
+// destinations. Only the lengths some destination has can hold a
+// supernet: most nodes' destinations have a few lengths, and most walks
+// are short.
+func walkThrows(applied []*candidate, sc *scratch) {
+	owner := sc.owners(applied)
+	defer clear(owner)
+	var lengths [2][129]bool // by family (IPv6 second), prefix length
+	for i, c := range applied {
+		for _, d := range c.inst {
+			owner[d] = i
+			lengths[boolIndex(d.Addr().Is6())][d.Bits()] = true
+		}
+	}
+	for i, c := range applied {
+		for _, e := range c.inst {
+			have := &lengths[boolIndex(e.Addr().Is6())]
+			for bits := e.Bits() - 1; bits >= 0; bits-- {
+				if !have[bits] {
+					continue
+				}
+				super, _ := e.Addr().Prefix(bits)
+				// Two supernets of e may be one Route's: e is then that
+				// Route's last throw already (the walk adds e alone).
+				if o, ok := owner[super]; ok && o != i {
+					if t := applied[o].throws; len(t) == 0 || t[len(t)-1] != e {
+						applied[o].throws = append(t, e)
+					}
+				}
+			}
+		}
+	}
 }
 
 // liveNexthops are the Route's gateways of one family that are not down; if
