@@ -369,8 +369,9 @@ func (a *Applier) expect(obj nlbatch.NexthopObject, gone bool) {
 // nexthopState is what the first phase of Apply found and made of the
 // agent's nexthop objects.
 type nexthopState struct {
-	// own are the agent's objects (its protocol, in its id range).
-	own map[uint32]nlbatch.NexthopObject
+	// protocol is the agent's: its objects (owned) are those of all with
+	// it, in its id range.
+	protocol uint8
 	// groups are the groups in place, with the plan's live gateways, that
 	// the table's routes are to use.
 	groups map[planner.TableFamily]uint32
@@ -408,7 +409,7 @@ func (a *Applier) syncNexthops(plan planner.Plan, w *writer) *nexthopState {
 		}
 		return nil
 	}
-	st := &nexthopState{own: make(map[uint32]nlbatch.NexthopObject, len(objs)), all: objs}
+	st := &nexthopState{protocol: a.cfg.Protocol, all: objs}
 	type gwKey struct {
 		gw   netip.Addr
 		link int
@@ -421,13 +422,12 @@ func (a *Applier) syncNexthops(plan planner.Plan, w *writer) *nexthopState {
 		if o.Protocol != a.cfg.Protocol || !planner.OwnsNexthopID(a.cfg.Protocol, o.ID) {
 			continue
 		}
-		st.own[o.ID] = o
 		if len(o.Group) == 0 && o.Gateway.IsValid() && !planner.IsGroupID(a.cfg.Protocol, o.ID) {
 			existing[gwKey{o.Gateway, o.LinkIndex}] = o.ID
 		}
 	}
 	layout := plan.Nexthops(a.cfg.Protocol)
-	st.groups = make(map[planner.TableFamily]uint32, len(layout.Groups))
+	st.groups = make(map[planner.TableFamily]uint32, len(layout.Objects))
 	st.keep = make(map[uint32]bool, len(layout.Objects))
 	next, end := planner.GatewayIDs(a.cfg.Protocol)
 	ids := map[uint32]uint32{} // the layout's gateway id -> the kernel's
@@ -493,7 +493,7 @@ func (a *Applier) syncNexthops(plan planner.Plan, w *writer) *nexthopState {
 			continue
 		}
 		st.keep[gid] = true
-		have, exists := st.own[gid]
+		have, exists := st.owned(gid)
 		if exists && sameMembers(have.Group, members) {
 			st.groups[tf] = gid
 			continue
@@ -520,9 +520,20 @@ func (a *Applier) syncNexthops(plan planner.Plan, w *writer) *nexthopState {
 	return st
 }
 
+// owns says whether o is one of the agent's objects.
+func (st *nexthopState) owns(o nlbatch.NexthopObject) bool {
+	return o.Protocol == st.protocol && planner.OwnsNexthopID(st.protocol, o.ID)
+}
+
+// owned is the agent's object id, if there is one.
+func (st *nexthopState) owned(id uint32) (nlbatch.NexthopObject, bool) {
+	o, ok := st.all[id]
+	return o, ok && st.owns(o)
+}
+
 // written records obj as made (or replaced) in the kernel.
 func (st *nexthopState) written(obj nlbatch.NexthopObject) {
-	st.own[obj.ID], st.all[obj.ID] = obj, obj
+	st.all[obj.ID] = obj
 	st.changed = append(st.changed, obj.ID)
 }
 
@@ -551,7 +562,10 @@ func (a *Applier) collectNexthops(st *nexthopState, w *writer, spare func(table 
 	}
 	var groups, gateways []uint32
 	members := map[uint32]bool{}
-	for id, o := range st.own {
+	for id, o := range st.all {
+		if !st.owns(o) {
+			continue
+		}
 		if len(o.Group) == 0 {
 			continue
 		}
@@ -564,7 +578,10 @@ func (a *Applier) collectNexthops(st *nexthopState, w *writer, spare func(table 
 		}
 		groups = append(groups, id)
 	}
-	for id, o := range st.own {
+	for id, o := range st.all {
+		if !st.owns(o) {
+			continue
+		}
 		if len(o.Group) == 0 && !st.keep[id] && !members[id] && !groupsOnly {
 			gateways = append(gateways, id)
 		}
@@ -576,7 +593,6 @@ func (a *Applier) collectNexthops(st *nexthopState, w *writer, spare func(table 
 		w.add(write{what: func() string { return fmt.Sprintf("nexthop del id %d", id) }, counter: &a.Writes.NexthopDelete, msg: nlbatch.DeleteNexthop(id),
 			settled: func(err error) {
 				if err == nil {
-					delete(st.own, id)
 					delete(st.all, id)
 					st.changed = append(st.changed, id)
 				}

@@ -111,11 +111,21 @@ type TableFamily struct {
 // kernel has them and none of the agent's exist yet (a running agent keeps
 // the gateway ids it finds).
 type NexthopLayout struct {
-	// Objects are the gateways (first) and groups to create.
+	// Objects are the gateways (first) and groups to create, the groups
+	// in the order of their table and family.
 	Objects []NexthopObject
-	// Groups is the group of each table and family whose live routes all
-	// go through the same gateways.
-	Groups map[TableFamily]uint32
+}
+
+// Groups is the group of each table and family whose live routes all go
+// through the same gateways: the layout's groups, by what their id says.
+func (l NexthopLayout) Groups(protocol uint8) map[TableFamily]uint32 {
+	out := map[TableFamily]uint32{}
+	for _, o := range l.Objects {
+		if table, ipv6, ok := GroupTable(protocol, o.ID); ok && len(o.Group) > 0 {
+			out[TableFamily{table, ipv6}] = o.ID
+		}
+	}
+	return out
 }
 
 // Nexthops lays the plan's live routes out on nexthop objects.
@@ -194,7 +204,6 @@ func (p Plan) Nexthops(protocol uint8) NexthopLayout {
 		out.Objects = append(out.Objects, NexthopObject{ID: next, Gateway: k.addr, LinkIndex: k.link, LinkName: gws[k].LinkName})
 		next++
 	}
-	out.Groups = make(map[TableFamily]uint32, len(families))
 	// The groups' members, in one allocation.
 	n := 0
 	for _, f := range families {
@@ -212,7 +221,6 @@ func (p Plan) Nexthops(protocol uint8) NexthopLayout {
 			g.Group = append(g.Group, ids[gwKey{nh.Gateway, nh.LinkIndex}])
 		}
 		out.Objects = append(out.Objects, g)
-		out.Groups[f.tf] = gid
 	}
 	return out
 }
@@ -236,6 +244,7 @@ func SameNexthops(a, b []Nexthop) bool {
 // table's group.
 func (p Plan) CommandsWithNexthops(protocol uint8) []string {
 	layout := p.Nexthops(protocol)
+	groups := layout.Groups(protocol)
 	var out []string
 	for _, n := range layout.Objects {
 		out = append(out, "ip "+n.Batch(protocol))
@@ -245,7 +254,7 @@ func (p Plan) CommandsWithNexthops(protocol uint8) []string {
 	}
 	for _, r := range p.Routes {
 		line := r.Batch(protocol)
-		if gid, ok := layout.Groups[TableFamily{r.Table, r.Dst.Addr().Is6()}]; ok && !r.Throw && !r.Backstop {
+		if gid, ok := groups[TableFamily{r.Table, r.Dst.Addr().Is6()}]; ok && !r.Throw && !r.Backstop {
 			line = r.BatchNHID(protocol, gid)
 		}
 		out = append(out, "ip "+familyFlag(r.Dst.Addr().Is6())+" "+line)

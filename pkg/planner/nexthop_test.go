@@ -73,8 +73,8 @@ func TestNexthopLayout(t *testing.T) {
 	}) {
 		t.Errorf("objects\n%+v\nwant\n%+v", l.Objects, want)
 	}
-	if len(l.Groups) != 3 || l.Groups[TableFamily{102, false}] != 0 {
-		t.Errorf("groups %v", l.Groups)
+	if groups := l.Groups(245); len(groups) != 3 || groups[TableFamily{102, false}] != 0 {
+		t.Errorf("groups %v", groups)
 	}
 	cmds := strings.Join(plan.CommandsWithNexthops(245), "\n") + "\n"
 	for _, line := range []string{
@@ -111,10 +111,10 @@ func TestNexthopLayoutAnyOrder(t *testing.T) {
 		shuffled.Routes = slices.Clone(plan.Routes)
 		rng.Shuffle(len(shuffled.Routes), func(i, j int) { shuffled.Routes[i], shuffled.Routes[j] = shuffled.Routes[j], shuffled.Routes[i] })
 		if got := shuffled.Nexthops(245); !reflect.DeepEqual(got, want) {
-			t.Fatalf("the layout of shuffled routes differs: %d objects and %d groups, want %d and %d", len(got.Objects), len(got.Groups), len(want.Objects), len(want.Groups))
+			t.Fatalf("the layout of shuffled routes differs: %d objects and %d groups, want %d and %d", len(got.Objects), len(got.Groups(245)), len(want.Objects), len(want.Groups(245)))
 		}
 	}
-	if len(want.Groups) == 0 {
+	if len(want.Groups(245)) == 0 {
 		t.Fatal("no groups: the test proves nothing")
 	}
 }

@@ -463,34 +463,24 @@ func walkThrows(applied []*candidate, sc *scratch) {
 }
 
 // liveNexthops are the Route's gateways of one family that are not down; if
-// all of them are down, all of them (fail closed).
+// all of them are down, all of them (fail closed). Most Routes have one
+// family, and none or all of their gateways down: the candidate's own
+// slice then, read-only like every part of a plan.
 func liveNexthops(c *candidate, ipv6 bool, down map[netip.Addr]bool) []Nexthop {
-	// Most Routes: one family, nothing down; the candidate's own slice,
-	// read-only like every part of a plan.
-	mixed := false
-	for _, nh := range c.nexthops {
-		if nh.Gateway.Is6() != ipv6 || len(down) > 0 && down[nh.Gateway] {
-			mixed = true
-			break
+	family := c.nexthops
+	if slices.ContainsFunc(family, func(nh Nexthop) bool { return nh.Gateway.Is6() != ipv6 }) {
+		family = slices.DeleteFunc(slices.Clone(family), func(nh Nexthop) bool { return nh.Gateway.Is6() != ipv6 })
+	}
+	dead := 0
+	for _, nh := range family {
+		if down[nh.Gateway] {
+			dead++
 		}
 	}
-	if !mixed {
-		return c.nexthops
+	if dead == 0 || dead == len(family) {
+		return family
 	}
-	var all, live []Nexthop
-	for _, nh := range c.nexthops {
-		if nh.Gateway.Is6() != ipv6 {
-			continue
-		}
-		all = append(all, nh)
-		if !down[nh.Gateway] {
-			live = append(live, nh)
-		}
-	}
-	if len(live) == 0 {
-		return all
-	}
-	return live
+	return slices.DeleteFunc(slices.Clone(family), func(nh Nexthop) bool { return down[nh.Gateway] })
 }
 
 func (c *candidate) allDown(down map[netip.Addr]bool) bool {
