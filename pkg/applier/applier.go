@@ -10,7 +10,6 @@ import (
 	"cmp"
 	"errors"
 	"fmt"
-	"maps"
 	"net"
 	"net/netip"
 	"slices"
@@ -202,7 +201,7 @@ func (a *Applier) Apply(plan planner.Plan) (Report, error) {
 	if v != nil && err == nil && len(rep.Rejected) == 0 && len(preErrs) == 0 {
 		var groups map[planner.TableFamily]uint32
 		if nhs != nil {
-			groups = maps.Clone(nhs.groups)
+			groups = nhs.groups // this apply's own, done with: no copy
 		}
 		a.settled = &settled{routes: plan.Routes, rules: plan.Rules, groups: groups}
 	}

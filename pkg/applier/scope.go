@@ -56,12 +56,21 @@ func diffScope(last *settled, plan planner.Plan, nhs *nexthopState, read reread)
 	if !maps.Equal(groups, last.groups) {
 		return nil // routes move between their groups and their gateways
 	}
-	s := &scope{tables: maps.Clone(read.tables), rules: read.rules || !slices.Equal(plan.Rules, last.rules)}
+	s := &scope{tables: maps.Clone(read.tables), rules: read.rules || !sameRules(plan.Rules, last.rules)}
 	if s.tables == nil {
 		s.tables = map[uint32]bool{}
 	}
 	changedTables(last.routes, plan.Routes, s.tables)
 	return s
+}
+
+// sameRules says whether a and b hold the same rules: at once when they
+// are one slice, as when the planner hands out its last plan's again.
+func sameRules(a, b []planner.Rule) bool {
+	if len(a) == len(b) && (len(a) == 0 || &a[0] == &b[0]) {
+		return true
+	}
+	return slices.Equal(a, b)
 }
 
 // changedTables marks in out each table whose routes differ between a and

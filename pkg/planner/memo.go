@@ -37,8 +37,6 @@ type Memo struct {
 	// nodeEpoch it was made in.
 	node      nodeFacts
 	nodeEpoch uint64
-	// rules is how many rules the last plan had.
-	rules int
 	// ages is where each Route of the last Compute came in its order by
 	// age, with the creation time it had: while the names and times are
 	// the same, so is the order.
@@ -132,6 +130,51 @@ type scratch struct {
 	// owner maps a prefix to the index of a candidate; empty between uses.
 	owner map[netip.Prefix]int
 	items [2][]dispatchItem
+	cands []candidate
+	// rules is the buffer a plan's rules are built in, and lastRules the
+	// rules the last plan had, handed out (never changed).
+	rules, lastRules []Rule
+}
+
+// candidates is a slab of n zero candidates: the last Compute's, cleared,
+// when it has room.
+func (s *scratch) candidates(n int) []candidate {
+	if s == nil {
+		return make([]candidate, n)
+	}
+	if cap(s.cands) < n {
+		s.cands = make([]candidate, n)
+	}
+	s.cands = s.cands[:n]
+	clear(s.cands)
+	return s.cands
+}
+
+// ruleBuffer is an empty buffer to build a plan's rules in.
+func (s *scratch) ruleBuffer() []Rule {
+	if s == nil {
+		return nil
+	}
+	if s.rules == nil {
+		// The size of the last plan's, which this one is most likely.
+		s.rules = make([]Rule, 0, len(s.lastRules))
+	}
+	return s.rules[:0]
+}
+
+// rulesOf is the plan's rules, built in the buffer: the last plan's when
+// they are the same (the buffer stays the Memo's), else the buffer itself,
+// which is the plan's from now on.
+func (s *scratch) rulesOf(built []Rule) []Rule {
+	if s == nil {
+		return built
+	}
+	if built != nil && slices.Equal(built, s.lastRules) {
+		s.rules = built[:0]
+		return s.lastRules
+	}
+	s.rules, s.lastRules = nil, built
+	return built
 }
 
 // scratch is m's, or nil without a Memo.

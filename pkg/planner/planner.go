@@ -77,7 +77,7 @@ func (c *candidate) installed() []netip.Prefix {
 func Compute(in Input) Plan {
 	// One allocation for them all: a thousand Routes are a thousand
 	// candidates at every reconcile.
-	slab := make([]candidate, len(in.Routes))
+	slab := in.Memo.scratch().candidates(len(in.Routes))
 	cands := make([]*candidate, len(in.Routes))
 	for i, r := range in.Routes {
 		slab[i] = candidate{route: r, index: i, result: Result{Name: r.Name, Generation: r.Generation}}
@@ -571,12 +571,9 @@ func BypassPrefix(a netip.Addr) (netip.Prefix, bool) {
 // then the dispatch to the Routes' tables (dispatch.go).
 func rules(in Input, applied []*candidate, bypass []Bypass, gws []Gateway) []Rule {
 	base := in.Config.PriorityBase
-	var out []Rule
-	if m := in.Memo; m != nil {
-		// The size of the last plan's, which this one is most likely.
-		out = make([]Rule, 0, m.rules)
-		defer func() { m.rules = len(out) }()
-	}
+	// With a Memo, built in its buffer: most plans have the last one's
+	// rules, which are then handed out again (rulesOf).
+	out := in.Memo.scratch().ruleBuffer()
 	for _, ipv6 := range []bool{false, true} {
 		items := in.Memo.scratch().itemsOf(ipv6)
 		for _, c := range applied {
@@ -615,9 +612,9 @@ func rules(in Input, applied []*candidate, bypass []Bypass, gws []Gateway) []Rul
 		out = append(out, dispatch...)
 	}
 	if len(out) == 0 {
-		return nil // as without a Memo
+		out = nil // as without a Memo
 	}
-	return out
+	return in.Memo.scratch().rulesOf(out)
 }
 
 // sourceRules complement the marks (a fallback for traffic conntrack does
