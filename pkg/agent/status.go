@@ -49,6 +49,9 @@ type keptRouteState struct {
 	result planner.Result
 	state  *apply.RouteStateApplyConfiguration
 	epoch  uint64
+	// at is where the last status listed it, by name: while a status lists
+	// the same Routes, they go where they were, without a sort.
+	at int
 }
 
 // routeState is a Route's RouteState for its result r.
@@ -67,6 +70,22 @@ func routeState(r planner.Result) *apply.RouteStateApplyConfiguration {
 		}
 	}
 	return state
+}
+
+// inPlace puts each of routes where at says, if same (the last status's
+// Routes) and the places are those of a sorted list of them.
+func inPlace(routes []*apply.RouteStateApplyConfiguration, at []int, same bool) ([]*apply.RouteStateApplyConfiguration, bool) {
+	if !same {
+		return nil, false
+	}
+	out := make([]*apply.RouteStateApplyConfiguration, len(routes))
+	for i, r := range routes {
+		if at[i] < 0 || at[i] >= len(out) || out[at[i]] != nil {
+			return nil, false
+		}
+		out[at[i]] = r
+	}
+	return out, true
 }
 
 func sameResult(a, b planner.Result) bool {
@@ -90,12 +109,18 @@ func (a *Agent) buildStatus(plan planner.Plan, gateways map[netip.Addr]prober.St
 		st.routeStates = map[string]keptRouteState{}
 	}
 	st.epoch++
+	// The same Routes as the last status (as many, none new), and no
+	// selector errors: the last order holds.
+	sameRoutes := len(selectorErrs) == 0 && len(plan.Results) == len(st.routeStates)
+	at := make([]int, 0, len(plan.Results))
 	for _, r := range plan.Results {
 		// Kept RouteStates are shared, never changed: WithRoutes copies.
 		k, ok := st.routeStates[r.Name]
+		sameRoutes = sameRoutes && ok
 		if !ok || !sameResult(k.result, r) {
-			k = keptRouteState{result: r, state: routeState(r)}
+			k = keptRouteState{result: r, state: routeState(r), at: k.at}
 		}
+		at = append(at, k.at)
 		k.epoch = st.epoch
 		st.routeStates[r.Name] = k
 		state := k.state
@@ -113,7 +138,17 @@ func (a *Agent) buildStatus(plan planner.Plan, gateways map[netip.Addr]prober.St
 		routes = append(routes, apply.RouteState().WithName(name).WithPhase(v1alpha1.RouteInvalid).WithReason("InvalidNodeSelector").WithMessage(bounded(err.Error())))
 	}
 	maps.DeleteFunc(st.routeStates, func(_ string, k keptRouteState) bool { return k.epoch != st.epoch })
-	slices.SortFunc(routes, func(x, y *apply.RouteStateApplyConfiguration) int { return strings.Compare(*x.Name, *y.Name) })
+	if placed, ok := inPlace(routes, at, sameRoutes); ok {
+		routes = placed
+	} else {
+		slices.SortFunc(routes, func(x, y *apply.RouteStateApplyConfiguration) int { return strings.Compare(*x.Name, *y.Name) })
+		for i, r := range routes {
+			if k, ok := st.routeStates[*r.Name]; ok {
+				k.at = i
+				st.routeStates[*r.Name] = k
+			}
+		}
+	}
 	status.WithRoutes(routes...)
 
 	for _, g := range plan.Gateways {

@@ -66,7 +66,11 @@ func TestStatusKeepsRouteStates(t *testing.T) {
 	shadowed.NotApplied = []planner.DestinationIssue{{Destination: netip.MustParsePrefix("10.96.0.0/12"), Reason: planner.ReasonDestinationShadowed, Message: "inside main"}}
 	other := planner.Result{Name: "b", Phase: planner.Invalid, Reason: planner.ReasonInvalidSpec, Message: "bad", Generation: 3}
 	kept := &Agent{opts: Options{Planner: planner.DefaultConfig(), Learned: bypass.NewLearned(bypass.DefaultRetention)}}
-	for i, plan := range []planner.Plan{results(applied, other), results(edited, other), results(shadowed), results(other, shadowed)} {
+	renamed := other
+	renamed.Name = "0"
+	// As an informer lists them: in any order.
+	for i, plan := range []planner.Plan{results(applied, other), results(other, edited), results(edited, other), results(shadowed),
+		results(other, shadowed), results(shadowed, renamed), results(renamed, other, shadowed)} {
 		fresh := &Agent{opts: kept.opts}
 		want, err := json.Marshal(fresh.buildStatus(plan, nil, applier.Report{}, nil, nil).Routes)
 		if err != nil {
