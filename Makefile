@@ -81,7 +81,7 @@ bench: deps
 	go test -count=1 -run '^$$' -bench 'Cold|Failover4096|Incremental|Compute' -benchtime 20x ./pkg/applier
 	go test -count=1 -run '^$$' -bench 'Datapath' ./pkg/applier
 	go test -count=1 -run '^$$' -bench 'Forwarding' ./pkg/connmark
-	go test -count=1 -run '^$$' -bench . -benchtime 20x ./pkg/agent
+	go test -count=1 -run '^$$' -bench . -benchtime 100x ./pkg/agent
 	go test -count=1 -run '^$$' -bench . ./pkg/planner
 	@lab_bin=$$(hack/build-lab-tools.sh) && \
 	LAB_BIN_DIR=$$lab_bin go test -count=1 -run '^$$' -bench . -benchtime 1x ./test/admission && \

@@ -166,7 +166,7 @@ func (ba *benchAgent) change(b *testing.B, i, round int, destination bool) {
 // "view-destination" run changes a destination instead (a route and its
 // backstop replaced, one removed, the dispatch laid out again).
 //
-//	go test -run '^$' -bench ReconcileOneOf1000 -benchtime 20x ./pkg/agent
+//	go test -run '^$' -bench ReconcileOneOf1000 -benchtime 100x ./pkg/agent
 func BenchmarkReconcileOneOf1000(b *testing.B) {
 	var full, fullCPU float64
 	for _, mode := range []struct {
