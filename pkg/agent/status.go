@@ -5,7 +5,6 @@ import (
 	"crypto/sha256"
 	"encoding/json"
 	"fmt"
-	"maps"
 	"net/netip"
 	"slices"
 	"strings"
@@ -37,21 +36,10 @@ type statusState struct {
 	dns          []planner.Endpoint
 	selectorErrs map[string]bool
 	writes       map[string]int64
-	// routeStates are the last status's RouteStates by Route, with the
-	// result each was built from: most results are the same at every
-	// reconcile, and a thousand RouteStates are some 5,000 allocations.
-	// Swept of the Routes a status no longer has by epoch.
-	routeStates map[string]keptRouteState
-	epoch       uint64
-}
-
-type keptRouteState struct {
-	result planner.Result
-	state  *apply.RouteStateApplyConfiguration
-	epoch  uint64
-	// at is where the last status listed it, by name: while a status lists
-	// the same Routes, they go where they were, without a sort.
-	at int
+	// order is where the last status listed each Route (by name): while a
+	// status lists the same Routes, they go where they were, without a
+	// sort of a thousand names.
+	order map[string]int
 }
 
 // routeState is a Route's RouteState for its result r.
@@ -88,11 +76,6 @@ func inPlace(routes []*apply.RouteStateApplyConfiguration, at []int, same bool) 
 	return out, true
 }
 
-func sameResult(a, b planner.Result) bool {
-	return a.Name == b.Name && a.Phase == b.Phase && a.Reason == b.Reason && a.Message == b.Message && a.Table == b.Table &&
-		a.Generation == b.Generation && slices.Equal(a.NotApplied, b.NotApplied)
-}
-
 // buildStatus says what this node's NodeRouting should hold after a
 // reconcile.
 func (a *Agent) buildStatus(plan planner.Plan, gateways map[netip.Addr]prober.State, rep applier.Report, applyErr error, selectorErrs map[string]error) *apply.NodeRoutingStatusApplyConfiguration {
@@ -105,25 +88,14 @@ func (a *Agent) buildStatus(plan planner.Plan, gateways map[netip.Addr]prober.St
 	status := apply.NodeRoutingStatus()
 	summary := apply.NodeRoutingSummary().WithApplied(0).WithInvalid(int32(len(selectorErrs))).WithConflict(0).WithGatewaysUp(0).WithGatewaysDown(0)
 	routes := make([]*apply.RouteStateApplyConfiguration, 0, len(plan.Results)+len(selectorErrs))
-	if st.routeStates == nil {
-		st.routeStates = map[string]keptRouteState{}
-	}
-	st.epoch++
 	// The same Routes as the last status (as many, none new), and no
 	// selector errors: the last order holds.
-	sameRoutes := len(selectorErrs) == 0 && len(plan.Results) == len(st.routeStates)
+	sameRoutes := len(selectorErrs) == 0 && len(plan.Results) == len(st.order)
 	at := make([]int, 0, len(plan.Results))
 	for _, r := range plan.Results {
-		// Kept RouteStates are shared, never changed: WithRoutes copies.
-		k, ok := st.routeStates[r.Name]
+		i, ok := st.order[r.Name]
 		sameRoutes = sameRoutes && ok
-		if !ok || !sameResult(k.result, r) {
-			k = keptRouteState{result: r, state: routeState(r), at: k.at}
-		}
-		at = append(at, k.at)
-		k.epoch = st.epoch
-		st.routeStates[r.Name] = k
-		state := k.state
+		at = append(at, i)
 		switch r.Phase {
 		case planner.Applied:
 			*summary.Applied++
@@ -132,21 +104,18 @@ func (a *Agent) buildStatus(plan planner.Plan, gateways map[netip.Addr]prober.St
 		case planner.Conflict:
 			*summary.Conflict++
 		}
-		routes = append(routes, state)
+		routes = append(routes, routeState(r))
 	}
 	for name, err := range selectorErrs {
 		routes = append(routes, apply.RouteState().WithName(name).WithPhase(v1alpha1.RouteInvalid).WithReason("InvalidNodeSelector").WithMessage(bounded(err.Error())))
 	}
-	maps.DeleteFunc(st.routeStates, func(_ string, k keptRouteState) bool { return k.epoch != st.epoch })
 	if placed, ok := inPlace(routes, at, sameRoutes); ok {
 		routes = placed
 	} else {
 		slices.SortFunc(routes, func(x, y *apply.RouteStateApplyConfiguration) int { return strings.Compare(*x.Name, *y.Name) })
+		st.order = make(map[string]int, len(routes))
 		for i, r := range routes {
-			if k, ok := st.routeStates[*r.Name]; ok {
-				k.at = i
-				st.routeStates[*r.Name] = k
-			}
+			st.order[*r.Name] = i
 		}
 	}
 	status.WithRoutes(routes...)

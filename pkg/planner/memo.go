@@ -41,10 +41,11 @@ type Memo struct {
 	// age, with the creation time it had: while the names and times are
 	// the same, so is the order.
 	ages map[string]ageRank
+	// lastRules are the last plan's rules (the plan's own slice).
+	lastRules []Rule
 	// claims are, in age order, what the last Compute's Routes claimed
 	// and what conflict resolution and the throw walk made of it.
 	claims []claim
-	sc     scratch
 }
 
 // claim is what one Route claims, its destinations if applicable here,
@@ -123,99 +124,41 @@ func (m *Memo) byAge(cands []*candidate) []*candidate {
 	return out
 }
 
-// scratch are a Compute's maps and buffers that the next one clears and
-// fills again, kept only to spare allocating them at each reconcile. The
-// zero scratch, and a nil one, allocate.
-type scratch struct {
-	// owner maps a prefix to the index of a candidate; empty between uses.
-	owner map[netip.Prefix]int
-	items [2][]dispatchItem
-	cands []candidate
-	// rules is the buffer a plan's rules are built in, and lastRules the
-	// rules the last plan had, handed out (never changed).
-	rules, lastRules []Rule
+// ruleBuilder appends a plan's rules, and hands out the last plan's
+// instead while they are the same: most plans have the last one's rules,
+// and then none is copied, and nothing is kept beside the plan.
+type ruleBuilder struct {
+	last []Rule // the last plan's, read-only
+	n    int    // how many of last the rules so far are
+	out  []Rule // once they differ: the rules so far
 }
 
-// candidates is a slab of n zero candidates: the last Compute's, cleared,
-// when it has room.
-func (s *scratch) candidates(n int) []candidate {
-	if s == nil {
-		return make([]candidate, n)
+func (b *ruleBuilder) add(rs ...Rule) {
+	for _, r := range rs {
+		if b.out == nil && b.n < len(b.last) && b.last[b.n] == r {
+			b.n++
+			continue
+		}
+		if b.out == nil {
+			b.out = make([]Rule, b.n, max(len(b.last), b.n+len(rs)))
+			copy(b.out, b.last[:b.n])
+		}
+		b.out = append(b.out, r)
 	}
-	if cap(s.cands) < n {
-		s.cands = make([]candidate, n)
-	}
-	s.cands = s.cands[:n]
-	clear(s.cands)
-	return s.cands
 }
 
-// ruleBuffer is an empty buffer to build a plan's rules in.
-func (s *scratch) ruleBuffer() []Rule {
-	if s == nil {
+// rules are the rules added: the last plan's slice when they are all of
+// it (nil when there are none, as without a Memo).
+func (b *ruleBuilder) rules() []Rule {
+	switch {
+	case b.out != nil:
+		return b.out
+	case b.n == len(b.last):
+		return b.last
+	case b.n == 0:
 		return nil
 	}
-	if s.rules == nil {
-		// The size of the last plan's, which this one is most likely.
-		s.rules = make([]Rule, 0, len(s.lastRules))
-	}
-	return s.rules[:0]
-}
-
-// rulesOf is the plan's rules, built in the buffer: the last plan's when
-// they are the same (the buffer stays the Memo's), else the buffer itself,
-// which is the plan's from now on.
-func (s *scratch) rulesOf(built []Rule) []Rule {
-	if s == nil {
-		return built
-	}
-	if built != nil && slices.Equal(built, s.lastRules) {
-		s.rules = built[:0]
-		return s.lastRules
-	}
-	s.rules, s.lastRules = nil, built
-	return built
-}
-
-// scratch is m's, or nil without a Memo.
-func (m *Memo) scratch() *scratch {
-	if m == nil {
-		return nil
-	}
-	return &m.sc
-}
-
-// owners is an empty map sized for the destinations of cands, which the
-// caller clears after use.
-func (s *scratch) owners(cands []*candidate) map[netip.Prefix]int {
-	if s != nil && s.owner != nil {
-		return s.owner
-	}
-	n := 0
-	for _, c := range cands {
-		n += len(c.destinations)
-	}
-	owner := make(map[netip.Prefix]int, n)
-	if s != nil {
-		s.owner = owner
-	}
-	return owner
-}
-
-// itemsOf is an empty buffer for a family's dispatch items; keepItems
-// takes it back, grown. Its items are the caller's until the next
-// itemsOf: what a Memo keeps of them it clones.
-func (s *scratch) itemsOf(ipv6 bool) []dispatchItem {
-	if s == nil {
-		return nil
-	}
-	return s.items[boolIndex(ipv6)][:0]
-}
-
-func (s *scratch) keepItems(ipv6 bool, items []dispatchItem) {
-	if s != nil {
-		s.items[boolIndex(ipv6)] = items
-	}
+	return slices.Clone(b.last[:b.n])
 }
 
 type parsedEntry struct {

@@ -172,3 +172,37 @@ func BenchmarkComputeOneOf1000(b *testing.B) {
 		})
 	}
 }
+
+// TestRuleBuilder: the rules built are the ones added, the last plan's own
+// slice when they are all of it, and never a slice that shares the last
+// one's array otherwise (the last plan's rules are read-only).
+func TestRuleBuilder(t *testing.T) {
+	a, b, c := Rule{Priority: 1}, Rule{Priority: 2}, Rule{Priority: 3}
+	last := []Rule{a, b, c}
+	for _, tc := range []struct {
+		name  string
+		added []Rule
+		same  bool
+	}{
+		{"the same", []Rule{a, b, c}, true},
+		{"a prefix", []Rule{a, b}, false},
+		{"one changed", []Rule{a, c, c}, false},
+		{"one more", []Rule{a, b, c, a}, false},
+		{"none", nil, false},
+	} {
+		rb := ruleBuilder{last: last}
+		for _, r := range tc.added {
+			rb.add(r)
+		}
+		got := rb.rules()
+		if !slices.Equal(got, tc.added) || (got == nil) != (tc.added == nil) {
+			t.Errorf("%s: %v, want %v", tc.name, got, tc.added)
+		}
+		if shares := len(got) > 0 && &got[0] == &last[0]; shares != tc.same {
+			t.Errorf("%s: shares the last plan's array %v, want %v", tc.name, shares, tc.same)
+		}
+	}
+	if !slices.Equal(last, []Rule{a, b, c}) {
+		t.Errorf("the last plan's rules were changed: %v", last)
+	}
+}

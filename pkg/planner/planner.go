@@ -77,7 +77,7 @@ func (c *candidate) installed() []netip.Prefix {
 func Compute(in Input) Plan {
 	// One allocation for them all: a thousand Routes are a thousand
 	// candidates at every reconcile.
-	slab := in.Memo.scratch().candidates(len(in.Routes))
+	slab := make([]candidate, len(in.Routes))
 	cands := make([]*candidate, len(in.Routes))
 	for i, r := range in.Routes {
 		slab[i] = candidate{route: r, index: i, result: Result{Name: r.Name, Generation: r.Generation}}
@@ -104,7 +104,7 @@ func Compute(in Input) Plan {
 	// (throws): the Memo keeps that while the claims are the same.
 	kept := in.Memo.sameClaims(byAge)
 	if kept == nil {
-		resolveConflicts(byAge, in.Memo.scratch())
+		resolveConflicts(byAge)
 	}
 	for i, c := range byAge {
 		if kept != nil {
@@ -134,7 +134,7 @@ func Compute(in Input) Plan {
 			c.throws = kept[i].throws
 		}
 	}
-	plan.Routes = tableRoutes(applied, in.Down, in.Memo.scratch(), walk)
+	plan.Routes = tableRoutes(applied, in.Down, walk)
 	if walk {
 		in.Memo.keepClaims(byAge)
 	}
@@ -148,6 +148,16 @@ func Compute(in Input) Plan {
 		plan.Results = append(plan.Results, c.result)
 	}
 	return plan
+}
+
+// owners is an empty map sized for the destinations of cands, to map a
+// prefix to the index of its candidate.
+func owners(cands []*candidate) map[netip.Prefix]int {
+	n := 0
+	for _, c := range cands {
+		n += len(c.destinations)
+	}
+	return make(map[netip.Prefix]int, n)
 }
 
 // sortByAge orders cands oldest first, names breaking ties.
@@ -319,9 +329,8 @@ func connectedLink(node Node, links map[int]Link, gw netip.Addr) (link Link, net
 
 // resolveConflicts gives each prefix claimed by several applicable Routes
 // to the oldest; the others lose that destination alone.
-func resolveConflicts(byAge []*candidate, sc *scratch) {
-	owner := sc.owners(byAge)
-	defer clear(owner)
+func resolveConflicts(byAge []*candidate) {
+	owner := owners(byAge)
 	for i, c := range byAge {
 		if c.result.Phase != Applied {
 			continue
@@ -374,9 +383,9 @@ func assignTables(byAge []*candidate, cfg Config, previous map[string]uint32) {
 // its live gateways of the destination's family, and a throw route for every
 // more specific prefix of another Route inside one of its destinations
 // (walkThrows; without walk, the candidates have theirs already).
-func tableRoutes(applied []*candidate, down map[netip.Addr]bool, sc *scratch, walk bool) []Route {
+func tableRoutes(applied []*candidate, down map[netip.Addr]bool, walk bool) []Route {
 	if walk {
-		walkThrows(applied, sc)
+		walkThrows(applied)
 	}
 
 	// Built in table order, each table's routes sorted on their own: the
@@ -432,9 +441,8 @@ func tableRoutes(applied []*candidate, down map[netip.Addr]bool, sc *scratch, wa
 // destinations. Only the lengths some destination has can hold a
 // supernet: most nodes' destinations have a few lengths, and most walks
 // are short.
-func walkThrows(applied []*candidate, sc *scratch) {
-	owner := sc.owners(applied)
-	defer clear(owner)
+func walkThrows(applied []*candidate) {
+	owner := owners(applied)
 	var lengths [2][129]bool // by family (IPv6 second), prefix length
 	for i, c := range applied {
 		for _, d := range c.inst {
@@ -571,11 +579,18 @@ func BypassPrefix(a netip.Addr) (netip.Prefix, bool) {
 // then the dispatch to the Routes' tables (dispatch.go).
 func rules(in Input, applied []*candidate, bypass []Bypass, gws []Gateway) []Rule {
 	base := in.Config.PriorityBase
-	// With a Memo, built in its buffer: most plans have the last one's
-	// rules, which are then handed out again (rulesOf).
-	out := in.Memo.scratch().ruleBuffer()
+	// Against the last plan's rules, handed out again when they are the
+	// same.
+	var out ruleBuilder
+	if in.Memo != nil {
+		out.last = in.Memo.lastRules
+	}
 	for _, ipv6 := range []bool{false, true} {
-		items := in.Memo.scratch().itemsOf(ipv6)
+		n := 0
+		for _, c := range applied {
+			n += len(c.inst)
+		}
+		items := make([]dispatchItem, 0, n)
 		for _, c := range applied {
 			for _, d := range c.inst {
 				if d.Addr().Is6() == ipv6 {
@@ -583,7 +598,6 @@ func rules(in Input, applied []*candidate, bypass []Bypass, gws []Gateway) []Rul
 				}
 			}
 		}
-		in.Memo.scratch().keepItems(ipv6, items)
 		if len(items) == 0 {
 			continue // nothing of this family to protect
 		}
@@ -595,26 +609,27 @@ func rules(in Input, applied []*candidate, bypass []Bypass, gws []Gateway) []Rul
 			gate, dispatch = dispatchRules(items, ipv6, base, in.Layout)
 			in.Memo.keepDispatch(ipv6, base, items, gate, dispatch)
 		}
-		out = append(out, gate...)
+		out.add(gate...)
 		for _, b := range bypass {
 			if b.Prefix.Addr().Is6() == ipv6 {
-				out = append(out, Rule{Priority: base + OffsetBypass, IPv6: ipv6, Dst: b.Prefix, Table: MainTable, SuppressPrefixlen: -1})
+				out.add(Rule{Priority: base + OffsetBypass, IPv6: ipv6, Dst: b.Prefix, Table: MainTable, SuppressPrefixlen: -1})
 			}
 		}
 		// Replies to connections that came in from outside leave the way
 		// they came: marked by the agent's nftables table (ConnMark), they
 		// go back to main by fwmark, DNATed ones to pods included.
-		out = append(out, sourceRules(in, ipv6, gws)...)
+		out.add(sourceRules(in, ipv6, gws)...)
 		if in.Config.ConnMark != 0 {
-			out = append(out, Rule{Priority: base + OffsetSymmetric, IPv6: ipv6, Mark: in.Config.ConnMark, Mask: in.Config.ConnMark, Table: MainTable, SuppressPrefixlen: -1})
+			out.add(Rule{Priority: base + OffsetSymmetric, IPv6: ipv6, Mark: in.Config.ConnMark, Mask: in.Config.ConnMark, Table: MainTable, SuppressPrefixlen: -1})
 		}
-		out = append(out, Rule{Priority: base + OffsetSuppress, IPv6: ipv6, Table: MainTable, SuppressPrefixlen: 0})
-		out = append(out, dispatch...)
+		out.add(Rule{Priority: base + OffsetSuppress, IPv6: ipv6, Table: MainTable, SuppressPrefixlen: 0})
+		out.add(dispatch...)
 	}
-	if len(out) == 0 {
-		out = nil // as without a Memo
+	rules := out.rules()
+	if in.Memo != nil {
+		in.Memo.lastRules = rules
 	}
-	return in.Memo.scratch().rulesOf(out)
+	return rules
 }
 
 // sourceRules complement the marks (a fallback for traffic conntrack does
