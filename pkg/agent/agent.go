@@ -279,7 +279,10 @@ func New(opts Options, client versioned.Interface, kube kubernetes.Interface, ha
 	selfInformer := a.selfFactory.Networking().V1alpha1().NodeRoutings().Informer()
 	slimCaches(routeInformer.Informer(), nodeInformer.Informer(), sliceInformer.Informer(), selfInformer)
 	_, _ = selfInformer.AddEventHandler(cache.ResourceEventHandlerFuncs{
-		DeleteFunc: func(any) { a.statusWriter.forget() },
+		DeleteFunc: func(any) {
+			a.statusWriter.forget()
+			a.queue.Add(key) // a status to write into the new one
+		},
 	})
 
 	_, _ = routeInformer.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{

@@ -214,7 +214,8 @@ func (w *statusWriter) offer(node *corev1.Node, status *apply.NodeRoutingStatusA
 }
 
 // forget makes the writer create the NodeRouting again and write the
-// latest status into it: the object was deleted.
+// next status offered into it (or one offered and not written yet): the
+// object was deleted. The caller has a reconcile offer one.
 func (w *statusWriter) forget() {
 	w.mu.Lock()
 	w.forgotten = true
@@ -266,6 +267,14 @@ func (w *statusWriter) run(ctx context.Context) {
 			continue
 		}
 		backoff = time.Second
+		// Written, it is not kept (it is megabytes on a node with 10,000
+		// Routes): a NodeRouting deleted is made again with the status of
+		// the reconcile that forget asks for.
+		w.mu.Lock()
+		if w.latest == status {
+			w.latest = nil
+		}
+		w.mu.Unlock()
 	}
 }
 
