@@ -36,10 +36,6 @@ type statusState struct {
 	dns          []planner.Endpoint
 	selectorErrs map[string]bool
 	writes       map[string]int64
-	// order is where the last status listed each Route (by name): while a
-	// status lists the same Routes, they go where they were, without a
-	// sort of a thousand names.
-	order map[string]int
 }
 
 // routeState is a Route's RouteState for its result r.
@@ -60,22 +56,6 @@ func routeState(r planner.Result) *apply.RouteStateApplyConfiguration {
 	return state
 }
 
-// inPlace puts each of routes where at says, if same (the last status's
-// Routes) and the places are those of a sorted list of them.
-func inPlace(routes []*apply.RouteStateApplyConfiguration, at []int, same bool) ([]*apply.RouteStateApplyConfiguration, bool) {
-	if !same {
-		return nil, false
-	}
-	out := make([]*apply.RouteStateApplyConfiguration, len(routes))
-	for i, r := range routes {
-		if at[i] < 0 || at[i] >= len(out) || out[at[i]] != nil {
-			return nil, false
-		}
-		out[at[i]] = r
-	}
-	return out, true
-}
-
 // buildStatus says what this node's NodeRouting should hold after a
 // reconcile.
 func (a *Agent) buildStatus(plan planner.Plan, gateways map[netip.Addr]prober.State, rep applier.Report, applyErr error, selectorErrs map[string]error) *apply.NodeRoutingStatusApplyConfiguration {
@@ -88,14 +68,7 @@ func (a *Agent) buildStatus(plan planner.Plan, gateways map[netip.Addr]prober.St
 	status := apply.NodeRoutingStatus()
 	summary := apply.NodeRoutingSummary().WithApplied(0).WithInvalid(int32(len(selectorErrs))).WithConflict(0).WithGatewaysUp(0).WithGatewaysDown(0)
 	routes := make([]*apply.RouteStateApplyConfiguration, 0, len(plan.Results)+len(selectorErrs))
-	// The same Routes as the last status (as many, none new), and no
-	// selector errors: the last order holds.
-	sameRoutes := len(selectorErrs) == 0 && len(plan.Results) == len(st.order)
-	at := make([]int, 0, len(plan.Results))
 	for _, r := range plan.Results {
-		i, ok := st.order[r.Name]
-		sameRoutes = sameRoutes && ok
-		at = append(at, i)
 		switch r.Phase {
 		case planner.Applied:
 			*summary.Applied++
@@ -109,15 +82,7 @@ func (a *Agent) buildStatus(plan planner.Plan, gateways map[netip.Addr]prober.St
 	for name, err := range selectorErrs {
 		routes = append(routes, apply.RouteState().WithName(name).WithPhase(v1alpha1.RouteInvalid).WithReason("InvalidNodeSelector").WithMessage(bounded(err.Error())))
 	}
-	if placed, ok := inPlace(routes, at, sameRoutes); ok {
-		routes = placed
-	} else {
-		slices.SortFunc(routes, func(x, y *apply.RouteStateApplyConfiguration) int { return strings.Compare(*x.Name, *y.Name) })
-		st.order = make(map[string]int, len(routes))
-		for i, r := range routes {
-			st.order[*r.Name] = i
-		}
-	}
+	slices.SortFunc(routes, func(x, y *apply.RouteStateApplyConfiguration) int { return strings.Compare(*x.Name, *y.Name) })
 	status.WithRoutes(routes...)
 
 	for _, g := range plan.Gateways {

@@ -1,7 +1,6 @@
 package agent
 
 import (
-	"encoding/json"
 	"errors"
 	"net/netip"
 	"strings"
@@ -9,7 +8,6 @@ import (
 	"unicode/utf8"
 
 	"github.com/routing-agent/routing-agent/pkg/applier"
-	"github.com/routing-agent/routing-agent/pkg/bypass"
 	"github.com/routing-agent/routing-agent/pkg/planner"
 )
 
@@ -50,39 +48,5 @@ func TestWithRejections(t *testing.T) {
 	}
 	if got[1].Reason != planner.ReasonApplied || got[2].Phase != planner.Invalid || results[0].Reason != planner.ReasonApplied {
 		t.Errorf("other results changed, or the input was: %+v / %+v", got, results)
-	}
-}
-
-// TestStatusKeepsTheOrder: a status built by an agent that lists the
-// Routes in the last status's order while they are the same is the one
-// built from nothing, whatever changed in between, in whatever order the
-// results come.
-func TestStatusKeepsTheOrder(t *testing.T) {
-	results := func(steps ...planner.Result) planner.Plan { return planner.Plan{Results: steps} }
-	applied := planner.Result{Name: "a", Phase: planner.Applied, Reason: planner.ReasonApplied, Table: 10001, Generation: 1}
-	edited := applied
-	edited.Generation = 2
-	shadowed := edited
-	shadowed.Reason, shadowed.Message = planner.ReasonDestinationsNotApplied, "1 of 2 destinations are not in effect here"
-	shadowed.NotApplied = []planner.DestinationIssue{{Destination: netip.MustParsePrefix("10.96.0.0/12"), Reason: planner.ReasonDestinationShadowed, Message: "inside main"}}
-	other := planner.Result{Name: "b", Phase: planner.Invalid, Reason: planner.ReasonInvalidSpec, Message: "bad", Generation: 3}
-	kept := &Agent{opts: Options{Planner: planner.DefaultConfig(), Learned: bypass.NewLearned(bypass.DefaultRetention)}}
-	renamed := other
-	renamed.Name = "0"
-	// As an informer lists them: in any order.
-	for i, plan := range []planner.Plan{results(applied, other), results(other, edited), results(edited, other), results(shadowed),
-		results(other, shadowed), results(shadowed, renamed), results(renamed, other, shadowed)} {
-		fresh := &Agent{opts: kept.opts}
-		want, err := json.Marshal(fresh.buildStatus(plan, nil, applier.Report{}, nil, nil).Routes)
-		if err != nil {
-			t.Fatal(err)
-		}
-		got, err := json.Marshal(kept.buildStatus(plan, nil, applier.Report{}, nil, nil).Routes)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if string(got) != string(want) {
-			t.Errorf("step %d: in the kept order\n%s\nwant\n%s", i, got, want)
-		}
 	}
 }

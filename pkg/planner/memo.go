@@ -5,7 +5,6 @@ import (
 	"net/netip"
 	"reflect"
 	"slices"
-	"time"
 
 	v1alpha1 "github.com/routing-agent/routing-agent/apis/networking/v1alpha1"
 )
@@ -37,10 +36,6 @@ type Memo struct {
 	// nodeEpoch it was made in.
 	node      nodeFacts
 	nodeEpoch uint64
-	// ages is where each Route of the last Compute came in its order by
-	// age, with the creation time it had: while the names and times are
-	// the same, so is the order.
-	ages map[string]ageRank
 	// lastRules are the last plan's rules (the plan's own slice).
 	lastRules []Rule
 	// claims are, in age order, what the last Compute's Routes claimed
@@ -88,40 +83,6 @@ func (m *Memo) keepClaims(byAge []*candidate) {
 		m.claims[i] = claim{name: c.route.Name, applicable: c.applicable, applied: c.result.Phase == Applied,
 			destinations: c.destinations, conflicts: c.conflicts, throws: c.throws}
 	}
-}
-
-type ageRank struct {
-	rank    int
-	created time.Time
-}
-
-// byAge is cands oldest first (sortByAge): the last Compute's order when
-// they are the same Routes, created when they were then, else sorted.
-func (m *Memo) byAge(cands []*candidate) []*candidate {
-	out := make([]*candidate, len(cands))
-	if m != nil && len(m.ages) == len(cands) {
-		same := true
-		for _, c := range cands {
-			a, ok := m.ages[c.route.Name]
-			if !ok || !a.created.Equal(c.route.CreationTimestamp.Time) || out[a.rank] != nil {
-				same = false
-				break
-			}
-			out[a.rank] = c
-		}
-		if same {
-			return out
-		}
-	}
-	copy(out, cands)
-	sortByAge(out)
-	if m != nil {
-		m.ages = make(map[string]ageRank, len(out))
-		for i, c := range out {
-			m.ages[c.route.Name] = ageRank{rank: i, created: c.route.CreationTimestamp.Time}
-		}
-	}
-	return out
 }
 
 // ruleBuilder appends a plan's rules, and hands out the last plan's

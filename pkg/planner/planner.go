@@ -85,7 +85,8 @@ func Compute(in Input) Plan {
 	}
 	// Oldest first: the older Route wins an equal prefix, and gets first
 	// pick of a colliding table id.
-	byAge := in.Memo.byAge(cands)
+	byAge := slices.Clone(cands)
+	sortByAge(byAge)
 
 	links := make(map[int]Link, len(in.Node.Links))
 	for _, l := range in.Node.Links {
