@@ -10,15 +10,17 @@ import (
 )
 
 // Memo carries, from one Compute to the next, the dispatch of each family
-// (dispatch.go) and each Route's parsed spec: laying out the trie and
-// validating a thousand specs are most of the work of planning many
-// Routes, and most changes (a gateway edited, a gateway down, a node
-// label) leave the Routes' destinations and tables, and all but one
-// Route, as they were. A dispatch is reused only when its destinations,
-// its band and the layout it starts from are the ones it was computed
-// from: the plan is the same with a Memo as without
-// (TestMemoChangesNothing). Not safe for concurrent use; the agent's
-// single reconcile loop keeps one.
+// (dispatch.go), each Route's parsed spec and its check on the node, what
+// the Routes claim (conflicts and throws), and the last plan's rules:
+// laying out the trie, validating a thousand specs and walking their
+// destinations are most of the work of planning many Routes, and most
+// changes (a gateway edited, a gateway down, a node label) leave the
+// Routes' destinations and tables, and all but one Route, as they were.
+// Each part is reused only while what it was computed from is the same:
+// the plan is the same with a Memo as without (TestMemoChangesNothing).
+// It keeps only what spares work, nothing that spares allocations alone:
+// the agent's memory at rest is a goal too. Not safe for concurrent use;
+// the agent's single reconcile loop keeps one.
 type Memo struct {
 	dispatch [2]*dispatchMemo // IPv4, IPv6
 	// layout is LayoutOf the last plan's rules: what the next Compute's
