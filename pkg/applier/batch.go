@@ -178,14 +178,11 @@ func (a *Applier) ruleWrite(r planner.Rule, add bool) write {
 	return x
 }
 
-// fromBatchRule is toBatchRule's inverse, for a rule of the agent's.
+// fromBatchRule is toBatchRule's inverse, for a rule of the agent's (a
+// parsed jump or nop has no table: nlbatch.ParseRule).
 func fromBatchRule(r nlbatch.Rule) planner.Rule {
-	out := planner.Rule{Priority: int(r.Priority), IPv6: r.Family == unix.AF_INET6, Table: r.Table, Src: r.Src, Dst: r.Dst,
+	return planner.Rule{Priority: int(r.Priority), IPv6: r.Family == unix.AF_INET6, Table: r.Table, Src: r.Src, Dst: r.Dst,
 		Mark: r.Mark, Mask: r.Mask, SuppressPrefixlen: r.SuppressPrefixlen, Invert: r.Invert, Goto: int(r.Goto), Nop: r.Nop}
-	if out.Goto > 0 || out.Nop {
-		out.Table = 0
-	}
-	return out
 }
 
 func (a *Applier) toBatchRoute(r planner.Route, nhid, metric uint32) nlbatch.Route {

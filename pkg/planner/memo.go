@@ -74,6 +74,17 @@ func (m *Memo) sameClaims(byAge []*candidate) []claim {
 	return m.claims
 }
 
+// gotTables says whether the same Routes got a table in byAge as when
+// claims were kept: the throws depend on that too.
+func gotTables(claims []claim, byAge []*candidate) bool {
+	for i, c := range byAge {
+		if (c.result.Phase == Applied) != claims[i].applied {
+			return false
+		}
+	}
+	return true
+}
+
 // keepClaims keeps what byAge claimed and came to, once tableRoutes has
 // walked their throws.
 func (m *Memo) keepClaims(byAge []*candidate) {
@@ -134,17 +145,17 @@ type parsedEntry struct {
 	check *nodeCheck
 }
 
-// nodeCheck is what checkOnNode sets on a candidate: read-only once kept.
+// nodeCheck is what checkOnNode sets on a candidate beside its
+// destinations (the spec's): read-only once kept.
 type nodeCheck struct {
-	nodeEpoch    uint64
-	wasApplied   bool
-	destinations []netip.Prefix
-	nexthops     []Nexthop
-	shadowedBy   map[netip.Prefix]netip.Prefix
-	stranded     []netip.Addr
-	phase        Phase
-	reason       string
-	message      string
+	nodeEpoch  uint64
+	wasApplied bool
+	nexthops   []Nexthop
+	shadowedBy map[netip.Prefix]netip.Prefix
+	stranded   []netip.Addr
+	phase      Phase
+	reason     string
+	message    string
 }
 
 // nodeFacts are the parts of a Node checkOnNode reads.
@@ -192,12 +203,14 @@ func (c *specCache) check(cand *candidate, node Node, links map[int]Link, wasApp
 	}
 	e := c.entry(cand.route)
 	if k := e.check; k != nil && k.nodeEpoch == c.nodeEpoch && k.wasApplied == wasApplied {
-		cand.destinations, cand.nexthops, cand.shadowedBy, cand.stranded = k.destinations, k.nexthops, k.shadowedBy, k.stranded
+		// checkOnNode takes the spec's destinations (none for a spec
+		// that is invalid, which has none).
+		cand.destinations, cand.nexthops, cand.shadowedBy, cand.stranded = e.spec.destinations, k.nexthops, k.shadowedBy, k.stranded
 		cand.result.Phase, cand.result.Reason, cand.result.Message = k.phase, k.reason, k.message
 		return
 	}
 	checkOnNode(cand, e.spec, node, links, wasApplied)
-	e.check = &nodeCheck{nodeEpoch: c.nodeEpoch, wasApplied: wasApplied, destinations: cand.destinations, nexthops: cand.nexthops,
+	e.check = &nodeCheck{nodeEpoch: c.nodeEpoch, wasApplied: wasApplied, nexthops: cand.nexthops,
 		shadowedBy: cand.shadowedBy, stranded: cand.stranded, phase: cand.result.Phase, reason: cand.result.Reason, message: cand.result.Message}
 	c.entries[cand.route] = e
 }

@@ -123,13 +123,7 @@ func Compute(in Input) Plan {
 			applied = append(applied, c)
 		}
 	}
-	// The throws also depend on which Routes got a table.
-	walk := kept == nil
-	for i, c := range byAge {
-		if walk = walk || (c.result.Phase == Applied) != kept[i].applied; walk {
-			break
-		}
-	}
+	walk := kept == nil || !gotTables(kept, byAge)
 	if !walk {
 		for i, c := range byAge {
 			c.throws = kept[i].throws
