@@ -266,7 +266,13 @@ func (a *Applier) applyTo(plan planner.Plan, actual *State, nhs *nexthopState, s
 	// want, and duplicates. Only they are sorted, so a diff with little to
 	// remove costs little.
 	var stale []ruleKey
-	if sc.hasRules() {
+	// The rules to add if missing: the plan's, or only those it has more
+	// than the settled plan whose rules the kernel holds.
+	toAdd := plan.Rules
+	switch d := sc.delta(); {
+	case d != nil:
+		stale, wantedRules, toAdd = slices.Clone(d.stale), d.kept, d.added
+	case sc.hasRules():
 		wantedRules = make(map[ruleKey]bool, len(plan.Rules))
 		for _, r := range plan.Rules {
 			wantedRules[keyOfRule(r)] = true
@@ -276,8 +282,8 @@ func (a *Applier) applyTo(plan planner.Plan, actual *State, nhs *nexthopState, s
 				stale = append(stale, key)
 			}
 		}
-		slices.SortFunc(stale, compareRuleKeys)
 	}
+	slices.SortFunc(stale, compareRuleKeys)
 	// Rules come in three kinds for the order they are written in: jumps
 	// that take packets past rules (the dispatch's skips, the gate's exit)
 	// go first and come last; the gate's entries, which let packets in,
@@ -313,7 +319,7 @@ func (a *Applier) applyTo(plan planner.Plan, actual *State, nhs *nexthopState, s
 		if !sc.hasRules() {
 			return
 		}
-		for _, r := range plan.Rules {
+		for _, r := range toAdd {
 			if kind(r) != k || len(actual.Rules[keyOfRule(r)]) > 0 {
 				continue
 			}

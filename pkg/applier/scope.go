@@ -1,6 +1,7 @@
 package applier
 
 import (
+	"cmp"
 	"maps"
 	"slices"
 
@@ -19,6 +20,11 @@ import (
 type scope struct {
 	tables map[uint32]bool
 	rules  bool
+	// rulesDelta, when the view has read no rule since the settled apply
+	// (the kernel holds that plan's rules still), is how the plan's rules
+	// differ from them: the rules diffed are these alone, not every rule
+	// of the band. nil: every rule.
+	rulesDelta *ruleDelta
 	// byTable indexes the keys of the state's routes by table (the view's):
 	// the stale routes of a few tables are found without a walk of all.
 	byTable map[uint32][]routeKey
@@ -26,6 +32,14 @@ type scope struct {
 
 func (s *scope) table(t uint32) bool { return s == nil || s.tables[t] }
 func (s *scope) hasRules() bool      { return s == nil || s.rules }
+
+// delta is the scope's rule delta, if any.
+func (s *scope) delta() *ruleDelta {
+	if s == nil || !s.rules {
+		return nil
+	}
+	return s.rulesDelta
+}
 
 // settled is the last apply through the view that wrote everything it had
 // to: its plan's routes and rules, and the groups its tables used.
@@ -57,6 +71,9 @@ func diffScope(last *settled, plan planner.Plan, nhs *nexthopState, read reread)
 		return nil // routes move between their groups and their gateways
 	}
 	s := &scope{tables: maps.Clone(read.tables), rules: read.rules || !sameRules(plan.Rules, last.rules)}
+	if s.rules && !read.rules {
+		s.rulesDelta = diffRules(last.rules, plan.Rules)
+	}
 	if s.tables == nil {
 		s.tables = map[uint32]bool{}
 	}
@@ -71,6 +88,94 @@ func sameRules(a, b []planner.Rule) bool {
 		return true
 	}
 	return slices.Equal(a, b)
+}
+
+// ruleDelta is what differs between two lists of rules: the rules of the
+// second that the first lacks, and the keys of the first that the second
+// lacks (or holds fewer times: kept says which it holds once).
+type ruleDelta struct {
+	added []planner.Rule // in the second's order
+	stale []ruleKey
+	kept  map[ruleKey]bool
+}
+
+// diffRules is the delta from a to b, two plans' rules, in one pass: a
+// plan lists its rules in band order, by family (IPv4 first), then
+// priority, and rules of one priority are a few (a leaf of the dispatch,
+// the bypass), compared among themselves. nil when either list is not in
+// that order.
+func diffRules(a, b []planner.Rule) *ruleDelta {
+	if !slices.IsSortedFunc(a, compareBandOrder) || !slices.IsSortedFunc(b, compareBandOrder) {
+		return nil
+	}
+	d := &ruleDelta{}
+	for len(a) > 0 || len(b) > 0 {
+		var at planner.Rule
+		switch {
+		case len(a) == 0:
+			at = b[0]
+		case len(b) == 0 || compareBandOrder(a[0], b[0]) < 0:
+			at = a[0]
+		default:
+			at = b[0]
+		}
+		i := bandRun(a, at)
+		j := bandRun(b, at)
+		if !slices.Equal(a[:i], b[:j]) {
+			d.add(a[:i], b[:j])
+		}
+		a, b = a[i:], b[j:]
+	}
+	return d
+}
+
+// add records how the rules of one priority differ, from was to is.
+func (d *ruleDelta) add(was, is []planner.Rule) {
+	left := make([]ruleKey, len(was)) // was's keys that is has not matched
+	for i, r := range was {
+		left[i] = keyOfRule(r)
+	}
+	for _, r := range is {
+		if i := slices.Index(left, keyOfRule(r)); i >= 0 {
+			left = slices.Delete(left, i, i+1)
+			continue
+		}
+		d.added = append(d.added, r)
+	}
+	for _, k := range left {
+		if slices.Contains(d.stale, k) {
+			continue
+		}
+		d.stale = append(d.stale, k)
+		// A rule was held twice and is wanted once.
+		if slices.ContainsFunc(is, func(r planner.Rule) bool { return keyOfRule(r) == k }) {
+			if d.kept == nil {
+				d.kept = map[ruleKey]bool{}
+			}
+			d.kept[k] = true
+		}
+	}
+}
+
+// compareBandOrder orders rules as a plan lists them: by family, IPv4
+// first, then priority.
+func compareBandOrder(a, b planner.Rule) int {
+	if a.IPv6 != b.IPv6 {
+		if b.IPv6 {
+			return -1
+		}
+		return 1
+	}
+	return cmp.Compare(a.Priority, b.Priority)
+}
+
+// bandRun is how many rules at the start of rs sit where at does.
+func bandRun(rs []planner.Rule, at planner.Rule) int {
+	n := 0
+	for n < len(rs) && compareBandOrder(rs[n], at) == 0 {
+		n++
+	}
+	return n
 }
 
 // changedTables marks in out each table whose routes differ between a and

@@ -71,6 +71,83 @@ func TestDiffScope(t *testing.T) {
 			if sc.rules != tc.rulesToo {
 				t.Errorf("rules in scope: %v, want %v", sc.rules, tc.rulesToo)
 			}
+			// Rules read again are compared whole; others, the plans'
+			// difference alone.
+			if delta := sc.delta() != nil; delta != (sc.rules && !tc.read.rules) {
+				t.Errorf("a rule delta: %v, want %v", delta, sc.rules && !tc.read.rules)
+			}
+		})
+	}
+}
+
+// TestDiffRules: the delta between two plans' rules is what one holds and
+// the other does not, priority by priority, whatever else moved; a rule
+// held twice and wanted once stays once; lists out of band order give no
+// delta (every rule is compared).
+func TestDiffRules(t *testing.T) {
+	rule := func(prio int, dst string, table uint32) planner.Rule {
+		return planner.Rule{Priority: prio, Dst: netip.MustParsePrefix(dst), Table: table, SuppressPrefixlen: -1}
+	}
+	v6 := func(r planner.Rule) planner.Rule { r.IPv6 = true; return r }
+	a := rule(30010, "192.0.2.53/32", planner.MainTable)
+	b := rule(30301, "192.0.2.0/25", 100)
+	c := rule(30301, "192.0.2.128/25", 101)
+	d := rule(30400, "198.51.100.0/24", 102)
+	e := v6(rule(30301, "2001:db8::/48", 103))
+	// The same rule as the kernel reads it back: no mark without a mask.
+	cMarked := c
+	cMarked.Mark = 7
+	for _, tc := range []struct {
+		name         string
+		from, to     []planner.Rule
+		added, stale []planner.Rule
+		kept         []planner.Rule
+		none         bool
+	}{
+		{name: "the same", from: []planner.Rule{a, b, c, d, e}, to: []planner.Rule{a, b, c, d, e}},
+		{name: "one in a priority's rules replaced", from: []planner.Rule{a, b, c, d}, to: []planner.Rule{a, b, rule(30301, "203.0.113.0/24", 101), d},
+			added: []planner.Rule{rule(30301, "203.0.113.0/24", 101)}, stale: []planner.Rule{c}},
+		{name: "a priority's rules in another order", from: []planner.Rule{a, b, c, d}, to: []planner.Rule{a, c, b, d}},
+		{name: "equal but for what the key ignores", from: []planner.Rule{a, b, c}, to: []planner.Rule{a, b, cMarked}},
+		{name: "a priority gone, one new", from: []planner.Rule{a, b, c, d, e}, to: []planner.Rule{a, b, c, rule(30500, "198.51.100.0/24", 102), e},
+			added: []planner.Rule{rule(30500, "198.51.100.0/24", 102)}, stale: []planner.Rule{d}},
+		{name: "the other family", from: []planner.Rule{a, e}, to: []planner.Rule{a}, stale: []planner.Rule{e}},
+		{name: "held twice, wanted once", from: []planner.Rule{a, b, b}, to: []planner.Rule{a, b}, stale: []planner.Rule{b}, kept: []planner.Rule{b}},
+		{name: "from nothing", to: []planner.Rule{a, e}, added: []planner.Rule{a, e}},
+		{name: "out of band order", from: []planner.Rule{d, a}, to: []planner.Rule{a}, none: true},
+		{name: "families out of order", from: []planner.Rule{a}, to: []planner.Rule{e, a}, none: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got := diffRules(tc.from, tc.to)
+			if tc.none {
+				if got != nil {
+					t.Fatalf("a delta of lists out of band order: %+v", got)
+				}
+				return
+			}
+			if got == nil {
+				t.Fatal("no delta")
+			}
+			keys := func(rs []planner.Rule) []ruleKey {
+				var out []ruleKey
+				for _, r := range rs {
+					out = append(out, keyOfRule(r))
+				}
+				return out
+			}
+			if !slices.Equal(got.added, tc.added) {
+				t.Errorf("added %v, want %v", got.added, tc.added)
+			}
+			if !slices.Equal(got.stale, keys(tc.stale)) {
+				t.Errorf("stale %v, want %v", got.stale, keys(tc.stale))
+			}
+			wantKept := map[ruleKey]bool{}
+			for _, k := range keys(tc.kept) {
+				wantKept[k] = true
+			}
+			if len(got.kept) != len(wantKept) || !maps.Equal(got.kept, wantKept) {
+				t.Errorf("kept %v, want %v", got.kept, wantKept)
+			}
 		})
 	}
 }
