@@ -163,44 +163,53 @@ func split(items []dispatchItem) (cp netip.Prefix, own, lo, hi []dispatchItem) {
 }
 
 // dispatchSlot is one priority of the layout: a skip, or lookup rules.
+// Its keys identify it across plans (LayoutOf): a skip's prefix, or each
+// of its lookups; the slot stays where any of them was.
 type dispatchSlot struct {
-	// keys identify the slot across plans (LayoutOf): a skip's prefix, or
-	// each of its lookups; the slot stays where any of them was.
-	keys  []SlotKey
-	rules []Rule
-	skip  bool
-	end   int // for a skip: the index of the first slot after its block
+	skip netip.Prefix // a skip's: its block's
+	// lookups are the items of a slot of lookups, most specific first: a
+	// rule for each of their selectors.
+	lookups []dispatchItem
+	end     int // for a skip: the index of the first slot after its block
+}
+
+func (s *dispatchSlot) isSkip() bool { return s.skip.IsValid() }
+
+// rules is how many rules the slot has.
+func (s *dispatchSlot) rules() int {
+	if s.isSkip() {
+		return 1
+	}
+	n := 0
+	for _, it := range s.lookups {
+		_, k := selectors(it.dst)
+		n += k
+	}
+	return n
 }
 
 // slots flattens the trie into priorities: a skip for a block of more than
 // one rule, the children's blocks, then the block's own lookups (after the
-// children: a packet for a child then needs no extra table lookup).
-func (n *dispatchNode) slots(ipv6 bool, out []dispatchSlot) []dispatchSlot {
+// children: a packet for a child then needs no extra table lookup). own
+// takes the lookups' items, out the slots.
+func (n *dispatchNode) slots(out []dispatchSlot, own *[]dispatchItem) []dispatchSlot {
 	skip := -1
 	if n.rules > 1 && n.prefix.Bits() > 0 { // everything is inside a /0
 		skip = len(out)
-		out = append(out, dispatchSlot{keys: []SlotKey{{Skip: true, Dst: n.prefix}}, skip: true,
-			rules: []Rule{{IPv6: ipv6, Dst: n.prefix, Invert: true, SuppressPrefixlen: -1}}})
+		out = append(out, dispatchSlot{skip: n.prefix})
 	}
 	for _, c := range n.children {
-		out = c.slots(ipv6, out)
+		out = c.slots(out, own)
 	}
 	if len(n.own) > 0 {
 		// Most specific first: a packet for one of them then meets no
-		// supernet's table (whose throw would only send it on).
-		own := slices.Clone(n.own) // n.own is a part of the items' array
-		slices.SortStableFunc(own, func(a, b dispatchItem) int { return b.dst.Bits() - a.dst.Bits() })
-		s := dispatchSlot{rules: make([]Rule, 0, len(own))}
-		for _, it := range own {
-			for _, dst := range selectors(it.dst) {
-				s.rules = append(s.rules, Rule{IPv6: ipv6, Dst: dst, Table: it.table, SuppressPrefixlen: -1})
-			}
-		}
-		s.keys = make([]SlotKey, len(s.rules))
-		for i, r := range s.rules {
-			s.keys[i] = SlotKey{Dst: r.Dst, Table: r.Table}
-		}
-		out = append(out, s)
+		// supernet's table (whose throw would only send it on). Copied:
+		// n.own is a part of the items' array.
+		start := len(*own)
+		*own = append(*own, n.own...)
+		lookups := (*own)[start:len(*own):len(*own)]
+		slices.SortStableFunc(lookups, func(a, b dispatchItem) int { return b.dst.Bits() - a.dst.Bits() })
+		out = append(out, dispatchSlot{lookups: lookups})
 	}
 	if skip >= 0 {
 		out[skip].end = len(out)
@@ -219,30 +228,37 @@ func dispatchRules(items []dispatchItem, ipv6 bool, base int, previous Layout) (
 	first, end := base+OffsetDispatch, base+DispatchEnd
 	slices.SortFunc(items, compareItems)
 	var slots []dispatchSlot
+	// Every item is a lookup of one slot at most.
+	own := make([]dispatchItem, 0, len(items))
 	for leaf := dispatchLeaf; ; leaf *= 2 {
-		slots = buildDispatch(items, leaf).slots(ipv6, nil)
+		slots = buildDispatch(items, leaf).slots(make([]dispatchSlot, 0, len(items)), &own)
 		if len(slots) <= end-first || leaf > len(items) {
 			break
 		}
+		own = own[:0]
 	}
 	prio := slotPriorities(slots, first, end, previous)
 	n := 1
-	for _, s := range slots {
-		n += len(s.rules)
+	for i := range slots {
+		n += slots[i].rules()
 	}
 	out := make([]Rule, 0, n)
 	skips := false
 	for i, s := range slots {
-		skips = skips || s.skip
-		for _, r := range s.rules {
-			r.Priority = prio[i]
-			if s.skip {
-				r.Goto = end
-				if s.end < len(slots) {
-					r.Goto = prio[s.end]
-				}
+		if s.isSkip() {
+			skips = true
+			r := Rule{Priority: prio[i], IPv6: ipv6, Dst: s.skip, Invert: true, Goto: end, SuppressPrefixlen: -1}
+			if s.end < len(slots) {
+				r.Goto = prio[s.end]
 			}
 			out = append(out, r)
+			continue
+		}
+		for _, it := range s.lookups {
+			sel, k := selectors(it.dst)
+			for _, dst := range sel[:k] {
+				out = append(out, Rule{Priority: prio[i], IPv6: ipv6, Dst: dst, Table: it.table, SuppressPrefixlen: -1})
+			}
 		}
 	}
 	// The gate's regions come from splitting items as far as it goes (a
@@ -326,15 +342,10 @@ func slotPriorities(slots []dispatchSlot, first, end int, previous Layout) []int
 	prio := make([]int, n)
 	kept := make([]bool, n)
 	last, lastIdx := first-1, -1
-	for i, s := range slots {
+	for i := range slots {
 		// Where the first of its rules that was there before sat: a block
 		// that gains or loses a rule stays in place.
-		p, ok := 0, false
-		for _, k := range s.keys {
-			if p, ok = previous[k]; ok {
-				break
-			}
-		}
+		p, ok := slots[i].previous(previous)
 		// Room for the slots since the last kept one, and for every slot
 		// after this one before end.
 		if ok && p > last+(i-lastIdx-1) && p < end-(n-1-i) {
@@ -368,20 +379,38 @@ func slotPriorities(slots []dispatchSlot, first, end int, previous Layout) []int
 	return prio
 }
 
-// selectors are the `to` prefixes of a rule for dst: dst itself, or for a
-// /0 its two halves (OpenVPN's def1). The kernel takes a rule given no
-// destination for any rule of the same priority and table: it refuses to
-// add one next to `to <prefix>` (EEXIST), and deleting one could take the
-// other with it.
-func selectors(dst netip.Prefix) []netip.Prefix {
+// previous is the priority the first of the slot's keys that previous
+// holds has there.
+func (s *dispatchSlot) previous(previous Layout) (int, bool) {
+	if s.isSkip() {
+		p, ok := previous[SlotKey{Skip: true, Dst: s.skip}]
+		return p, ok
+	}
+	for _, it := range s.lookups {
+		sel, k := selectors(it.dst)
+		for _, dst := range sel[:k] {
+			if p, ok := previous[SlotKey{Dst: dst, Table: it.table}]; ok {
+				return p, true
+			}
+		}
+	}
+	return 0, false
+}
+
+// selectors are the `to` prefixes of a rule for dst, the first n of sel:
+// dst itself, or for a /0 its two halves (OpenVPN's def1). The kernel
+// takes a rule given no destination for any rule of the same priority and
+// table: it refuses to add one next to `to <prefix>` (EEXIST), and
+// deleting one could take the other with it.
+func selectors(dst netip.Prefix) (sel [2]netip.Prefix, n int) {
 	if dst.Bits() > 0 {
-		return []netip.Prefix{dst}
+		return [2]netip.Prefix{dst}, 1
 	}
 	lo, _ := dst.Addr().Prefix(1)
 	hi := dst.Addr().AsSlice()
 	hi[0] = 0x80
 	h, _ := netip.AddrFromSlice(hi)
-	return []netip.Prefix{lo, netip.PrefixFrom(h, 1)}
+	return [2]netip.Prefix{lo, netip.PrefixFrom(h, 1)}, 2
 }
 
 // SlotKey identifies a slot of the dispatch across plans: a skip by its
@@ -403,16 +432,8 @@ type Layout map[SlotKey]int
 func LayoutOf(rules []Rule, base int) Layout {
 	out := Layout{}
 	for _, r := range rules {
-		if r.Priority < base+OffsetDispatch || r.Priority >= base+DispatchEnd {
-			continue
-		}
-		var key SlotKey
-		switch {
-		case r.IsSkip():
-			key = SlotKey{Skip: true, Dst: r.Dst}
-		case r.Dst.IsValid() && r.Table != MainTable && r.Table != 0:
-			key = SlotKey{Dst: r.Dst, Table: r.Table}
-		default:
+		key, ok := slotKeyOf(r, base)
+		if !ok {
 			continue
 		}
 		if p, ok := out[key]; !ok || r.Priority < p {
@@ -420,6 +441,73 @@ func LayoutOf(rules []Rule, base int) Layout {
 		}
 	}
 	return out
+}
+
+// slotKeyOf is the key of the slot r is a rule of, if r is one of the
+// trie's (LayoutOf).
+func slotKeyOf(r Rule, base int) (SlotKey, bool) {
+	if r.Priority < base+OffsetDispatch || r.Priority >= base+DispatchEnd {
+		return SlotKey{}, false
+	}
+	switch {
+	case r.IsSkip():
+		return SlotKey{Skip: true, Dst: r.Dst}, true
+	case r.Dst.IsValid() && r.Table != MainTable && r.Table != 0:
+		return SlotKey{Dst: r.Dst, Table: r.Table}, true
+	}
+	return SlotKey{}, false
+}
+
+// moveLayout makes l, the layout of one family's trie was (LayoutOf, with
+// the other family's slots beside), the layout of is: the slots that
+// went, or moved, are deleted, then the new and moved ones set. Both are
+// tries of dispatchRules, in priority order and each key once; most of a
+// new trie's slots keep their priorities, and only the others are looked
+// at.
+func moveLayout(l Layout, was, is []Rule, base int) {
+	var gone, came []Rule
+	for len(was) > 0 || len(is) > 0 {
+		var at int
+		switch {
+		case len(was) == 0:
+			at = is[0].Priority
+		case len(is) == 0:
+			at = was[0].Priority
+		default:
+			at = min(was[0].Priority, is[0].Priority)
+		}
+		i, j := priorityRun(was, at), priorityRun(is, at)
+		for _, r := range was[:i] {
+			if !slices.Contains(is[:j], r) {
+				gone = append(gone, r)
+			}
+		}
+		for _, r := range is[:j] {
+			if !slices.Contains(was[:i], r) {
+				came = append(came, r)
+			}
+		}
+		was, is = was[i:], is[j:]
+	}
+	for _, r := range gone {
+		if key, ok := slotKeyOf(r, base); ok && l[key] == r.Priority {
+			delete(l, key)
+		}
+	}
+	for _, r := range came {
+		if key, ok := slotKeyOf(r, base); ok {
+			l[key] = r.Priority
+		}
+	}
+}
+
+// priorityRun is how many rules at the start of rs have priority p.
+func priorityRun(rs []Rule, p int) int {
+	n := 0
+	for n < len(rs) && rs[n].Priority == p {
+		n++
+	}
+	return n
 }
 
 func sameTable(items []dispatchItem) bool {

@@ -28,6 +28,11 @@ type Memo struct {
 	// families' dispatch the current Compute took from the Memo.
 	layout Layout
 	reused [2]bool
+	// replaced are, by family, the tries of the kept dispatches the
+	// current Compute laid out again (nil: there was none), and movable
+	// whether keepLayout can move the layout from them to the new ones.
+	replaced [2][]Rule
+	movable  [2]bool
 	// parsed are the specs of the last Compute's Routes, parsed and
 	// validated, by object: an informer hands out the same object until
 	// the Route changes.
@@ -279,19 +284,27 @@ func (m *Memo) keepDispatch(ipv6 bool, base int, items []dispatchItem, gate, tri
 	if m == nil {
 		return
 	}
-	m.dispatch[boolIndex(ipv6)] = &dispatchMemo{base: base, items: slices.Clone(items), gate: gate, trie: trie}
+	f := boolIndex(ipv6)
+	if old := m.dispatch[f]; old != nil {
+		m.replaced[f], m.movable[f] = old.trie, old.base == base
+	} else {
+		m.movable[f] = true // the last plan had no slots of this family
+	}
+	m.dispatch[f] = &dispatchMemo{base: base, items: slices.Clone(items), gate: gate, trie: trie}
 }
 
-// startCompute forgets which dispatches the previous Compute reused.
+// startCompute forgets which dispatches the previous Compute reused or
+// replaced.
 func (m *Memo) startCompute() {
 	if m != nil {
-		m.reused = [2]bool{}
+		m.reused, m.replaced, m.movable = [2]bool{}, [2][]Rule{}, [2]bool{}
 	}
 }
 
-// keepLayout records the layout of a plan's rules; a family the plan has
-// no dispatch for forgets its kept one.
-func (m *Memo) keepLayout(rules []Rule, base int) {
+// keepLayout records the layout of a plan's rules, computed from previous
+// (its Input.Layout); a family the plan has no dispatch for forgets its
+// kept one.
+func (m *Memo) keepLayout(rules []Rule, base int, previous Layout) {
 	if m == nil {
 		return
 	}
@@ -299,17 +312,35 @@ func (m *Memo) keepLayout(rules []Rule, base int) {
 	for _, r := range rules {
 		has[boolIndex(r.IPv6)] = true
 	}
-	// The layout is the trie's alone: when every family's trie is the
-	// one the kept layout was read from, it is that layout still.
-	same := m.layout != nil
+	// The layout is the tries' alone: a family whose trie is the one the
+	// kept layout was read from has the same slots still; one laid out
+	// again from that layout moves it along (moveLayout), in place, as
+	// nothing reads the last layout once Compute is done with it. Anything
+	// else reads the layout from the rules.
+	same := m.layout != nil && sameLayout(previous, m.layout)
+	moves := same
+	var was, is [2][]Rule
 	for f := range m.dispatch {
-		if !has[f] {
-			same = same && m.dispatch[f] == nil
+		switch {
+		case !has[f] && m.dispatch[f] != nil:
+			same = false
+			was[f] = m.dispatch[f].trie
+			moves = moves && m.dispatch[f].base == base
 			m.dispatch[f] = nil
+		case has[f] && !m.reused[f]:
+			same = false
+			was[f], is[f] = m.replaced[f], m.dispatch[f].trie
+			moves = moves && m.movable[f]
 		}
-		same = same && (m.reused[f] || !has[f])
 	}
-	if !same {
+	switch {
+	case same:
+	case moves:
+		for f := range was {
+			moveLayout(m.layout, was[f], is[f], base)
+		}
+	default:
 		m.layout = LayoutOf(rules, base)
 	}
+	m.replaced, m.movable = [2][]Rule{}, [2]bool{}
 }

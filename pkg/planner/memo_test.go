@@ -2,6 +2,7 @@ package planner
 
 import (
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"net/netip"
 	"reflect"
@@ -108,6 +109,11 @@ func TestMemoChangesNothing(t *testing.T) {
 				}
 			}
 			t.Fatalf("step %d: the plan with a Memo differs from the plan without:\nrules %d vs %d, routes %d vs %d", step, len(withMemo.Rules), len(plain.Rules), len(withMemo.Routes), len(plain.Routes))
+		}
+		// The layout the Memo moved along is the one its plan's rules
+		// give.
+		if got, want := memo.Layout(), LayoutOf(withMemo.Rules, cfg.PriorityBase); !maps.Equal(got, want) {
+			t.Fatalf("step %d: the Memo's layout has %d slots, its plan's rules %d", step, len(got), len(want))
 		}
 		// Sorted and without two routes of one key, as the applier and
 		// its view search them; throws among them.

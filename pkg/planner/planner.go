@@ -137,7 +137,7 @@ func Compute(in Input) Plan {
 	plan.Bypass = bypass(in, plan.Gateways)
 	plan.Rules = rules(in, applied, plan.Bypass, plan.Gateways)
 	plan.ConnMark = connMark(in, plan.Rules, plan.Gateways)
-	in.Memo.keepLayout(plan.Rules, in.Config.PriorityBase)
+	in.Memo.keepLayout(plan.Rules, in.Config.PriorityBase, in.Layout)
 	plan.Results = make([]Result, 0, len(cands))
 	for _, c := range cands {
 		plan.Results = append(plan.Results, c.result)
