@@ -114,7 +114,21 @@ const collapseAt = 4
 // sends another Route's traffic through a table first.
 func byTable(items []dispatchItem) []dispatchItem {
 	// A block is small (a leaf of the trie): a table's items are found by
-	// a scan, not a map.
+	// a scan, not a map. In most, no table has collapseAt of them: each
+	// keeps its rule, in items' order (prefixes are distinct), and the
+	// block's lookups are items itself.
+	many := func(it dispatchItem) bool {
+		n := 0
+		for _, o := range items {
+			if o.table == it.table {
+				n++
+			}
+		}
+		return n >= collapseAt
+	}
+	if !slices.ContainsFunc(items, many) {
+		return items
+	}
 	out := make([]dispatchItem, 0, len(items))
 	mine := make([]dispatchItem, 0, len(items))
 	collapsed := false
@@ -463,8 +477,8 @@ func slotKeyOf(r Rule, base int) (SlotKey, bool) {
 // went, or moved, are deleted, then the new and moved ones set. Both are
 // tries of dispatchRules, in priority order and each key once; most of a
 // new trie's slots keep their priorities, and only the others are looked
-// at.
-func moveLayout(l Layout, was, is []Rule, base int) {
+// at. It returns how many slots it deleted or set.
+func moveLayout(l Layout, was, is []Rule, base int) (moved int) {
 	var gone, came []Rule
 	for len(was) > 0 || len(is) > 0 {
 		var at int
@@ -499,6 +513,7 @@ func moveLayout(l Layout, was, is []Rule, base int) {
 			l[key] = r.Priority
 		}
 	}
+	return len(gone) + len(came)
 }
 
 // priorityRun is how many rules at the start of rs have priority p.

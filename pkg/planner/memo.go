@@ -33,6 +33,8 @@ type Memo struct {
 	// whether keepLayout can move the layout from them to the new ones.
 	replaced [2][]Rule
 	movable  [2]bool
+	// moved counts the slots moved in layout since it was read from rules.
+	moved int
 	// parsed are the specs of the last Compute's Routes, parsed and
 	// validated, by object: an informer hands out the same object until
 	// the Route changes.
@@ -124,6 +126,14 @@ func (b *ruleBuilder) add(rs ...Rule) {
 		}
 		b.out = append(b.out, r)
 	}
+}
+
+// count is how many rules were added.
+func (b *ruleBuilder) count() int {
+	if b.out != nil {
+		return len(b.out)
+	}
+	return b.n
 }
 
 // rules are the rules added: the last plan's slice when they are all of
@@ -290,7 +300,8 @@ func (m *Memo) keepDispatch(ipv6 bool, base int, items []dispatchItem, gate, tri
 	} else {
 		m.movable[f] = true // the last plan had no slots of this family
 	}
-	m.dispatch[f] = &dispatchMemo{base: base, items: slices.Clone(items), gate: gate, trie: trie}
+	// items are the Compute's own, read-only once sorted: kept, not copied.
+	m.dispatch[f] = &dispatchMemo{base: base, items: items, gate: gate, trie: trie}
 }
 
 // startCompute forgets which dispatches the previous Compute reused or
@@ -335,11 +346,14 @@ func (m *Memo) keepLayout(rules []Rule, base int, previous Layout) {
 	}
 	switch {
 	case same:
-	case moves:
+	case moves && m.moved <= len(m.layout):
 		for f := range was {
-			moveLayout(m.layout, was[f], is[f], base)
+			m.moved += moveLayout(m.layout, was[f], is[f], base)
 		}
 	default:
+		// Also once as many slots were moved as it holds: a map keeps
+		// the room of what was deleted from it.
+		m.moved = 0
 		m.layout = LayoutOf(rules, base)
 	}
 	m.replaced, m.movable = [2][]Rule{}, [2]bool{}

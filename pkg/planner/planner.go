@@ -580,6 +580,8 @@ func rules(in Input, applied []*candidate, bypass []Bypass, gws []Gateway) []Rul
 	if in.Memo != nil {
 		out.last = in.Memo.lastRules
 	}
+	// Where each family's gate and trie are among the rules, [start, end).
+	var spans [2]struct{ gate, trie [2]int }
 	for _, ipv6 := range []bool{false, true} {
 		n := 0
 		for _, c := range applied {
@@ -604,7 +606,10 @@ func rules(in Input, applied []*candidate, bypass []Bypass, gws []Gateway) []Rul
 			gate, dispatch = dispatchRules(items, ipv6, base, in.Layout)
 			in.Memo.keepDispatch(ipv6, base, items, gate, dispatch)
 		}
+		f := boolIndex(ipv6)
+		spans[f].gate[0] = out.count()
 		out.add(gate...)
+		spans[f].gate[1] = out.count()
 		for _, b := range bypass {
 			if b.Prefix.Addr().Is6() == ipv6 {
 				out.add(Rule{Priority: base + OffsetBypass, IPv6: ipv6, Dst: b.Prefix, Table: MainTable, SuppressPrefixlen: -1})
@@ -618,11 +623,20 @@ func rules(in Input, applied []*candidate, bypass []Bypass, gws []Gateway) []Rul
 			out.add(Rule{Priority: base + OffsetSymmetric, IPv6: ipv6, Mark: in.Config.ConnMark, Mask: in.Config.ConnMark, Table: MainTable, SuppressPrefixlen: -1})
 		}
 		out.add(Rule{Priority: base + OffsetSuppress, IPv6: ipv6, Table: MainTable, SuppressPrefixlen: 0})
+		spans[f].trie[0] = out.count()
 		out.add(dispatch...)
+		spans[f].trie[1] = out.count()
 	}
 	rules := out.rules()
 	if in.Memo != nil {
 		in.Memo.lastRules = rules
+		// The Memo keeps each dispatch as a part of the plan's rules,
+		// which it keeps anyway, not as a second copy.
+		for f, sp := range spans {
+			if d := in.Memo.dispatch[f]; d != nil && sp.trie[1] > 0 {
+				d.gate, d.trie = rules[sp.gate[0]:sp.gate[1]:sp.gate[1]], rules[sp.trie[0]:sp.trie[1]:sp.trie[1]]
+			}
+		}
 	}
 	return rules
 }
