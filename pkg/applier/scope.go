@@ -105,9 +105,6 @@ type ruleDelta struct {
 // the bypass), compared among themselves. nil when either list is not in
 // that order.
 func diffRules(a, b []planner.Rule) *ruleDelta {
-	if !slices.IsSortedFunc(a, compareBandOrder) || !slices.IsSortedFunc(b, compareBandOrder) {
-		return nil
-	}
 	d := &ruleDelta{}
 	for len(a) > 0 || len(b) > 0 {
 		var at planner.Rule
@@ -125,6 +122,10 @@ func diffRules(a, b []planner.Rule) *ruleDelta {
 			d.add(a[:i], b[:j])
 		}
 		a, b = a[i:], b[j:]
+		// What follows a run must come after it in band order.
+		if len(a) > 0 && compareBandOrder(a[0], at) < 0 || len(b) > 0 && compareBandOrder(b[0], at) < 0 {
+			return nil
+		}
 	}
 	return d
 }
