@@ -173,6 +173,7 @@ type Agent struct {
 	// dispatch's rules, which the next keeps them at, and the dispatch
 	// itself while the Routes' destinations stay as they are.
 	memo   planner.Memo
+	facts  factsCache
 	tables map[string]uint32
 	status statusState
 
@@ -377,6 +378,7 @@ func (a *Agent) Run(ctx context.Context) error {
 				if a.view != nil {
 					a.view.Invalidate() // the resync reads everything
 				}
+				a.facts.invalidate()
 				a.queue.Add(key)
 			}
 		}
@@ -435,12 +437,14 @@ func (a *Agent) watchKernel(ctx context.Context) {
 			if view != nil {
 				view.Resubscribed(k)
 			}
+			a.facts.invalidate()
 			a.queue.Add(key)
 		},
 		OnLost: func(k kernelwatch.Kind) {
 			if view != nil {
 				view.Lost(k)
 			}
+			a.facts.invalidate()
 		},
 	})
 	if view != nil {
@@ -462,6 +466,7 @@ func (a *Agent) watchKernel(ctx context.Context) {
 			t := uint32(u.Table)
 			switch {
 			case t == planner.MainTable:
+				a.facts.invalidate()
 				a.queue.AddAfter(key, settle)
 			case view != nil:
 				if view.RouteChanged(u) {
@@ -478,11 +483,13 @@ func (a *Agent) watchKernel(ctx context.Context) {
 				a.queue.AddAfter(key, settle)
 			}
 		case u := <-ev.Links:
+			a.facts.invalidate()
 			if view != nil {
 				view.LinkChanged(int(u.Index))
 			}
 			a.queue.AddAfter(key, settle)
 		case u := <-ev.Addrs:
+			a.facts.invalidate()
 			if view != nil {
 				view.LinkChanged(u.LinkIndex)
 			}

@@ -50,7 +50,9 @@ func (a *Agent) reconcile() error {
 	if a.view != nil {
 		dumps = a.opts.DumpHandle // strict: the main table alone
 	}
-	facts, err := nodefacts.ReadThrough(a.handle, dumps)
+	facts, err := a.facts.get(a.view != nil && a.view.Watched(), func() (planner.Node, error) {
+		return nodefacts.ReadThrough(a.handle, dumps)
+	})
 	if err != nil {
 		return fmt.Errorf("reading the node's links, addresses and routes: %w", err)
 	}
@@ -102,7 +104,7 @@ func (a *Agent) reconcile() error {
 		a.taints.applied(node)
 	}
 
-	a.tables = map[string]uint32{}
+	clear(a.tables) // the room of a thousand names kept, not made again
 	phases := map[planner.Phase]float64{planner.Applied: 0, planner.Invalid: float64(len(selectorErrs)), planner.Conflict: 0}
 	for _, r := range plan.Results {
 		if r.Table != 0 {
@@ -316,8 +318,9 @@ func (a *Agent) emitEvents(plan planner.Plan, selectorErrs map[string]error) {
 	if a.recorder == nil {
 		return
 	}
-	previous := map[string]planner.Result{}
+	var previous map[string]planner.Result
 	if a.last != nil {
+		previous = make(map[string]planner.Result, len(a.last.Results))
 		for _, r := range a.last.Results {
 			previous[r.Name] = r
 		}

@@ -17,6 +17,7 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 	kubefake "k8s.io/client-go/kubernetes/fake"
 	"k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/tools/record"
 
 	v1alpha1 "github.com/routing-agent/routing-agent/apis/networking/v1alpha1"
 	"github.com/routing-agent/routing-agent/generated/clientset/versioned/fake"
@@ -73,6 +74,9 @@ func newBenchAgent(b testing.TB, purpose string, n, per int, view bool) *benchAg
 		opts.DumpHandle, opts.KernelNamespace = dumps, &ns
 	}
 	a := New(opts, client, kube, h, logr.Discard())
+	// As Run sets it: a reconcile compares each Route's result with the
+	// last one's for its Events (none here: nothing fails).
+	a.recorder = record.NewFakeRecorder(1 << 16)
 	if view && a.view == nil {
 		b.Fatal("no kernel view")
 	}
