@@ -6,6 +6,7 @@ import (
 	"slices"
 
 	"github.com/routing-agent/routing-agent/pkg/planner"
+	"github.com/routing-agent/routing-agent/pkg/runs"
 )
 
 // scope is what an apply through a View diffs: the routes of some tables,
@@ -106,26 +107,13 @@ type ruleDelta struct {
 // that order.
 func diffRules(a, b []planner.Rule) *ruleDelta {
 	d := &ruleDelta{}
-	for len(a) > 0 || len(b) > 0 {
-		var at planner.Rule
-		switch {
-		case len(a) == 0:
-			at = b[0]
-		case len(b) == 0 || compareBandOrder(a[0], b[0]) < 0:
-			at = a[0]
-		default:
-			at = b[0]
+	sorted := runs.Pair(a, b, compareBandOrder, func(was, is []planner.Rule) {
+		if !slices.Equal(was, is) {
+			d.add(was, is)
 		}
-		i := bandRun(a, at)
-		j := bandRun(b, at)
-		if !slices.Equal(a[:i], b[:j]) {
-			d.add(a[:i], b[:j])
-		}
-		a, b = a[i:], b[j:]
-		// What follows a run must come after it in band order.
-		if len(a) > 0 && compareBandOrder(a[0], at) < 0 || len(b) > 0 && compareBandOrder(b[0], at) < 0 {
-			return nil
-		}
+	})
+	if !sorted {
+		return nil
 	}
 	return d
 }
@@ -170,42 +158,18 @@ func compareBandOrder(a, b planner.Rule) int {
 	return cmp.Compare(a.Priority, b.Priority)
 }
 
-// bandRun is how many rules at the start of rs sit where at does.
-func bandRun(rs []planner.Rule, at planner.Rule) int {
-	n := 0
-	for n < len(rs) && compareBandOrder(rs[n], at) == 0 {
-		n++
-	}
-	return n
-}
-
 // changedTables marks in out each table whose routes differ between a and
 // b, both sorted by planner.CompareRoutes (table first).
 func changedTables(a, b []planner.Route, out map[uint32]bool) {
-	for len(a) > 0 || len(b) > 0 {
-		var t uint32
-		switch {
-		case len(a) == 0:
-			t = b[0].Table
-		case len(b) == 0:
-			t = a[0].Table
-		default:
-			t = min(a[0].Table, b[0].Table)
+	byTable := func(x, y planner.Route) int { return cmp.Compare(x.Table, y.Table) }
+	runs.Pair(a, b, byTable, func(was, is []planner.Route) {
+		if slices.EqualFunc(was, is, func(x, y planner.Route) bool { return x.Dst == y.Dst && sameRoute(x, y) }) {
+			return
 		}
-		i := run(a, t)
-		j := run(b, t)
-		if i != j || !slices.EqualFunc(a[:i], b[:j], func(x, y planner.Route) bool { return x.Dst == y.Dst && sameRoute(x, y) }) {
-			out[t] = true
+		if len(was) > 0 {
+			out[was[0].Table] = true
+		} else {
+			out[is[0].Table] = true
 		}
-		a, b = a[i:], b[j:]
-	}
-}
-
-// run is how many routes at the start of rs are of table t.
-func run(rs []planner.Route, t uint32) int {
-	n := 0
-	for n < len(rs) && rs[n].Table == t {
-		n++
-	}
-	return n
+	})
 }

@@ -6,6 +6,8 @@ import (
 	"math/bits"
 	"net/netip"
 	"slices"
+
+	"github.com/routing-agent/routing-agent/pkg/runs"
 )
 
 // The dispatch: how a packet finds its Route's table among many without
@@ -480,29 +482,19 @@ func slotKeyOf(r Rule, base int) (SlotKey, bool) {
 // at. It returns how many slots it deleted or set.
 func moveLayout(l Layout, was, is []Rule, base int) (moved int) {
 	var gone, came []Rule
-	for len(was) > 0 || len(is) > 0 {
-		var at int
-		switch {
-		case len(was) == 0:
-			at = is[0].Priority
-		case len(is) == 0:
-			at = was[0].Priority
-		default:
-			at = min(was[0].Priority, is[0].Priority)
-		}
-		i, j := priorityRun(was, at), priorityRun(is, at)
-		for _, r := range was[:i] {
-			if !slices.Contains(is[:j], r) {
+	byPriority := func(a, b Rule) int { return a.Priority - b.Priority }
+	runs.Pair(was, is, byPriority, func(was, is []Rule) {
+		for _, r := range was {
+			if !slices.Contains(is, r) {
 				gone = append(gone, r)
 			}
 		}
-		for _, r := range is[:j] {
-			if !slices.Contains(was[:i], r) {
+		for _, r := range is {
+			if !slices.Contains(was, r) {
 				came = append(came, r)
 			}
 		}
-		was, is = was[i:], is[j:]
-	}
+	})
 	for _, r := range gone {
 		if key, ok := slotKeyOf(r, base); ok && l[key] == r.Priority {
 			delete(l, key)
@@ -514,15 +506,6 @@ func moveLayout(l Layout, was, is []Rule, base int) (moved int) {
 		}
 	}
 	return len(gone) + len(came)
-}
-
-// priorityRun is how many rules at the start of rs have priority p.
-func priorityRun(rs []Rule, p int) int {
-	n := 0
-	for n < len(rs) && rs[n].Priority == p {
-		n++
-	}
-	return n
 }
 
 func sameTable(items []dispatchItem) bool {
