@@ -271,7 +271,7 @@ func (a *Applier) applyTo(plan planner.Plan, actual *State, nhs *nexthopState, s
 	toAdd := plan.Rules
 	switch d := sc.delta(); {
 	case d != nil:
-		stale, wantedRules, toAdd = slices.Clone(d.stale), d.kept, d.added
+		stale, wantedRules, toAdd = d.stale, d.kept, d.added // this apply's own
 	case sc.hasRules():
 		wantedRules = make(map[ruleKey]bool, len(plan.Rules))
 		for _, r := range plan.Rules {

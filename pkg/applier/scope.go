@@ -34,9 +34,9 @@ type scope struct {
 func (s *scope) table(t uint32) bool { return s == nil || s.tables[t] }
 func (s *scope) hasRules() bool      { return s == nil || s.rules }
 
-// delta is the scope's rule delta, if any.
+// delta is the scope's rule delta, if any (only with the rules in scope).
 func (s *scope) delta() *ruleDelta {
-	if s == nil || !s.rules {
+	if s == nil {
 		return nil
 	}
 	return s.rulesDelta

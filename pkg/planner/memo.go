@@ -304,11 +304,11 @@ func (m *Memo) keepDispatch(ipv6 bool, base int, items []dispatchItem, gate, tri
 	m.dispatch[f] = &dispatchMemo{base: base, items: items, gate: gate, trie: trie}
 }
 
-// startCompute forgets which dispatches the previous Compute reused or
-// replaced.
+// startCompute forgets which dispatches the previous Compute reused
+// (keepLayout forgot which it replaced).
 func (m *Memo) startCompute() {
 	if m != nil {
-		m.reused, m.replaced, m.movable = [2]bool{}, [2][]Rule{}, [2]bool{}
+		m.reused = [2]bool{}
 	}
 }
 
@@ -356,5 +356,7 @@ func (m *Memo) keepLayout(rules []Rule, base int, previous Layout) {
 		m.moved = 0
 		m.layout = LayoutOf(rules, base)
 	}
+	// The replaced tries are parts of the last plan's rules: not kept
+	// until the next Compute.
 	m.replaced, m.movable = [2][]Rule{}, [2]bool{}
 }
